@@ -1,0 +1,49 @@
+"""The ``mim`` console script.
+
+* ``mim fit|validate -c RECIPE.yaml [--trainer.max_epochs ...]``: LightningCLI over any recipe.
+* ``mim quickstart``: MAE on Fashion-MNIST on CPU, then a linear-probe table (see mim/quickstart.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["MimCLI", "main"]
+
+_USAGE = """usage: mim <command> [options]
+
+commands:
+  fit -c RECIPE.yaml [--trainer.max_epochs N ...]   pretrain with a recipe (LightningCLI; --help for all options)
+  validate -c RECIPE.yaml --ckpt_path CKPT           validation loss of a checkpoint
+  print_config -c RECIPE.yaml                        print the fully resolved recipe
+  quickstart [--help]                                MAE on Fashion-MNIST on CPU + linear-probe table
+"""
+
+
+class MimCLI(LightningCLI):
+    """LightningCLI with mim's defaults: any LightningModule / LightningDataModule by ``class_path``."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_USAGE)
+        return 0
+    if argv[0] == "quickstart":
+        from mim.quickstart import main as quickstart
+
+        return quickstart(argv[1:])
+    if argv[0] == "print_config":
+        argv = ["fit", *argv[1:], "--print_config"]
+    MimCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+    return 0

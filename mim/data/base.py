@@ -1,0 +1,198 @@
+"""The image datamodule base: ``uint8`` batches through the loader, normalised on the device.
+
+Every image datamodule yields :class:`mim.types.Batch` dicts ``{"image": (B, C, H, W) uint8,
+"label": (B,) int64}`` from its loaders (4x fewer bytes through worker pipes and host-to-device copies
+than float32) and turns the images into float32 normalised with the dataset's per-channel mean and std in
+:meth:`ImageDataModule.on_after_batch_transfer`, i.e. on the device, after the copy. The model therefore
+always receives float images ``(x / 255 - mean) / std``.
+
+A subclass validates its own arguments, calls ``super().__init__`` with the shared ones and implements
+:meth:`ImageDataModule.build_datasets`; the base owns the loaders and the normalisation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mim.types import Batch
+
+__all__ = ["ImageDataModule", "TensorImageDataset", "check_positive_int", "normalize_image"]
+
+
+def normalize_image(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """Turn ``uint8`` images into float32 normalised per channel: ``(images / 255 - mean) / std``.
+
+    Args:
+        images: (B, C, H, W) or (C, H, W) uint8, on any device.
+        mean: C per-channel means of the [0, 1]-scaled pixels.
+        std: C per-channel standard deviations of the [0, 1]-scaled pixels.
+
+    Returns:
+        (B, C, H, W) or (C, H, W) float32 on the images' device.
+
+    Raises:
+        TypeError: when ``images`` is not uint8 (normalising twice is a bug, not a no-op).
+        ValueError: when the number of channels does not match ``mean`` / ``std``.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_image expects uint8 images, got {images.dtype}")
+    if images.dim() not in (3, 4):
+        raise ValueError(f"normalize_image expects (B, C, H, W) or (C, H, W) images, got shape {tuple(images.shape)}")
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device)  # (C,)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device)  # (C,)
+    channels = images.shape[-3]
+    if mean_t.shape != (channels,) or std_t.shape != (channels,):
+        raise ValueError(
+            f"normalize_image: images have {channels} channels but mean has {tuple(mean_t.shape)} "
+            f"and std has {tuple(std_t.shape)} values"
+        )
+    x = images.to(torch.float32).div_(255.0)  # (..., C, H, W) in [0, 1]
+    return x.sub_(mean_t[:, None, None]).div_(std_t[:, None, None])  # (..., C, H, W)
+
+
+def check_positive_int(owner: str, name: str, value: Any, *, minimum: int = 1) -> None:
+    """Raise ``ValueError`` naming ``owner.name``, the value and the valid range unless ``value >= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+class TensorImageDataset(Dataset):
+    """Samples from in-memory ``uint8`` images, each passed through ``transform``.
+
+    Args:
+        images: (N, C, H, W) uint8.
+        labels: (N,) int64.
+        transform: maps one (C, H, W) uint8 image to a (C, H', W') uint8 image; None keeps it as is.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be (N, C, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Batch:
+        image = self.images[index]  # (C, H, W)
+        if self.transform is not None:
+            image = self.transform(image)  # (C, H', W')
+        return {"image": image, "label": self.labels[index]}
+
+
+class ImageDataModule(LightningDataModule, ABC):
+    """Base for image datamodules: ``uint8`` batches from the loaders, normalised on the device.
+
+    Subclasses implement :meth:`build_datasets`. The loaders yield ``{"image": (B, C, H, W) uint8,
+    "label": (B,) int64}``; :meth:`on_after_batch_transfer` replaces ``image`` with the float32
+    normalised version (:func:`normalize_image`) once the batch is on the device.
+
+    Args:
+        batch_size: samples per device and step (the training loader drops the last partial batch).
+        image_size: side of the square images the loaders yield.
+        in_chans: image channels C (1 grey, 3 RGB).
+        mean: C per-channel means of the [0, 1]-scaled pixels.
+        std: C per-channel standard deviations of the [0, 1]-scaled pixels (all > 0).
+        num_classes: number of label classes.
+        num_workers: loader worker processes (0 loads in the main process); workers persist across epochs.
+        seed: seeds the training loader's shuffle (and, through it, the workers' augmentation RNG).
+
+    Attributes:
+        batch_size, image_size, in_chans, mean, std, num_classes, num_workers, seed: the arguments
+            (``mean`` and ``std`` as tuples of floats).
+        train_dataset, val_dataset: built by :meth:`setup`; ``val_dataset`` is None without a validation split.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        image_size: int,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        check_positive_int(owner, "batch_size", batch_size)
+        check_positive_int(owner, "image_size", image_size)
+        check_positive_int(owner, "in_chans", in_chans)
+        check_positive_int(owner, "num_classes", num_classes)
+        check_positive_int(owner, "num_workers", num_workers, minimum=0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{owner}.seed must be an int, got {seed!r}")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(
+                f"{owner}.mean and .std must have in_chans={in_chans} values each, got mean={mean}, std={std}"
+            )
+        if not all(s > 0 for s in std):
+            raise ValueError(f"{owner}.std must be > 0 in every channel, got {std}")
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.mean = mean
+        self.std = std
+        self.num_classes = num_classes
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    @abstractmethod
+    def build_datasets(self) -> tuple[Dataset, Dataset | None]:
+        """Build the (training, validation) datasets; validation may be None.
+
+        Each sample is ``{"image": (C, image_size, image_size) uint8, "label": () int64}``.
+        """
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset, self.val_dataset = self.build_datasets()
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        # Decided here, not in __init__: nothing touches CUDA at construction.
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")  # a no-op once the datasets exist
+        assert self.train_dataset is not None
+        if len(self.train_dataset) < self.batch_size:  # drop_last would leave no batch at all
+            raise ValueError(
+                f"{type(self).__name__}: {len(self.train_dataset)} training samples is fewer than "
+                f"batch_size={self.batch_size}; lower batch_size"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_dataset, shuffle=True, drop_last=True, generator=generator, **self._loader_kwargs()
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if self.val_dataset is None:
+            return []  # Lightning skips validation
+        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, **self._loader_kwargs())
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Normalise ``batch["image"]`` on the device: (B, C, H, W) uint8 -> (B, C, H, W) float32."""
+        batch["image"] = normalize_image(batch["image"], self.mean, self.std)
+        return batch

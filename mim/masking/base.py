@@ -1,0 +1,121 @@
+"""The masking interface: *where* to hide.
+
+A strategy maps (batch size, token grid, generator) to :class:`~mim.types.Masks`. Strategies hold
+validated configuration only: no parameters, no devices, no state besides their config, so they pickle
+and run identically in the training step or in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from mim.masking.functional import scores_to_masks
+from mim.types import Masks, TokenGrid, num_visible
+
+__all__ = ["MaskingStrategy", "ScoreMasking", "check_ratio"]
+
+
+def check_ratio(name: str, value: float, *, low_open: bool = True, high_open: bool = True) -> float:
+    """Validate a ratio in (0, 1) (bounds open by default); raise ``ValueError`` naming the field."""
+    value = float(value)
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    if not (low_ok and high_ok):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {value!r}")
+    return value
+
+
+class MaskingStrategy(ABC):
+    """Chooses, per sample, which tokens the encoder sees and which ones the targets predict.
+
+    Subclasses implement :meth:`__call__`. Randomness comes only from the ``generator`` argument.
+    """
+
+    needs_scores: ClassVar[bool] = False
+    """True: the module passes per-token ``scores`` (B, N), e.g. predicted difficulty for hard-patch mining."""
+
+    @abstractmethod
+    def __call__(
+        self,
+        batch_size: int,
+        grid: TokenGrid,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        scores: Tensor | None = None,
+        progress: float = 0.0,
+    ) -> Masks:
+        """Draw masks for one batch.
+
+        Args:
+            batch_size: B.
+            grid: the token grid (N = grid.num_tokens).
+            generator: the only source of randomness; must live on ``device``.
+            device: where the index tensors are created.
+            scores: (B, N) per-token scores, only for strategies with ``needs_scores``.
+            progress: fraction of training done, in [0, 1] (for schedules).
+
+        Returns:
+            Masks with ``visible`` (B, K) and ``targets`` (B, M, T).
+        """
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class ScoreMasking(MaskingStrategy):
+    """Masking as one operation: per-token scores -> argsort -> keep the K lowest visible.
+
+    Random (MAE), colored-noise (ColorMAE) and hard-patch (HPM) masking differ only in the scores.
+    The hidden tokens form one target group (M = 1).
+
+    Args:
+        mask_ratio: fraction of tokens hidden from the encoder, in (0, 1); K = int(N * (1 - mask_ratio)).
+    """
+
+    def __init__(self, *, mask_ratio: float = 0.75) -> None:
+        self.mask_ratio = check_ratio("mask_ratio", mask_ratio)
+
+    def num_visible(self, num_tokens: int) -> int:
+        """K = int(N * (1 - mask_ratio)), at least 1 and at most N - 1."""
+        k = num_visible(num_tokens, self.mask_ratio)
+        if not 0 < k < num_tokens:
+            raise ValueError(
+                f"mask_ratio={self.mask_ratio} leaves {k} of {num_tokens} tokens visible; "
+                "choose a ratio that keeps at least one token visible and one hidden"
+            )
+        return k
+
+    @abstractmethod
+    def scores(
+        self,
+        batch_size: int,
+        grid: TokenGrid,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        scores: Tensor | None,
+        progress: float,
+    ) -> Tensor:
+        """(B, N) float scores; the K lowest of each row stay visible."""
+
+    def __call__(
+        self,
+        batch_size: int,
+        grid: TokenGrid,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        scores: Tensor | None = None,
+        progress: float = 0.0,
+    ) -> Masks:
+        if self.needs_scores and scores is None:
+            raise ValueError(f"{type(self).__name__} needs per-token scores (B, N); got scores=None")
+        s = self.scores(batch_size, grid, generator=generator, device=device, scores=scores, progress=progress)
+        return scores_to_masks(s, self.num_visible(grid.num_tokens))

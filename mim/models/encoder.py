@@ -1,0 +1,236 @@
+"""An encoder over visible tokens, wrapping any timm ``VisionTransformer``.
+
+MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022) encodes only the
+visible patches: patch-embed every patch, add the fixed 2-D sin-cos position embedding, keep the
+visible tokens, prepend the prefix tokens (cls, registers) and run the transformer blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import timm
+import torch
+from timm.models import VisionTransformer
+from torch import Tensor, nn
+
+from mim.masking.functional import gather_tokens
+from mim.models.embed import patchify, sincos_2d, unpatchify, xavier_uniform_flat_
+from mim.types import TokenGrid
+
+__all__ = ["MaskedEncoder", "init_mae_weights_"]
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+def init_mae_weights_(module: nn.Module) -> None:
+    """MAE initialisation of Linear and LayerNorm layers (methods/IMAGE.md §1.0).
+
+    Every ``nn.Linear`` (the fused qkv included, as one (3D, D) matrix) gets Xavier-uniform weights and
+    zero bias; every LayerNorm weight 1, bias 0. Applied recursively.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class MaskedEncoder(nn.Module):
+    """A timm ViT that encodes only the visible tokens.
+
+    The wrapped model lives in ``self.vit`` with timm's own parameter names, so its state dict (minus the
+    ``vit.`` prefix) loads strictly into ``timm.create_model(arch, num_classes=0, ...)``.
+
+    Args:
+        arch: any timm VisionTransformer name, e.g. ``vit_base_patch16_224``.
+        img_size: input size (int or (H, W)); default: the architecture's.
+        patch_size: patch size (int or (ph, pw)); default: the architecture's.
+        in_chans: input channels.
+        drop_path_rate: stochastic depth (0 in MAE pretraining).
+        init: ``mae`` (Xavier-uniform linears, normal(0.02) tokens, as MAE) or ``timm`` (timm's default).
+        model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``depth``, ``embed_dim``).
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: str = "vit_base_patch16_224",
+        img_size: int | tuple[int, int] | None = None,
+        patch_size: int | tuple[int, int] | None = None,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        init: Literal["mae", "timm"] = "mae",
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not timm.is_model(arch):
+            close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+            raise ValueError(f"encoder.arch: unknown timm model {arch!r} (similar names: {close})")
+        if in_chans < 1:
+            raise ValueError(f"encoder.in_chans must be >= 1, got {in_chans}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"encoder.drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if init not in ("mae", "timm"):
+            raise ValueError(f"encoder.init must be 'mae' or 'timm', got {init!r}")
+        kwargs: dict[str, Any] = dict(model_kwargs or {})
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if patch_size is not None:
+            kwargs["patch_size"] = patch_size
+        cfg_img = _pair(kwargs.get("img_size", timm.get_pretrained_cfg(arch).input_size[-1]))
+        if patch_size is not None:
+            ph, pw = _pair(patch_size)
+            if cfg_img[0] % ph or cfg_img[1] % pw:
+                raise ValueError(
+                    f"encoder.img_size {cfg_img} is not divisible by encoder.patch_size {(ph, pw)}; "
+                    "choose an image size that is a multiple of the patch size"
+                )
+        try:
+            vit = timm.create_model(
+                arch, pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
+            )
+        except (TypeError, AssertionError, ValueError) as e:
+            raise ValueError(f"encoder: timm could not build {arch!r} with {kwargs}: {e}") from e
+        if not isinstance(vit, VisionTransformer):
+            raise ValueError(f"encoder.arch: {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer")
+        if vit.pos_embed is None:
+            raise ValueError(f"encoder.arch: {arch!r} has no absolute position embedding (pos_embed=None)")
+        if vit.dynamic_img_size:
+            raise ValueError("encoder: dynamic_img_size is not supported; set a fixed img_size")
+        gh, gw = vit.patch_embed.grid_size
+        ph, pw = vit.patch_embed.patch_size
+        ih, iw = vit.patch_embed.img_size
+        if ih % ph or iw % pw:
+            raise ValueError(f"encoder.img_size {(ih, iw)} is not divisible by encoder.patch_size {(ph, pw)}")
+
+        self.vit = vit
+        self.arch = arch
+        self.in_chans = in_chans
+        self.img_size: tuple[int, int] = (ih, iw)
+        self.patch_size: tuple[int, int] = (ph, pw)
+        self.grid = TokenGrid(1, gh, gw)
+        self.embed_dim: int = vit.embed_dim
+        self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.config = {
+            "arch": arch,
+            "img_size": list(self.img_size),
+            "patch_size": list(self.patch_size),
+            "in_chans": in_chans,
+            "drop_path_rate": drop_path_rate,
+            "init": init,
+            "model_kwargs": kwargs,
+        }
+        # Rows of pos_embed for prefix tokens (timm's default ViT has one for cls; "no_embed_class" has none).
+        self._pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        self._init_weights(init)
+
+    @torch.no_grad()
+    def _init_weights(self, init: str) -> None:
+        vit = self.vit
+        # Fixed 2-D sin-cos table, zero rows for prefix tokens; kept as a frozen parameter so it is in
+        # the state dict under timm's name (methods/IMAGE.md §1.0).
+        table = sincos_2d(self.embed_dim, (self.grid.h, self.grid.w), self._pos_prefix)  # (prefix+N, D)
+        vit.pos_embed.copy_(table.unsqueeze(0))
+        vit.pos_embed.requires_grad_(False)
+        if init == "mae":
+            init_mae_weights_(vit)
+            xavier_uniform_flat_(vit.patch_embed.proj.weight)  # as a (D, C*p*p) matrix
+            for token in (vit.cls_token, vit.reg_token):
+                if token is not None:
+                    nn.init.normal_(token, std=0.02)
+
+    # ------------------------------------------------------------------ tokens
+    def patchify(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, P) in the MAE patch layout."""
+        return patchify(images, self.patch_size)
+
+    def unpatchify(self, patches: Tensor) -> Tensor:
+        """(B, N, P) -> (B, C, H, W)."""
+        return unpatchify(patches, self.patch_size, (self.grid.h, self.grid.w), self.in_chans)
+
+    def tokenize(self, images: Tensor) -> Tensor:
+        """Patch-embed every patch and add its position embedding.
+
+        Args:
+            images: (B, C, H, W) normalised.
+
+        Returns:
+            (B, N, D).
+        """
+        if tuple(images.shape[-2:]) != self.img_size:
+            raise ValueError(f"encoder expects images of size {self.img_size}, got {tuple(images.shape[-2:])}")
+        x = self.vit.patch_embed(images)  # (B, N, D)
+        return x + self.vit.pos_embed[:, self._pos_prefix :]  # (B, N, D)
+
+    def prefix_tokens(self, batch_size: int) -> Tensor:
+        """(B, num_prefix_tokens, D): cls and register tokens with their position rows."""
+        vit = self.vit
+        parts = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if not parts:
+            return vit.pos_embed.new_zeros(batch_size, 0, self.embed_dim)
+        prefix = torch.cat(parts, dim=1)  # (1, prefix, D)
+        if self._pos_prefix:
+            prefix = prefix + vit.pos_embed[:, : self._pos_prefix]
+        return prefix.expand(batch_size, -1, -1)  # (B, prefix, D)
+
+    # ------------------------------------------------------------------ forward
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Run prefix + blocks + final norm over already-embedded tokens.
+
+        Args:
+            tokens: (B, K, D) patch tokens with position embedding.
+
+        Returns:
+            (B, prefix + K, D).
+        """
+        vit = self.vit
+        x = torch.cat([self.prefix_tokens(tokens.shape[0]), tokens], dim=1)  # (B, prefix+K, D)
+        x = vit.norm_pre(x)
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(vit.blocks, x)
+        else:
+            x = vit.blocks(x)
+        return vit.norm(x)  # (B, prefix+K, D)
+
+    def forward(self, images: Tensor, visible: Tensor | None = None) -> Tensor:
+        """Encode the visible tokens.
+
+        Args:
+            images: (B, C, H, W) normalised.
+            visible: (B, K) int64 token indices, or None for all N tokens (raster order).
+
+        Returns:
+            (B, prefix + K, D), final-normed; the first ``num_prefix_tokens`` rows are cls/registers.
+        """
+        tokens = self.tokenize(images)  # (B, N, D)
+        if visible is not None:
+            tokens = gather_tokens(tokens, visible)  # (B, K, D)
+        return self.encode_tokens(tokens)
+
+    def pool(self, latent: Tensor, mode: Literal["cls", "avg"] = "avg") -> Tensor:
+        """(B, prefix + K, D) -> (B, D): the cls token, or the mean of the patch tokens."""
+        if mode == "cls":
+            if self.vit.cls_token is None:
+                raise ValueError("pool mode 'cls' needs a model with a class token")
+            return latent[:, 0]
+        return latent[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of position embeddings and special tokens."""
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()} | {"vit.reg_token"}
+
+    def timm_state_dict(self) -> dict[str, Tensor]:
+        """The encoder's weights under timm's names (loads strictly into ``num_classes=0``)."""
+        return {k.removeprefix("vit."): v for k, v in self.state_dict().items()}

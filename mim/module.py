@@ -1,0 +1,224 @@
+"""PretrainModule: an encoder, a masking strategy and one or more targets, trained with Lightning.
+
+One step (DESIGN.md §1): draw masks -> encode the visible tokens once -> every target computes its loss
+from the shared latent -> weighted sum -> optimizer step -> ``target.after_step`` (EMA and the like).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from mim.masking.base import MaskingStrategy
+from mim.models.encoder import MaskedEncoder
+from mim.optim import param_groups, scaled_lr, warmup_cosine
+from mim.targets.base import Target
+from mim.types import Batch, Masks
+
+__all__ = ["PretrainModule", "step_seed"]
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (seed, step, rank, ...); pure Python, no device work."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _target_names(targets: list[Target]) -> list[str]:
+    names: list[str] = []
+    for t in targets:
+        base = type(t).__name__.removesuffix("Target").lower() or "target"
+        name, i = base, 1
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+class PretrainModule(L.LightningModule):
+    """Masked pretraining: ``masking`` decides where to hide, ``targets`` what to predict.
+
+    Args:
+        encoder: the encoder over visible tokens.
+        masking: the masking strategy.
+        targets: one or more targets; the loss is ``sum(target.weight * target_loss)``.
+        blr: base learning rate; the lr is ``blr * effective_batch / 256`` (MAE: 1.5e-4).
+        lr: absolute learning rate; overrides ``blr`` scaling when set.
+        weight_decay: AdamW weight decay (MAE: 0.05).
+        betas: AdamW betas (MAE pretraining: (0.9, 0.95)).
+        warmup_epochs: linear warmup length in epochs (MAE: 40); may be fractional.
+        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when set.
+        min_lr: final learning rate of the cosine schedule.
+        decay_special_tokens: apply weight decay to cls / mask tokens (official MAE: True).
+        batch_size: per-device batch size for lr scaling; default: the datamodule's ``batch_size``.
+        seed: seed of the mask generator; masks depend only on (seed, step, rank, micro-batch).
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: MaskedEncoder,
+        masking: MaskingStrategy,
+        targets: list[Target],
+        blr: float = 1.5e-4,
+        lr: float | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 40.0,
+        warmup_steps: int | None = None,
+        min_lr: float = 0.0,
+        decay_special_tokens: bool = True,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not targets:
+            raise ValueError("PretrainModule.targets must hold at least one Target, got []")
+        for field, value in (("blr", blr), ("weight_decay", weight_decay), ("min_lr", min_lr)):
+            if value < 0:
+                raise ValueError(f"PretrainModule.{field} must be >= 0, got {value}")
+        if lr is not None and lr <= 0:
+            raise ValueError(f"PretrainModule.lr must be > 0 when set, got {lr}")
+        if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
+            raise ValueError(f"PretrainModule.betas must be two numbers in [0, 1), got {betas}")
+        if warmup_epochs < 0 or (warmup_steps is not None and warmup_steps < 0):
+            raise ValueError("PretrainModule.warmup_epochs / warmup_steps must be >= 0")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"PretrainModule.batch_size must be >= 1 when set, got {batch_size}")
+        self.save_hyperparameters(ignore=["encoder", "masking", "targets"])
+        self.encoder = encoder
+        self.masking = masking
+        self.targets = nn.ModuleList(targets)
+        self.target_names = _target_names(targets)
+        for target in self.targets:
+            target.bind(encoder)
+        self._generator: torch.Generator | None = None
+        self._total_steps = 1
+
+    # ------------------------------------------------------------------ helpers
+    def generator(self, device: torch.device, *parts: int) -> torch.Generator:
+        """The mask generator on ``device``, reseeded from (seed, *parts) without a host sync."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(step_seed(self.hparams.seed, *parts))
+        return self._generator
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        if self._trainer is None:
+            return 0.0
+        return min(1.0, self.trainer.global_step / max(1, self._total_steps))
+
+    def draw_masks(self, batch: Batch, generator: torch.Generator) -> Masks:
+        """Masks for one batch (scores from the targets when the strategy needs them)."""
+        images = batch["image"]
+        scores = None
+        if self.masking.needs_scores:
+            found = [t.token_scores(batch, self.encoder) for t in self.targets]
+            scores = next((s for s in found if s is not None), None)
+        return self.masking(
+            images.shape[0],
+            self.encoder.grid,
+            generator=generator,
+            device=images.device,
+            scores=scores,
+            progress=self.progress,
+        )
+
+    def compute_losses(self, batch: Batch, masks: Masks) -> dict[str, Tensor]:
+        """One encoder pass shared by all targets; returns ``loss`` and ``<target>/<key>`` entries."""
+        latent = self.encoder(batch["image"], masks.visible)  # (B, prefix+K, D)
+        out: dict[str, Tensor] = {}
+        total = latent.new_zeros((), dtype=torch.float32)
+        for name, target in zip(self.target_names, self.targets):
+            result = target(batch, masks, latent, self.encoder)
+            total = total + target.weight * result["loss"]
+            out.update({f"{name}/{k}": v.detach() for k, v in result.items()})
+        out["loss"] = total
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        gen = self.generator(batch["image"].device, self.trainer.global_step, self.global_rank, micro)
+        masks = self.draw_masks(batch, gen)
+        out = self.compute_losses(batch, masks)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
+        if len(self.targets) > 1:
+            self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        # Fixed masks per validation batch, so validation losses are comparable across epochs.
+        gen = self.generator(batch["image"].device, -1, self.global_rank, batch_idx)
+        out = self.compute_losses(batch, self.draw_masks(batch, gen))
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for target in self.targets:
+            target.after_step(self.encoder, self.progress)
+
+    # ------------------------------------------------------------------ optimization
+    def effective_batch(self) -> tuple[int, int, int, int]:
+        """(per-device batch, accumulation, world size, effective batch)."""
+        per_device = self.hparams.batch_size
+        if per_device is None:
+            per_device = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if per_device is None:
+            raise ValueError(
+                "PretrainModule.batch_size is not set and the datamodule has no batch_size attribute; "
+                "set model.init_args.batch_size to the per-device batch size"
+            )
+        accum, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        return per_device, accum, world, per_device * accum * world
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        per_device, accum, world, eff = self.effective_batch()
+        lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, eff)
+        total = int(self.trainer.estimated_stepping_batches)
+        self._total_steps = max(1, total)
+        if hp.warmup_steps is not None:
+            warmup = hp.warmup_steps
+        else:
+            # Optimizer steps per epoch from the loader's length (Lightning steps on a partial group at epoch
+            # end), so warmup_epochs means epochs also when max_steps ends the run (methods/IMAGE.md §1.0).
+            if self.trainer.train_dataloader is None:  # max_steps-only runs: Lightning has not loaded the data yet
+                self.trainer.fit_loop.setup_data()  # (what estimated_stepping_batches does otherwise)
+            batches = self.trainer.num_training_batches
+            if 0 < batches < float("inf"):
+                steps_per_epoch = math.ceil(batches / accum)
+            else:  # a loader without a length: fall back to max_epochs
+                epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+                steps_per_epoch = total / epochs if epochs else total
+            warmup = round(hp.warmup_epochs * steps_per_epoch)
+        lr_text = f"lr {lr:.3g}" if hp.lr is not None else f"lr = blr {hp.blr:g} x {eff}/256 = {lr:.4g}"
+        rank_zero_info(
+            f"mim: effective batch = {per_device} per device x {accum} accumulation x {world} devices = {eff}; "
+            f"{lr_text}; {total} optimizer steps, {warmup} warmup"
+        )
+        named = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        named |= {f"targets.{i}.{n}" for i, t in enumerate(self.targets) for n in t.no_weight_decay()}
+        groups = param_groups(
+            self, weight_decay=hp.weight_decay, special_tokens=named, decay_special_tokens=hp.decay_special_tokens
+        )
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step, warmup_steps=warmup, total_steps=total, base_lr=1.0, min_lr=hp.min_lr / lr)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mim"] = {"encoder": self.encoder.config, "format": 1}

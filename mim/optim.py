@@ -1,0 +1,61 @@
+"""Optimizer parameter groups and the per-iteration warmup + cosine schedule of MAE.
+
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (methods/IMAGE.md §1.0, §1.4,
+§1.7 pitfall 7): AdamW with betas (0.9, 0.95); no weight decay on 1-D parameters (norms) and biases;
+frozen parameters (the sin-cos tables) are in no group; base lr = blr * effective batch / 256; linear
+warmup from 0 then half-cosine to ``min_lr``, updated every optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from torch import nn
+
+__all__ = ["param_groups", "scaled_lr", "warmup_cosine"]
+
+
+def scaled_lr(blr: float, effective_batch: int) -> float:
+    """Linear scaling rule: ``lr = blr * effective_batch / 256``."""
+    return blr * effective_batch / 256
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """The learning rate at optimizer step ``step`` (0-based).
+
+    ``lr = base * step / warmup`` during warmup (starting at 0), then
+    ``min + (base - min) * (1 + cos(pi * (step - warmup) / (total - warmup))) / 2``.
+    """
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if total_steps <= warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(
+    module: nn.Module, *, weight_decay: float, special_tokens: Iterable[str] = (), decay_special_tokens: bool = True
+) -> list[dict]:
+    """Split trainable parameters into a decay and a no-decay group.
+
+    No decay: every parameter with ``ndim <= 1`` (norms, biases of any shape) and every name ending in
+    ``.bias``. ``special_tokens`` (cls / register / mask tokens, learned position embeddings) are decayed
+    when ``decay_special_tokens`` is True (official MAE) and not decayed otherwise (mmpretrain, ColorMAE).
+    Parameters with ``requires_grad=False`` are left out.
+
+    Returns:
+        Two param-group dicts: ``{"params", "weight_decay", "names"}``.
+    """
+    special = set(special_tokens)
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or (not decay_special_tokens and name in special)
+        (no_decay if skip else decay).append((name, p))
+    return [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay]},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0, "names": [n for n, _ in no_decay]},
+    ]

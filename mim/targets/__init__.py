@@ -1,0 +1,6 @@
+"""Targets: what to predict."""
+
+from mim.targets.base import Target
+from mim.targets.pixels import PixelTarget, norm_pix
+
+__all__ = ["PixelTarget", "Target", "norm_pix"]

@@ -1,0 +1,62 @@
+"""The target interface: *what* to predict."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from mim.types import Batch, Masks
+
+if TYPE_CHECKING:
+    from mim.models.encoder import MaskedEncoder
+
+__all__ = ["Target"]
+
+
+class Target(nn.Module, ABC):
+    """A prediction target with its own head (decoder, predictor, adapter) and loss.
+
+    Lifecycle: the module calls :meth:`bind` once with the encoder (heads that depend on the encoder's
+    width or grid are built there, before any optimizer or distributed wrapper exists), then
+    :meth:`forward` every step and :meth:`after_step` after every optimizer step.
+
+    Args:
+        weight: factor of this target's loss in the total loss (>= 0).
+    """
+
+    def __init__(self, *, weight: float = 1.0) -> None:
+        super().__init__()
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{type(self).__name__}.weight must be a finite number >= 0, got {weight!r}")
+        self.weight = float(weight)
+
+    def bind(self, encoder: MaskedEncoder) -> None:  # noqa: B027 - optional hook
+        """Build whatever depends on the encoder (called once, at module construction)."""
+
+    @abstractmethod
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:
+        """Compute the loss.
+
+        Args:
+            batch: the normalised batch.
+            masks: the step's masks.
+            latent: (B, prefix + K, D) encoder output on the visible tokens.
+            encoder: the (student) encoder.
+
+        Returns:
+            A dict with ``loss`` (scalar) and any other scalars to log.
+        """
+
+    def token_scores(self, batch: Batch, encoder: MaskedEncoder) -> Tensor | None:
+        """(B, N) per-token scores for score-driven masking (hard-patch mining); None by default."""
+        return None
+
+    def after_step(self, encoder: MaskedEncoder, progress: float) -> None:  # noqa: B027 - optional hook
+        """Called after each optimizer step (EMA updates and the like); no-op by default."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters that special-token rules exclude from decay."""
+        return set()

@@ -1,0 +1,116 @@
+"""Shared types and conventions of mim, stated once.
+
+Shape-letter glossary (used in every docstring and trailing shape comment):
+
+    B  batch size                      N  tokens in the full grid (N = T_ * H_ * W_)
+    K  visible tokens per sample       M  target groups (1 for MAE, 4 blocks for I-JEPA)
+    T  tokens per target group         D  embedding width
+    P  values per patch (p * p * C)    C  image channels
+    Kd tokens the decoder keeps (dual masking)
+
+Token numbering: tokens are numbered in raster order over the token grid,
+``k = (t * H + h) * W + w``. Images have ``t = 0``; a table of F features is the grid (1, 1, F).
+
+Mask convention: a mask is **index tensors with a fixed count per batch**:
+
+* ``visible`` (B, K) int64, sorted ascending: the tokens the encoder sees;
+* ``targets`` (B, M, T) int64: the tokens each target group predicts (for MAE, M = 1 and the
+  group holds the N - K hidden tokens, sorted ascending);
+* ``decoder`` (B, Kd) int64 or None: the tokens a decoder reconstructs (dual masking).
+
+Indices address patch tokens only; prefix tokens (cls, registers) are the encoder's business.
+The boolean view :attr:`Masks.hidden` (B, N) has **True = hidden** (not seen by the encoder).
+The visible count is ``K = int(N * (1 - mask_ratio))``, the form every reference implementation uses.
+
+Batches are dicts (:class:`Batch`): the data loaders yield ``uint8`` images and the datamodule
+normalises them on the device (``on_after_batch_transfer``), so a model always receives
+float images normalised with the dataset's mean and std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypedDict
+
+import torch
+from torch import Tensor
+
+__all__ = ["Batch", "Masks", "TokenGrid", "num_visible"]
+
+
+class Batch(TypedDict, total=False):
+    """One batch as the model sees it.
+
+    Keys:
+        image: (B, C, H, W) float, normalised (uint8 before ``on_after_batch_transfer``).
+        label: (B,) int64 class index, where the dataset has labels.
+    """
+
+    image: Tensor
+    label: Tensor
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The shape of a token grid: ``T`` time slots x ``H`` rows x ``W`` columns (raster order).
+
+    Attributes:
+        t: tokens along time (1 for images and tables).
+        h: token rows.
+        w: token columns (features for a table).
+    """
+
+    t: int
+    h: int
+    w: int
+
+    def __post_init__(self) -> None:
+        for name in ("t", "h", "w"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TokenGrid.{name} must be a positive int, got {value!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        """N = t * h * w."""
+        return self.t * self.h * self.w
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.t, self.h, self.w)
+
+
+def num_visible(num_tokens: int, mask_ratio: float) -> int:
+    """Visible count ``K = int(N * (1 - mask_ratio))`` (the official MAE form; see methods/IMAGE.md §0.1)."""
+    return int(num_tokens * (1 - mask_ratio))
+
+
+@dataclass
+class Masks:
+    """Where to hide, as index tensors with a fixed count per batch (see the module docstring).
+
+    Attributes:
+        visible: (B, K) int64, sorted ascending.
+        targets: (B, M, T) int64.
+        num_tokens: N, the size of the full token grid.
+        decoder: (B, Kd) int64 or None.
+    """
+
+    visible: Tensor
+    targets: Tensor
+    num_tokens: int
+    decoder: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.visible.shape[0]
+
+    @property
+    def hidden(self) -> Tensor:
+        """(B, N) bool, True = hidden from the encoder."""
+        hidden = torch.ones(self.batch_size, self.num_tokens, dtype=torch.bool, device=self.visible.device)
+        return hidden.scatter_(1, self.visible, False)  # (B, N)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Masks:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Masks(move(self.visible), move(self.targets), self.num_tokens, move(self.decoder))

@@ -1,0 +1,145 @@
+"""`mim fit` end to end on debug recipes, bad configs fail at construction, `mim quickstart` runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mim.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DEBUG = ROOT / "recipes" / "debug"
+needs_data = pytest.mark.usefixtures("fashion_mnist")
+
+
+def _mim(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "-m", "mim", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and "quickstart" in out
+
+
+@needs_data
+def test_fit_debug_recipe_writes_checkpoint(tmp_path: Path):
+    run = _mim(
+        "fit",
+        "-c",
+        str(DEBUG / "mae_fashion_mnist.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=4",
+        "--trainer.limit_val_batches=1",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "effective batch = 64 per device x 1 accumulation x 1 devices = 64" in run.stdout + run.stderr
+    ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert len(ckpts) == 1
+    ckpt = torch.load(ckpts[0], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["mim"]["encoder"]["arch"] == "vit_tiny_patch16_224"
+    keys = ckpt["state_dict"].keys()
+    assert "encoder.vit.pos_embed" in keys and "targets.0.decoder.mask_token" in keys
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
+
+
+def test_fit_image_folder_recipe(tmp_path: Path):
+    rng = torch.Generator().manual_seed(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            pixels = torch.randint(0, 256, (48, 40, 3), generator=rng, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.jpg", quality=90)
+    run = _mim(
+        "fit",
+        "-c",
+        str(DEBUG / "mae_image_folder.yaml"),
+        f"--data.init_args.root={tmp_path / 'data'}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list((tmp_path / "run").rglob("*.ckpt"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("--model.init_args.masking.init_args.mask_ratio=1.5", "mask_ratio"),
+        ("--model.init_args.masking.init_args.mask_ratio=0", "mask_ratio"),
+        ("--model.init_args.encoder.init_args.arch=vit_does_not_exist", "arch"),
+        ("--model.init_args.encoder.init_args.img_size=30", "img_size"),
+        ("--model.init_args.blr=-1", "blr"),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path: Path, override: str, field: str):
+    run = _mim(
+        "fit",
+        "-c",
+        str(DEBUG / "mae_fashion_mnist.yaml"),
+        override,
+        f"--trainer.default_root_dir={tmp_path}",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert field in run.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert "Epoch 0" not in run.stderr  # failed at construction, not inside a step
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path: Path):
+    missing = tmp_path / "nope"
+    run = _mim(
+        "fit",
+        "-c",
+        str(DEBUG / "mae_image_folder.yaml"),
+        f"--data.init_args.root={missing}",
+        f"--trainer.default_root_dir={tmp_path}",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert str(missing) in run.stderr
+
+
+@needs_data
+def test_quickstart_small(tmp_path: Path):
+    run = _mim(
+        "quickstart",
+        "--out",
+        str(tmp_path / "qs"),
+        "--epochs",
+        "1",
+        "--num-train",
+        "512",
+        "--probe-train",
+        "300",
+        "--probe-test",
+        "300",
+        "--",
+        "--data.init_args.num_val=256",
+        "--trainer.log_every_n_steps=1",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "Linear probe on Fashion-MNIST" in out
+    for row in ("MAE-pretrained ViT", "random init", "raw pixels"):
+        assert row in out
+    for name in ("reconstructions.png", "loss_curve.png", "results.json"):
+        assert (tmp_path / "qs" / name).stat().st_size > 1000 or name == "results.json"
+    assert list((tmp_path / "qs").rglob("last.ckpt"))
+    with Image.open(tmp_path / "qs" / "reconstructions.png") as img:
+        assert img.width > 200 and img.height > 600  # 8 rows x 3 columns
