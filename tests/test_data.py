@@ -420,3 +420,17 @@ def test_read_idx_plain_and_gzip(tmp_path):
     (tmp_path / "float").write_bytes(bytes([0, 0, 0x0D, 1]) + raw[4:])
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "float")
+
+
+def test_epoch_shuffle_is_a_function_of_seed_and_epoch():
+    from mim.data.base import EpochShuffleSampler
+
+    a, b = EpochShuffleSampler(100, seed=3), EpochShuffleSampler(100, seed=3)
+    first = list(a)
+    assert sorted(first) == list(range(100))
+    a.set_epoch(1)
+    second = list(a)
+    assert second != first and sorted(second) == list(range(100))
+    b.set_epoch(1)  # a fresh sampler (e.g. after resuming) at the same epoch gives the same order
+    assert list(b) == second
+    assert list(EpochShuffleSampler(100, seed=4)) != first

@@ -13,13 +13,13 @@ A subclass validates its own arguments, calls ``super().__init__`` with the shar
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mim.types import Batch
 
@@ -89,6 +89,32 @@ class TensorImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)  # (C, H', W')
         return {"image": image, "label": self.labels[index]}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that is a pure function of (seed, epoch).
+
+    Lightning calls ``set_epoch`` before every epoch (also after resuming from a checkpoint), so a resumed
+    run sees the same order as an uninterrupted one. (Under DDP Lightning swaps in a ``DistributedSampler``,
+    which is seeded the same way.)
+
+    Args:
+        num_samples: dataset length.
+        seed: base seed.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int = 0) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 
 class ImageDataModule(LightningDataModule, ABC):
@@ -181,10 +207,8 @@ class ImageDataModule(LightningDataModule, ABC):
                 f"{type(self).__name__}: {len(self.train_dataset)} training samples is fewer than "
                 f"batch_size={self.batch_size}; lower batch_size"
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_dataset, shuffle=True, drop_last=True, generator=generator, **self._loader_kwargs()
-        )
+        sampler = EpochShuffleSampler(len(self.train_dataset), seed=self.seed)
+        return DataLoader(self.train_dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
