@@ -92,21 +92,27 @@ class PretrainModule(L.LightningModule):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"PretrainModule.batch_size must be >= 1 when set, got {batch_size}")
         self.save_hyperparameters(ignore=["encoder", "masking", "targets"])
+        self.seed, self.batch_size = seed, batch_size
         self.encoder = encoder
-        self.masking = masking
+        self.masking: MaskingStrategy = masking
         self.targets = nn.ModuleList(targets)
         self.target_names = _target_names(targets)
-        for target in self.targets:
+        for target in targets:
             target.bind(encoder)
         self._generator: torch.Generator | None = None
         self._total_steps = 1
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def target_list(self) -> list[Target]:
+        """The targets, typed (``self.targets`` is the ``nn.ModuleList`` that registers them)."""
+        return [t for t in self.targets if isinstance(t, Target)]
+
     def generator(self, device: torch.device, *parts: int) -> torch.Generator:
         """The mask generator on ``device``, reseeded from (seed, *parts) without a host sync."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(step_seed(self.hparams.seed, *parts))
+        self._generator.manual_seed(step_seed(self.seed, *parts))
         return self._generator
 
     @property
@@ -121,7 +127,7 @@ class PretrainModule(L.LightningModule):
         images = batch["image"]
         scores = None
         if self.masking.needs_scores:
-            found = [t.token_scores(batch, self.encoder) for t in self.targets]
+            found = [t.token_scores(batch, self.encoder) for t in self.target_list]
             scores = next((s for s in found if s is not None), None)
         return self.masking(
             images.shape[0],
@@ -137,7 +143,7 @@ class PretrainModule(L.LightningModule):
         latent = self.encoder(batch["image"], masks.visible)  # (B, prefix+K, D)
         out: dict[str, Tensor] = {}
         total = latent.new_zeros((), dtype=torch.float32)
-        for name, target in zip(self.target_names, self.targets):
+        for name, target in zip(self.target_names, self.target_list):
             result = target(batch, masks, latent, self.encoder)
             total = total + target.weight * result["loss"]
             out.update({f"{name}/{k}": v.detach() for k, v in result.items()})
@@ -165,13 +171,13 @@ class PretrainModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        for target in self.targets:
+        for target in self.target_list:
             target.after_step(self.encoder, self.progress)
 
     # ------------------------------------------------------------------ optimization
     def effective_batch(self) -> tuple[int, int, int, int]:
         """(per-device batch, accumulation, world size, effective batch)."""
-        per_device = self.hparams.batch_size
+        per_device = self.batch_size
         if per_device is None:
             per_device = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
         if per_device is None:
@@ -182,10 +188,15 @@ class PretrainModule(L.LightningModule):
         accum, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
         return per_device, accum, world, per_device * accum * world
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+    def configure_optimizers(self) -> Any:
+        hp: Any = self.hparams
         per_device, accum, world, eff = self.effective_batch()
         lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, eff)
+        if self.trainer.estimated_stepping_batches == float("inf"):
+            raise ValueError(
+                "PretrainModule: the run has no end (trainer.max_epochs = -1 and trainer.max_steps = -1), "
+                "but the lr schedule needs one; set trainer.max_epochs or trainer.max_steps"
+            )
         total = int(self.trainer.estimated_stepping_batches)
         self._total_steps = max(1, total)
         if hp.warmup_steps is not None:
@@ -195,12 +206,13 @@ class PretrainModule(L.LightningModule):
             # end), so warmup_epochs means epochs also when max_steps ends the run (methods/IMAGE.md §1.0).
             if self.trainer.train_dataloader is None:  # max_steps-only runs: Lightning has not loaded the data yet
                 self.trainer.fit_loop.setup_data()  # (what estimated_stepping_batches does otherwise)
-            batches = self.trainer.num_training_batches
+            batches: float = self.trainer.num_training_batches
+            steps_per_epoch: float
             if 0 < batches < float("inf"):
                 steps_per_epoch = math.ceil(batches / accum)
             else:  # a loader without a length: fall back to max_epochs
                 epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-                steps_per_epoch = total / epochs if epochs else total
+                steps_per_epoch = total / epochs if epochs else float(total)
             warmup = round(hp.warmup_epochs * steps_per_epoch)
         lr_text = f"lr {lr:.3g}" if hp.lr is not None else f"lr = blr {hp.blr:g} x {eff}/256 = {lr:.4g}"
         rank_zero_info(
@@ -208,7 +220,7 @@ class PretrainModule(L.LightningModule):
             f"{lr_text}; {total} optimizer steps, {warmup} warmup"
         )
         named = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-        named |= {f"targets.{i}.{n}" for i, t in enumerate(self.targets) for n in t.no_weight_decay()}
+        named |= {f"targets.{i}.{n}" for i, t in enumerate(self.target_list) for n in t.no_weight_decay()}
         groups = param_groups(
             self, weight_decay=hp.weight_decay, special_tokens=named, decay_special_tokens=hp.decay_special_tokens
         )

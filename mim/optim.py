@@ -49,7 +49,8 @@ def param_groups(
         Two param-group dicts: ``{"params", "weight_decay", "names"}``.
     """
     special = set(special_tokens)
-    decay, no_decay = [], []
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue

@@ -112,5 +112,10 @@ class Masks:
         return hidden.scatter_(1, self.visible, False)  # (B, N)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Masks:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Masks(move(self.visible), move(self.targets), self.num_tokens, move(self.decoder))
+        decoder = None if self.decoder is None else self.decoder.to(device, non_blocking=non_blocking)
+        return Masks(
+            self.visible.to(device, non_blocking=non_blocking),
+            self.targets.to(device, non_blocking=non_blocking),
+            self.num_tokens,
+            decoder,
+        )

@@ -296,3 +296,29 @@ def test_targets_bound_to_encoder() -> None:
     decoder = module.targets[0].decoder
     assert decoder is not None and decoder.decoder_pred.out_features == PATCH * PATCH * 1
     assert module.target_names == ["pixel"]
+
+
+def test_run_without_end_is_a_clear_error() -> None:
+    module = PretrainModule(
+        encoder=MaskedEncoder(
+            arch="vit_tiny_patch16_224",
+            img_size=IMG,
+            patch_size=PATCH,
+            in_chans=3,
+            model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
+        ),
+        masking=RandomMasking(mask_ratio=0.75),
+        targets=[PixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)],
+        batch_size=4,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=-1,
+        max_steps=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="max_epochs or trainer.max_steps"):
+        trainer.fit(module, DataLoader(Images(8), batch_size=4))

@@ -202,12 +202,13 @@ class ImageDataModule(LightningDataModule, ABC):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")  # a no-op once the datasets exist
         assert self.train_dataset is not None
-        if len(self.train_dataset) < self.batch_size:  # drop_last would leave no batch at all
+        num_samples = len(self.train_dataset)  # type: ignore[arg-type]  # map-style datasets have a length
+        if num_samples < self.batch_size:  # drop_last would leave no batch at all
             raise ValueError(
-                f"{type(self).__name__}: {len(self.train_dataset)} training samples is fewer than "
+                f"{type(self).__name__}: {num_samples} training samples is fewer than "
                 f"batch_size={self.batch_size}; lower batch_size"
             )
-        sampler = EpochShuffleSampler(len(self.train_dataset), seed=self.seed)
+        sampler = EpochShuffleSampler(num_samples, seed=self.seed)
         return DataLoader(self.train_dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:

@@ -56,7 +56,13 @@ class MAEDecoder(nn.Module):
         table = sincos_2d(dim, (grid.h, grid.w), num_prefix_tokens)  # (prefix+N, Dd)
         self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # fixed
         self.decoder_blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            Block(
+                dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
+            )
             for _ in range(depth)
         )
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)

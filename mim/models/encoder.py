@@ -87,7 +87,9 @@ class MaskedEncoder(nn.Module):
             kwargs["img_size"] = img_size
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
-        cfg_img = _pair(kwargs.get("img_size", timm.get_pretrained_cfg(arch).input_size[-1]))
+        pretrained_cfg = timm.get_pretrained_cfg(arch)
+        default_size = pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 224
+        cfg_img = _pair(kwargs.get("img_size", default_size))
         if patch_size is not None:
             ph, pw = _pair(patch_size)
             if cfg_img[0] % ph or cfg_img[1] % pw:
@@ -140,14 +142,21 @@ class MaskedEncoder(nn.Module):
         # Fixed 2-D sin-cos table, zero rows for prefix tokens; kept as a frozen parameter so it is in
         # the state dict under timm's name (methods/IMAGE.md §1.0).
         table = sincos_2d(self.embed_dim, (self.grid.h, self.grid.w), self._pos_prefix)  # (prefix+N, D)
-        vit.pos_embed.copy_(table.unsqueeze(0))
-        vit.pos_embed.requires_grad_(False)
+        self.pos_embed.copy_(table.unsqueeze(0))
+        self.pos_embed.requires_grad_(False)
         if init == "mae":
             init_mae_weights_(vit)
             xavier_uniform_flat_(vit.patch_embed.proj.weight)  # as a (D, C*p*p) matrix
             for token in (vit.cls_token, vit.reg_token):
                 if token is not None:
                     nn.init.normal_(token, std=0.02)
+
+    @property
+    def pos_embed(self) -> nn.Parameter:
+        """The wrapped ViT's (frozen, sin-cos) position table, (1, prefix rows + N, D)."""
+        pos = self.vit.pos_embed
+        assert pos is not None  # checked at construction
+        return pos
 
     # ------------------------------------------------------------------ tokens
     def patchify(self, images: Tensor) -> Tensor:
@@ -170,17 +179,17 @@ class MaskedEncoder(nn.Module):
         if tuple(images.shape[-2:]) != self.img_size:
             raise ValueError(f"encoder expects images of size {self.img_size}, got {tuple(images.shape[-2:])}")
         x = self.vit.patch_embed(images)  # (B, N, D)
-        return x + self.vit.pos_embed[:, self._pos_prefix :]  # (B, N, D)
+        return x + self.pos_embed[:, self._pos_prefix :]  # (B, N, D)
 
     def prefix_tokens(self, batch_size: int) -> Tensor:
         """(B, num_prefix_tokens, D): cls and register tokens with their position rows."""
         vit = self.vit
-        parts = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
+        parts: list[Tensor] = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
         if not parts:
-            return vit.pos_embed.new_zeros(batch_size, 0, self.embed_dim)
+            return self.pos_embed.new_zeros(batch_size, 0, self.embed_dim)
         prefix = torch.cat(parts, dim=1)  # (1, prefix, D)
         if self._pos_prefix:
-            prefix = prefix + vit.pos_embed[:, : self._pos_prefix]
+            prefix = prefix + self.pos_embed[:, : self._pos_prefix]
         return prefix.expand(batch_size, -1, -1)  # (B, prefix, D)
 
     # ------------------------------------------------------------------ forward
