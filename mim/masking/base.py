@@ -80,7 +80,7 @@ class ScoreMasking(MaskingStrategy):
     """
 
     def __init__(self, *, mask_ratio: float = 0.75) -> None:
-        self.mask_ratio = check_ratio("mask_ratio", mask_ratio)
+        self.mask_ratio = check_ratio(f"{type(self).__name__}.mask_ratio", mask_ratio)
 
     def num_visible(self, num_tokens: int) -> int:
         """K = int(N * (1 - mask_ratio)), at least 1 and at most N - 1."""
