@@ -11,7 +11,7 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["MimCLI", "main"]
+__all__ = ["MimCLI", "build", "main"]
 
 _USAGE = """usage: mim <command> [options]
 
@@ -27,6 +27,31 @@ class MimCLI(LightningCLI):
     """LightningCLI with mim's defaults: any LightningModule / LightningDataModule by ``class_path``."""
 
 
+def _cli(args: list[str], **kwargs) -> MimCLI:
+    return MimCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        **kwargs,
+    )
+
+
+def build(args: list[str], **kwargs) -> MimCLI:
+    """Instantiate model, datamodule and trainer from recipe arguments without running anything.
+
+    Args:
+        args: e.g. ``["--config", "recipes/quickstart.yaml", "--trainer.max_epochs=1"]``.
+        **kwargs: extra ``LightningCLI`` arguments (e.g. ``save_config_callback=None``).
+
+    Returns:
+        The CLI with ``.model``, ``.datamodule`` and ``.trainer``.
+    """
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    return _cli(args, run=False, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -38,12 +63,5 @@ def main(argv: list[str] | None = None) -> int:
         return quickstart(argv[1:])
     if argv[0] == "print_config":
         argv = ["fit", *argv[1:], "--print_config"]
-    MimCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    _cli(argv, save_config_kwargs={"overwrite": True})
     return 0

@@ -50,30 +50,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _build(args: argparse.Namespace):
-    from mim.cli import MimCLI
+    from mim.cli import build
 
     out = args.out.resolve()
     cli_args = ["--config", str(args.recipe), f"--trainer.default_root_dir={out}"]
     cli_args.append(f"--trainer.logger.init_args.save_dir={out}")
-    minutes = int(args.max_minutes)
-    seconds = round((args.max_minutes - minutes) * 60)
-    cli_args.append(f"--trainer.max_time=00:00:{minutes:02d}:{seconds:02d}")
+    total = round(args.max_minutes * 60)
+    days, rest = divmod(total, 86400)
+    cli_args.append(f"--trainer.max_time={days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}")
     if args.epochs is not None:
         cli_args.append(f"--trainer.max_epochs={args.epochs}")
     if args.num_train is not None:
         cli_args.append(f"--data.init_args.num_train={args.num_train}")
     cli_args += args.overrides
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    return MimCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=cli_args,
-        save_config_kwargs={"overwrite": True},
-    )
+    return build(cli_args)
 
 
 def _loss_curve(metrics_csv: Path, out_png: Path) -> Path | None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from mim.data.fashion_mnist import find_fashion_mnist
 
@@ -19,3 +20,13 @@ def fashion_mnist() -> Path:
         if os.environ.get("MIM_REQUIRE_DATA") == "1":  # set by `make test`: the data must be there
             raise
         pytest.skip("Fashion-MNIST not installed (run `make data`)")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests use tiny models, which only lose from intra-op threads, and OpenMP threads stall badly on a
+    busy 2-core machine (measured: seconds vs minutes for the same step): run every test on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

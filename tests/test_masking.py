@@ -14,15 +14,6 @@ from tests.contracts import MaskingStrategyContract
 from tests.reference import hypergeometric_pmf
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models only lose from intra-op threads (and stall badly on a busy machine): run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

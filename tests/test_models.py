@@ -15,16 +15,6 @@ from mim.models import MAEDecoder, MaskedEncoder, patchify, sincos_2d, unpatchif
 from mim.types import TokenGrid
 from tests import reference as ref
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models only lose from intra-op threads (and stall badly on a busy machine): run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CPU = torch.device("cpu")
 
 

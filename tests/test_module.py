@@ -15,16 +15,6 @@ from mim.module import PretrainModule
 from mim.targets import PixelTarget
 from tests.reference import warmup_cosine_epochs
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models only lose from intra-op threads (and stall badly on a busy machine): run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 IMG, PATCH = 16, 4  # 4 x 4 grid
 
 

@@ -14,15 +14,6 @@ from mim.targets import PixelTarget
 from tests.reference import warmup_cosine_epochs
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models only lose from intra-op threads (and stall badly on a busy machine): run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- schedule
 @pytest.mark.parametrize(
     ("iters_per_epoch", "warmup_epochs", "epochs", "min_lr"),

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
 from PIL import Image
 
-from mim.cli import MimCLI
+from mim.cli import MimCLI, build
 from mim.module import PretrainModule
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
@@ -30,15 +29,7 @@ def _instantiate(recipe: Path, tmp_path: Path) -> MimCLI:
         args.append(f"--data.init_args.root={_image_folder(tmp_path / 'images')}")
     if "CSVLogger" in text:
         args.append(f"--trainer.logger.init_args.save_dir={tmp_path}")
-    return MimCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=args,
-        save_config_callback=None,
-    )
+    return build(args, save_config_callback=None)
 
 
 def test_recipes_found():

@@ -12,16 +12,6 @@ from mim.targets import PixelTarget, norm_pix
 from tests import reference as ref
 from tests.contracts import TargetContract
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models only lose from intra-op threads (and stall badly on a busy machine): run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CPU = torch.device("cpu")
 
 

@@ -17,14 +17,6 @@ from mim.targets import PixelTarget
 pytestmark = pytest.mark.usefixtures("fashion_mnist")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _module() -> PretrainModule:
     torch.manual_seed(0)
     encoder = MaskedEncoder(
