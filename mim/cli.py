@@ -1,6 +1,7 @@
 """The ``mim`` console script.
 
 * ``mim fit|validate -c RECIPE.yaml [--trainer.max_epochs ...]``: LightningCLI over any recipe.
+* ``mim pack SRC OUT/``: pack images into webdataset tar shards (see mim/data/pack.py).
 * ``mim quickstart``: MAE on Fashion-MNIST on CPU, then a linear-probe table (see mim/quickstart.py).
 """
 
@@ -20,6 +21,7 @@ commands:
   validate -c RECIPE.yaml --ckpt_path CKPT           validation loss of a checkpoint
   print_config -c RECIPE.yaml                        print the fully resolved recipe
   quickstart [--help]                                MAE on Fashion-MNIST on CPU + linear-probe table
+  pack SRC OUT/ [--shard-size 1GB --resize-short 256]  pack an image folder or list file into tar shards
 """
 
 
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from mim.quickstart import main as quickstart
 
         return quickstart(argv[1:])
+    if argv[0] == "pack":
+        from mim.data.pack import main as pack
+
+        return pack(argv[1:])
     if argv[0] == "print_config":
         argv = ["fit", *argv[1:], "--print_config"]
     _cli(argv, save_config_kwargs={"overwrite": True})

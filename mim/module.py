@@ -122,9 +122,13 @@ class PretrainModule(L.LightningModule):
             return 0.0
         return min(1.0, self.trainer.global_step / max(1, self._total_steps))
 
+    def inputs(self, batch: Batch) -> Tensor:
+        """The encoder's input from the batch (``image`` (B, C, H, W) or ``video`` (B, C, T, H, W))."""
+        return self.encoder.inputs(batch)
+
     def draw_masks(self, batch: Batch, generator: torch.Generator) -> Masks:
         """Masks for one batch (scores from the targets when the strategy needs them)."""
-        images = batch["image"]
+        images = self.inputs(batch)
         scores = None
         if self.masking.needs_scores:
             found = [t.token_scores(batch, self.encoder) for t in self.target_list]
@@ -140,7 +144,7 @@ class PretrainModule(L.LightningModule):
 
     def compute_losses(self, batch: Batch, masks: Masks) -> dict[str, Tensor]:
         """One encoder pass shared by all targets; returns ``loss`` and ``<target>/<key>`` entries."""
-        latent = self.encoder(batch["image"], masks.visible)  # (B, prefix+K, D)
+        latent = self.encoder(self.inputs(batch), masks.visible)  # (B, prefix+K, D)
         out: dict[str, Tensor] = {}
         total = latent.new_zeros((), dtype=torch.float32)
         for name, target in zip(self.target_names, self.target_list):
@@ -153,10 +157,11 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        gen = self.generator(batch["image"].device, self.trainer.global_step, self.global_rank, micro)
+        inputs = self.inputs(batch)
+        gen = self.generator(inputs.device, self.trainer.global_step, self.global_rank, micro)
         masks = self.draw_masks(batch, gen)
         out = self.compute_losses(batch, masks)
-        bs = batch["image"].shape[0]
+        bs = inputs.shape[0]
         self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
         if len(self.targets) > 1:
             self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
@@ -165,9 +170,10 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # Fixed masks per validation batch, so validation losses are comparable across epochs.
-        gen = self.generator(batch["image"].device, -1, self.global_rank, batch_idx)
+        inputs = self.inputs(batch)
+        gen = self.generator(inputs.device, -1, self.global_rank, batch_idx)
         out = self.compute_losses(batch, self.draw_masks(batch, gen))
-        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=inputs.shape[0])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -43,10 +43,12 @@ class Batch(TypedDict, total=False):
 
     Keys:
         image: (B, C, H, W) float, normalised (uint8 before ``on_after_batch_transfer``).
+        video: (B, C, T, H, W) float clips, normalised (uint8 before ``on_after_batch_transfer``).
         label: (B,) int64 class index, where the dataset has labels.
     """
 
     image: Tensor
+    video: Tensor
     label: Tensor
 
 

@@ -90,3 +90,36 @@ def warmup_cosine_epochs(
 def hypergeometric_pmf(k: int, population: int, successes: int, draws: int) -> float:
     """P(X = k) for X ~ Hypergeometric(population, successes, draws)."""
     return math.comb(successes, k) * math.comb(population - successes, draws - k) / math.comb(population, draws)
+
+
+def tubelets_loop(videos: np.ndarray, pt: int, ph: int, pw: int) -> np.ndarray:
+    """(B, C, T, H, W) -> (B, N, pt*ph*pw*C) by explicit loops: tokens time-major raster ``(gt*gh + gy)*gw + gx``;
+    inside a tubelet ``index = ((dt * ph + row) * pw + col) * C + c`` (VideoMAE's (pixel, channel) layout)."""
+    b, c, t, h, w = videos.shape
+    gt, gh, gw = t // pt, h // ph, w // pw
+    out = np.empty((b, gt * gh * gw, pt * ph * pw * c), dtype=videos.dtype)
+    for n in range(b):
+        for it in range(gt):
+            for gy in range(gh):
+                for gx in range(gw):
+                    k = (it * gh + gy) * gw + gx
+                    for dt in range(pt):
+                        for row in range(ph):
+                            for col in range(pw):
+                                for ch in range(c):
+                                    value = videos[n, ch, it * pt + dt, gy * ph + row, gx * pw + col]
+                                    out[n, k, ((dt * ph + row) * pw + col) * c + ch] = value
+    return out
+
+
+def sincos_3d_uniform(dim: int, gt: int, gh: int, gw: int) -> np.ndarray:
+    """V-JEPA's 3-D table with uniform power (JEPA_VIDEO.md §2(a)): each axis ``2*ceil(dim/6)`` channels,
+    concatenated (time, height, width), truncated to ``dim``; rows in time-major raster order."""
+    width = 2 * math.ceil(dim / 6)
+    rows = []
+    for t in range(gt):
+        for y in range(gh):
+            for x in range(gw):
+                parts = [sincos_1d(width, np.array([v]))[0] for v in (t, y, x)]
+                rows.append(np.concatenate(parts)[:dim])
+    return np.stack(rows).astype(np.float32)

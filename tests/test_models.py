@@ -337,6 +337,10 @@ def test_decoder_without_prefix_tokens() -> None:
     assert dec(latent, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])).shape == (2, 12, 10)
 
 
-def test_decoder_rejects_3d_grid() -> None:
-    with pytest.raises(ValueError, match="2-D"):
-        MAEDecoder(grid=TokenGrid(2, 3, 4), in_dim=8, out_dim=4, dim=16, depth=1, num_heads=2)
+def test_decoder_on_3d_grid_uses_the_3d_table() -> None:
+    from tests.reference import sincos_3d_uniform
+
+    dec = MAEDecoder(grid=TokenGrid(2, 3, 4), in_dim=8, out_dim=4, dim=16, depth=1, num_heads=2)
+    table = dec.decoder_pos_embed[0]
+    torch.testing.assert_close(table[0], torch.zeros(16))
+    torch.testing.assert_close(table[1:], torch.from_numpy(sincos_3d_uniform(16, 2, 3, 4)))

@@ -10,6 +10,7 @@ from mim.data.fashion_mnist import (
     load_fashion_mnist,
 )
 from mim.data.folder import CorruptImageWarning, ImageFolderDataModule, ImageFolderDataset
+from mim.data.shards import ShardDataModule, ShardDataset
 from mim.data.transforms import eval_transform, mae_train_transform
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "ImageFolderDataset",
+    "ShardDataModule",
+    "ShardDataset",
     "TensorImageDataset",
     "eval_transform",
     "find_fashion_mnist",

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mim.types import Batch
 
-__all__ = ["ImageDataModule", "TensorImageDataset", "check_positive_int", "normalize_image"]
+__all__ = ["ImageDataModule", "TensorImageDataset", "check_positive_int", "normalize_image", "normalize_video"]
 
 
 def normalize_image(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
@@ -55,6 +55,39 @@ def normalize_image(images: Tensor, mean: Sequence[float] | Tensor, std: Sequenc
         )
     x = images.to(torch.float32).div_(255.0)  # (..., C, H, W) in [0, 1]
     return x.sub_(mean_t[:, None, None]).div_(std_t[:, None, None])  # (..., C, H, W)
+
+
+def normalize_video(videos: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """Turn ``uint8`` clips into float32 normalised per channel: ``(videos / 255 - mean) / std``.
+
+    Args:
+        videos: (B, C, T, H, W) or (C, T, H, W) uint8 (T frames), on any device.
+        mean: C per-channel means of the [0, 1]-scaled pixels.
+        std: C per-channel standard deviations of the [0, 1]-scaled pixels.
+
+    Returns:
+        (B, C, T, H, W) or (C, T, H, W) float32 on the videos' device.
+
+    Raises:
+        TypeError: when ``videos`` is not uint8 (normalising twice is a bug, not a no-op).
+        ValueError: when the shape is not 4-D/5-D or the channel count does not match ``mean`` / ``std``.
+    """
+    if videos.dtype != torch.uint8:
+        raise TypeError(f"normalize_video expects uint8 videos, got {videos.dtype}")
+    if videos.dim() not in (4, 5):
+        raise ValueError(
+            f"normalize_video expects (B, C, T, H, W) or (C, T, H, W) videos, got shape {tuple(videos.shape)}"
+        )
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=videos.device)  # (C,)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=videos.device)  # (C,)
+    channels = videos.shape[-4]
+    if mean_t.shape != (channels,) or std_t.shape != (channels,):
+        raise ValueError(
+            f"normalize_video: videos have {channels} channels but mean has {tuple(mean_t.shape)} "
+            f"and std has {tuple(std_t.shape)} values"
+        )
+    x = videos.to(torch.float32).div_(255.0)  # (..., C, T, H, W) in [0, 1]
+    return x.sub_(mean_t[:, None, None, None]).div_(std_t[:, None, None, None])  # (..., C, T, H, W)
 
 
 def check_positive_int(owner: str, name: str, value: Any, *, minimum: int = 1) -> None:

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mim.masking.functional import gather_tokens, scatter_tokens
-from mim.models.embed import sincos_2d
+from mim.models.embed import sincos_for_grid
 from mim.types import TokenGrid
 
 __all__ = ["MAEDecoder"]
@@ -24,7 +24,7 @@ class MAEDecoder(nn.Module):
     """Reconstructs per-token outputs from the encoder's visible latents.
 
     Args:
-        grid: the token grid (images: (1, gh, gw)).
+        grid: the token grid (images: (1, gh, gw); video: (gt, gh, gw)).
         in_dim: encoder width D.
         out_dim: values predicted per token (P for pixels).
         num_prefix_tokens: prefix tokens (cls, registers) at the front of the latents; passed through.
@@ -47,13 +47,11 @@ class MAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
-        if grid.t != 1:
-            raise ValueError(f"MAEDecoder supports 2-D grids for now, got {grid}")
         self.grid = grid
         self.num_prefix_tokens = num_prefix_tokens
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        table = sincos_2d(dim, (grid.h, grid.w), num_prefix_tokens)  # (prefix+N, Dd)
+        table = sincos_for_grid(dim, grid, num_prefix_tokens)  # (prefix+N, Dd): 2-D for images, 3-D for video
         self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # fixed
         self.decoder_blocks = nn.ModuleList(
             Block(

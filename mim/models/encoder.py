@@ -15,8 +15,16 @@ from timm.models import VisionTransformer
 from torch import Tensor, nn
 
 from mim.masking.functional import gather_tokens
-from mim.models.embed import patchify, sincos_2d, unpatchify, xavier_uniform_flat_
-from mim.types import TokenGrid
+from mim.models.embed import (
+    TubeletEmbed,
+    patchify,
+    patchify_3d,
+    sincos_for_grid,
+    unpatchify,
+    unpatchify_3d,
+    xavier_uniform_flat_,
+)
+from mim.types import Batch, TokenGrid
 
 __all__ = ["MaskedEncoder", "init_mae_weights_"]
 
@@ -59,6 +67,9 @@ class MaskedEncoder(nn.Module):
         drop_path_rate: stochastic depth (0 in MAE pretraining).
         init: ``mae`` (Xavier-uniform linears, normal(0.02) tokens, as MAE) or ``timm`` (timm's default).
         model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``depth``, ``embed_dim``).
+        num_frames: frames per clip; > 1 makes this a video encoder (input ``batch["video"]`` (B, C, T, H, W),
+            3-D tubelet embedding, fixed 3-D sin-cos position embedding, grid (T/tubelet, H/p, W/p)).
+        tubelet_size: frames per tubelet (VideoMAE: 2); ``num_frames`` must be a multiple.
     """
 
     def __init__(
@@ -71,8 +82,20 @@ class MaskedEncoder(nn.Module):
         drop_path_rate: float = 0.0,
         init: Literal["mae", "timm"] = "mae",
         model_kwargs: dict[str, Any] | None = None,
+        num_frames: int = 1,
+        tubelet_size: int = 1,
     ) -> None:
         super().__init__()
+        if num_frames < 1 or tubelet_size < 1:
+            raise ValueError(
+                f"encoder.num_frames and encoder.tubelet_size must be >= 1, got {num_frames}, {tubelet_size}"
+            )
+        if num_frames % tubelet_size:
+            raise ValueError(
+                f"encoder.num_frames ({num_frames}) is not divisible by encoder.tubelet_size ({tubelet_size})"
+            )
+        if num_frames == 1 and tubelet_size != 1:
+            raise ValueError(f"encoder.tubelet_size must be 1 for images (num_frames=1), got {tubelet_size}")
         if not timm.is_model(arch):
             close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
             raise ValueError(f"encoder.arch: unknown timm model {arch!r} (similar names: {close})")
@@ -120,8 +143,12 @@ class MaskedEncoder(nn.Module):
         self.in_chans = in_chans
         self.img_size: tuple[int, int] = (ih, iw)
         self.patch_size: tuple[int, int] = (ph, pw)
-        self.grid = TokenGrid(1, gh, gw)
+        self.num_frames, self.tubelet_size = num_frames, tubelet_size
+        self.is_video = num_frames > 1
+        self.input_key = "video" if self.is_video else "image"
+        self.grid = TokenGrid(num_frames // tubelet_size, gh, gw)
         self.embed_dim: int = vit.embed_dim
+        self.patch_dim = tubelet_size * ph * pw * in_chans  # P: values per patch / tubelet
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.config = {
             "arch": arch,
@@ -131,9 +158,16 @@ class MaskedEncoder(nn.Module):
             "drop_path_rate": drop_path_rate,
             "init": init,
             "model_kwargs": kwargs,
+            "num_frames": num_frames,
+            "tubelet_size": tubelet_size,
         }
         # Rows of pos_embed for prefix tokens (timm's default ViT has one for cls; "no_embed_class" has none).
         self._pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        if self.is_video:
+            # Replace timm's 2-D patch embedding and its (1, prefix + H*W, D) table with 3-D versions.
+            vit.patch_embed = TubeletEmbed(in_chans=in_chans, dim=self.embed_dim, tubelet=(tubelet_size, ph, pw))
+            rows = self._pos_prefix + self.grid.num_tokens
+            vit.pos_embed = nn.Parameter(torch.zeros(1, rows, self.embed_dim), requires_grad=False)
         self._init_weights(init)
 
     @torch.no_grad()
@@ -141,12 +175,12 @@ class MaskedEncoder(nn.Module):
         vit = self.vit
         # Fixed 2-D sin-cos table, zero rows for prefix tokens; kept as a frozen parameter so it is in
         # the state dict under timm's name (methods/IMAGE.md §1.0).
-        table = sincos_2d(self.embed_dim, (self.grid.h, self.grid.w), self._pos_prefix)  # (prefix+N, D)
+        table = sincos_for_grid(self.embed_dim, self.grid, self._pos_prefix)  # (prefix+N, D)
         self.pos_embed.copy_(table.unsqueeze(0))
         self.pos_embed.requires_grad_(False)
         if init == "mae":
             init_mae_weights_(vit)
-            xavier_uniform_flat_(vit.patch_embed.proj.weight)  # as a (D, C*p*p) matrix
+            xavier_uniform_flat_(vit.patch_embed.proj.weight)  # as a (D, C*p*p) (or (D, C*pt*p*p)) matrix
             for token in (vit.cls_token, vit.reg_token):
                 if token is not None:
                     nn.init.normal_(token, std=0.02)
@@ -158,26 +192,38 @@ class MaskedEncoder(nn.Module):
         assert pos is not None  # checked at construction
         return pos
 
+    def inputs(self, batch: Batch) -> Tensor:
+        """This encoder's input from a batch: ``image`` (B, C, H, W), or ``video`` (B, C, T, H, W)."""
+        if self.input_key not in batch:
+            raise KeyError(f"the encoder reads batch[{self.input_key!r}] but the batch has keys {sorted(batch)}")
+        return batch[self.input_key]  # type: ignore[literal-required]
+
     # ------------------------------------------------------------------ tokens
     def patchify(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, N, P) in the MAE patch layout."""
+        """(B, C, H, W) or (B, C, T, H, W) -> (B, N, P) in the MAE patch (or tubelet) layout."""
+        if self.is_video:
+            return patchify_3d(images, (self.tubelet_size, *self.patch_size))
         return patchify(images, self.patch_size)
 
     def unpatchify(self, patches: Tensor) -> Tensor:
-        """(B, N, P) -> (B, C, H, W)."""
+        """(B, N, P) -> (B, C, H, W) or (B, C, T, H, W)."""
+        if self.is_video:
+            return unpatchify_3d(patches, (self.tubelet_size, *self.patch_size), self.grid, self.in_chans)
         return unpatchify(patches, self.patch_size, (self.grid.h, self.grid.w), self.in_chans)
 
     def tokenize(self, images: Tensor) -> Tensor:
         """Patch-embed every patch and add its position embedding.
 
         Args:
-            images: (B, C, H, W) normalised.
+            images: (B, C, H, W) normalised, or (B, C, T, H, W) clips for a video encoder.
 
         Returns:
             (B, N, D).
         """
-        if tuple(images.shape[-2:]) != self.img_size:
-            raise ValueError(f"encoder expects images of size {self.img_size}, got {tuple(images.shape[-2:])}")
+        expected = (self.num_frames, *self.img_size) if self.is_video else self.img_size
+        if tuple(images.shape[2:]) != expected:
+            kind = "clips of (T, H, W)" if self.is_video else "images of size"
+            raise ValueError(f"encoder expects {kind} {expected}, got {tuple(images.shape[2:])}")
         x = self.vit.patch_embed(images)  # (B, N, D)
         return x + self.pos_embed[:, self._pos_prefix :]  # (B, N, D)
 
@@ -241,5 +287,7 @@ class MaskedEncoder(nn.Module):
         return {f"vit.{n}" for n in self.vit.no_weight_decay()} | {"vit.reg_token"}
 
     def timm_state_dict(self) -> dict[str, Tensor]:
-        """The encoder's weights under timm's names (loads strictly into ``num_classes=0``)."""
+        """The encoder's weights under timm's names (loads strictly into ``num_classes=0``; images only)."""
+        if self.is_video:
+            raise ValueError("a video encoder (3-D tubelet embedding) has no timm image-model equivalent")
         return {k.removeprefix("vit."): v for k, v in self.state_dict().items()}

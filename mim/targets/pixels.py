@@ -80,11 +80,10 @@ class PixelTarget(Target):
         self.decoder: MAEDecoder | None = None
 
     def bind(self, encoder: MaskedEncoder) -> None:
-        ph, pw = encoder.patch_size
         self.decoder = MAEDecoder(
             grid=encoder.grid,
             in_dim=encoder.embed_dim,
-            out_dim=ph * pw * encoder.in_chans,
+            out_dim=encoder.patch_dim,
             num_prefix_tokens=encoder.num_prefix_tokens,
             dim=self.decoder_dim,
             depth=self.decoder_depth,
@@ -105,7 +104,7 @@ class PixelTarget(Target):
     def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:
         predict = masks.targets.flatten(1)  # (B, M*T) hidden tokens
         pred = self._decoder()(latent, masks.visible, predict).float()  # (B, M*T, P)
-        target = gather_tokens(self.target_patches(batch["image"], encoder), predict)  # (B, M*T, P)
+        target = gather_tokens(self.target_patches(encoder.inputs(batch), encoder), predict)  # (B, M*T, P)
         loss = (pred - target).pow(2).mean(dim=-1).mean()  # mean over P, then over hidden tokens
         return {"loss": loss}
 
@@ -116,9 +115,9 @@ class PixelTarget(Target):
         With norm-pix, predictions are de-normalised with each true patch's mean and std (as MAE's demo does).
 
         Returns:
-            (B, C, H, W) in the input's normalised space.
+            (B, C, H, W) (or (B, C, T, H, W) for video) in the input's normalised space.
         """
-        patches = encoder.patchify(batch["image"]).float()  # (B, N, P)
+        patches = encoder.patchify(encoder.inputs(batch)).float()  # (B, N, P)
         pred = self._decoder()(latent, masks.visible).float()  # (B, N, P)
         if self.norm_pix:
             mean = patches.mean(dim=-1, keepdim=True)

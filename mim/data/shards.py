@@ -1,0 +1,470 @@
+"""Webdataset tar shards (``mim pack`` output) as uint8 image batches with a fixed epoch length per rank.
+
+Shards hold ``{key}.jpg`` (any PIL-readable bytes) and ``{key}.cls`` (label digits) members. ``urls`` is a
+folder written by ``mim pack`` (its ``index.json`` lists the shards, the sample total and the class map),
+brace-expanded paths (``/data/shard-{000000..000127}.tar``) or webdataset URLs (``pipe:cat ...``,
+``file:...``), opened with :func:`webdataset.gopen`.
+
+Order and splitting. Every epoch the shard list is permuted by a generator seeded from (seed, epoch),
+identically on every rank; rank ``r`` of ``R`` takes ``order[r::R]`` and its loader worker ``w`` of ``W`` takes
+``[w::W]`` of that (webdataset's ``split_by_node`` then ``split_by_worker``), so no sample is read twice in a
+pass. With fewer shards than ``R * W`` every reader opens every shard and keeps every ``(R * W)``-th sample
+instead. Each worker shuffles through a buffer and augments with generators seeded from (seed, epoch, rank,
+worker), so the order is a pure function of those four numbers (exact mid-epoch resume can add a skip
+count per worker on top; it is not implemented).
+
+Fixed epoch length. Every rank yields exactly ``samples_per_epoch // world_size // batch_size`` full batches
+(spread over its workers in whole batches): a worker that runs out of shards starts another pass over them
+in a new seeded order (resampling), one with samples to spare stops early. Ranks therefore never disagree
+on the number of steps, and DDP cannot hang on an uneven tail.
+
+Corrupt input (a truncated or non-image member, a member without an image, a corrupt tar, a missing or
+unreadable shard) is skipped with a :class:`~mim.data.folder.CorruptImageWarning` naming the shard and key,
+and counted in shared memory (:attr:`ShardDataModule.num_corrupt`); more than ``max_corrupt`` failures (a
+count, or a fraction of the samples read) raise an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+
+from mim.data.base import ImageDataModule, check_positive_int
+from mim.data.decode import decode_center_crop, decode_random_resized_crop
+from mim.data.folder import IMAGENET_MEAN, IMAGENET_MEAN_GREY, IMAGENET_STD, IMAGENET_STD_GREY, CorruptImageWarning
+from mim.types import Batch
+
+__all__ = ["ShardDataModule", "ShardDataset", "TooManyCorruptError", "expand_shard_urls", "read_shard", "seed_of"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+_MAX_READERS = 256  # counter slots: main process + up to 255 loader workers
+_MIN_FOR_FRACTION = 100  # a fractional max_corrupt is enforced once this many samples were read
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class TooManyCorruptError(RuntimeError):
+    """More corrupt samples than ``max_corrupt`` allows."""
+
+
+def seed_of(*parts: int) -> int:
+    """A 64-bit seed mixed from integers (seed, epoch, rank, worker, ...) with numpy's SeedSequence."""
+    state = np.random.SeedSequence([p % (1 << 64) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def expand_shard_urls(urls: str | Sequence[str]) -> tuple[list[str], dict[str, Any] | None]:
+    """Shard URLs and the ``index.json`` contents (None without one).
+
+    Args:
+        urls: a ``mim pack`` output folder, or one or more brace patterns / URLs (``a-{000..009}.tar``,
+            ``pipe:cat x.tar``, ``file:x.tar``); several patterns may also be joined with ``::``.
+    """
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    if len(patterns) == 1 and os.path.isdir(patterns[0]):
+        index_path = Path(patterns[0]) / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"ShardDataModule.urls: {patterns[0]!r} is a folder without index.json")
+        index = json.loads(index_path.read_text())
+        return [str(index_path.parent / s["name"]) for s in index["shards"]], index
+    expanded = [u for p in patterns for u in wds.shardlists.expand_urls(p)]
+    return expanded, None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``) (webdataset's key convention)."""
+    directory, base = os.path.split(name)
+    key, _, ext = base.partition(".")
+    return os.path.join(directory, key), ext.lower()
+
+
+def read_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) samples of one tar shard, in file order.
+
+    Raises:
+        OSError, tarfile.TarError, EOFError: the shard cannot be opened or is corrupt (after the samples
+            read so far were yielded).
+    """
+    stream = wds.gopen(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            key: str | None = None
+            fields: dict[str, bytes] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_name(member.name)
+                handle = tar.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                if member_key != key:
+                    if key is not None:
+                        yield key, fields
+                    key, fields = member_key, {}
+                fields[ext] = data
+            if key is not None:
+                yield key, fields
+    finally:
+        stream.close()
+
+
+class _EpochSampler(Sampler[None]):
+    """The sampler slot of an iterable-dataset DataLoader (yields None forever), used to receive
+    Lightning's ``set_epoch``."""
+
+    def __init__(self, epoch: Tensor) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[None]:
+        while True:
+            yield None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+
+class ShardDataset(IterableDataset):
+    """Samples of tar shards for one rank: ``{"image": (C, S, S) uint8, "label": () int64}``.
+
+    Args:
+        urls: shard URLs (already expanded).
+        num_samples: samples this rank yields per epoch (the loader's length); a multiple of ``batch_size``.
+        batch_size: the loader's batch size (each worker yields whole batches).
+        rank: this process's rank.
+        world_size: number of ranks.
+        image_size: side S of the square output.
+        mode: "RGB" or "L".
+        train: MAE augmentation, a seeded shard order and a shuffle buffer; False: centre crop, file order.
+        crop_scale: area range of the training random resized crop.
+        eval_crop_pct: centre-crop fraction of the evaluation transform.
+        shuffle_buffer: samples held in the shuffle buffer (training).
+        seed: base seed.
+        max_corrupt: an int is the most corrupt samples allowed in total; a float in [0, 1) the most as a
+            fraction of the samples read (checked once 100 were read).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        num_samples: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        image_size: int = 224,
+        mode: Literal["RGB", "L"] = "RGB",
+        train: bool = True,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        eval_crop_pct: float = 1.0,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        max_corrupt: int | float = 0.01,
+    ) -> None:
+        if not urls:
+            raise ValueError("ShardDataset.urls must name at least one shard")
+        if num_samples < batch_size or num_samples % batch_size:
+            raise ValueError(f"ShardDataset.num_samples={num_samples} must be a multiple of batch_size={batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardDataset.rank must be in [0, world_size={world_size}), got {rank}")
+        self.urls = list(urls)
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.image_size, self.mode, self.train = image_size, mode, train
+        self.crop_scale, self.eval_crop_pct = crop_scale, eval_crop_pct
+        self.shuffle_buffer, self.seed, self.max_corrupt = shuffle_buffer, seed, max_corrupt
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # set through the loader's sampler
+        self.corrupt = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # per reader slot
+        self.read = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # samples read, per slot
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def num_corrupt(self) -> int:
+        """Corrupt samples and shards skipped so far, over all readers."""
+        return int(self.corrupt.sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def _skip(self, slot: int, message: str) -> None:
+        self.corrupt[slot] += 1
+        warnings.warn(f"ShardDataset: skipping {message}", CorruptImageWarning, stacklevel=3)
+        total, read = int(self.corrupt.sum()), int(self.read.sum())
+        if isinstance(self.max_corrupt, int) and total > self.max_corrupt:
+            raise TooManyCorruptError(
+                f"ShardDataset: {total} corrupt samples/shards exceed max_corrupt={self.max_corrupt} "
+                f"(last: {message}); check the shards or raise max_corrupt"
+            )
+        if isinstance(self.max_corrupt, float) and read + total >= _MIN_FOR_FRACTION:
+            if total > self.max_corrupt * (read + total):
+                raise TooManyCorruptError(
+                    f"ShardDataset: {total} of {read + total} samples read were corrupt, more than "
+                    f"max_corrupt={self.max_corrupt:g} of them (last: {message}); check the shards or raise max_corrupt"
+                )
+
+    def _samples(self, urls: Sequence[str], slot: int, keep: tuple[int, int] | None) -> Iterator[Any]:
+        """(url, key, fields) of the shards in order; ``keep=(i, n)`` keeps every n-th sample from the i-th."""
+        position = 0
+        for url in urls:
+            last = "<start>"
+            try:
+                for key, fields in read_shard(url):
+                    last = key
+                    if keep is not None:
+                        position += 1
+                        if (position - 1) % keep[1] != keep[0]:
+                            continue
+                    yield url, key, fields
+            except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+                self._skip(slot, f"unreadable shard {url} (after key {last}): {type(err).__name__}: {err}")
+
+    def _decode(self, url: str, key: str, fields: dict[str, bytes], slot: int, rng: random.Random) -> Batch | None:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+        if ext is None:
+            self._skip(slot, f"sample {key} in {url}: no image member (has {sorted(fields)})")
+            return None
+        try:
+            data = fields[ext]
+            if self.train:
+                image = decode_random_resized_crop(data, self.image_size, rng, mode=self.mode, scale=self.crop_scale)
+            else:
+                image = decode_center_crop(data, self.image_size, mode=self.mode, crop_pct=self.eval_crop_pct)
+            label = int(fields["cls"].decode().strip()) if "cls" in fields else -1
+        except _DECODE_ERRORS as err:
+            self._skip(slot, f"sample {key}.{ext} in {url}: {type(err).__name__}: {err}")
+            return None
+        self.read[slot] += 1
+        return {"image": image, "label": torch.tensor(label, dtype=torch.int64)}
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot = min(worker + 1 if info is not None else 0, _MAX_READERS - 1)
+        epoch = int(self.epoch[0])
+        num_batches = self.num_samples // self.batch_size
+        quota = (num_batches // num_workers + (worker < num_batches % num_workers)) * self.batch_size
+        order = list(self.urls)
+        if self.train:
+            random.Random(seed_of(self.seed, epoch)).shuffle(order)  # the same on every rank
+        readers, reader = self.world_size * num_workers, self.rank * num_workers + worker
+        if len(order) >= readers:
+            mine, keep = order[self.rank :: self.world_size][worker::num_workers], None  # split by node, worker
+        else:
+            mine, keep = order, (reader, readers)  # too few shards: split by sample
+        rng = random.Random(seed_of(self.seed, epoch, self.rank, worker))
+        buffer: list[Any] = []
+        produced, passes = 0, 0
+        while produced < quota:
+            urls = list(mine)
+            if passes > 0:  # resampling: another pass over this reader's shards, in a new order
+                random.Random(seed_of(self.seed, epoch, self.rank, worker, passes)).shuffle(urls)
+            passes += 1
+            before = produced
+            for item in self._samples(urls, slot, keep):
+                if self.train and self.shuffle_buffer > 1:
+                    buffer.append(item)
+                    if len(buffer) < self.shuffle_buffer:
+                        continue
+                    i = rng.randrange(len(buffer))
+                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                    item = buffer.pop()
+                sample = self._decode(*item, slot, rng)
+                if sample is not None:
+                    produced += 1
+                    yield sample
+                    if produced >= quota:
+                        return
+            while buffer and produced < quota:  # drain the buffer at the end of a pass
+                item = buffer.pop(rng.randrange(len(buffer)))
+                sample = self._decode(*item, slot, rng)
+                if sample is not None:
+                    produced += 1
+                    yield sample
+            if produced == before and not buffer:
+                raise TooManyCorruptError(
+                    f"ShardDataset: rank {self.rank} worker {worker} read no usable sample from its shards {urls}"
+                )
+
+
+class ShardDataModule(ImageDataModule):
+    """Webdataset tar shards (e.g. from ``mim pack``) as uint8 batches, normalised on the device.
+
+    Every rank yields ``samples_per_epoch // world_size // batch_size`` full batches per epoch (see the
+    module docstring for the order, the splitting and the resampling).
+
+    Args:
+        urls: a ``mim pack`` output folder (with index.json), or brace-expanded shard paths / webdataset URLs.
+        val_urls: validation shards, same forms; None: no validation.
+        image_size: side of the square images the loaders yield.
+        batch_size: samples per device and step.
+        samples_per_epoch: samples per epoch over all ranks; default: the training index's total (required
+            when ``urls`` has no index.json).
+        val_samples: validation samples over all ranks; default: the validation index's total.
+        num_classes: number of classes; default: from the training index.
+        in_chans: 3 decodes to RGB, 1 to grey.
+        mean: per-channel means of the [0, 1] pixels; default ImageNet's.
+        std: per-channel standard deviations; default ImageNet's.
+        crop_scale: area range of the training random resized crop (MAE: (0.2, 1.0)).
+        eval_crop_pct: validation resizes the shorter side to ``image_size / eval_crop_pct`` and centre-crops.
+        shuffle_buffer: samples in each worker's shuffle buffer (1 disables it).
+        max_corrupt: corrupt samples tolerated: an int is a total count, a float in [0, 1) a fraction of the
+            samples read; beyond it the loader raises :class:`TooManyCorruptError`.
+        num_workers: loader worker processes.
+        seed: seeds the shard order, the shuffle buffer and the augmentation (with epoch, rank, worker).
+
+    Attributes:
+        num_corrupt: corrupt samples and shards skipped so far (training and validation).
+    """
+
+    def __init__(
+        self,
+        *,
+        urls: str | list[str],
+        val_urls: str | list[str] | None = None,
+        image_size: int = 224,
+        batch_size: int = 64,
+        samples_per_epoch: int | None = None,
+        val_samples: int | None = None,
+        num_classes: int | None = None,
+        in_chans: Literal[1, 3] = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        eval_crop_pct: float = 0.875,
+        shuffle_buffer: int = 1000,
+        max_corrupt: int | float = 0.01,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        owner = "ShardDataModule"
+        if in_chans not in (1, 3):
+            raise ValueError(f"{owner}.in_chans must be 1 or 3, got {in_chans!r}")
+        if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
+            raise ValueError(f"{owner}.crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
+        if not 0 < eval_crop_pct <= 1:
+            raise ValueError(f"{owner}.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
+        check_positive_int(owner, "shuffle_buffer", shuffle_buffer)
+        if isinstance(max_corrupt, bool) or not (
+            (isinstance(max_corrupt, int) and max_corrupt >= 0) or (isinstance(max_corrupt, float) and 0 <= max_corrupt < 1)
+        ):
+            raise ValueError(f"{owner}.max_corrupt must be an int >= 0 or a float in [0, 1), got {max_corrupt!r}")
+        train_urls, index = expand_shard_urls(urls)
+        if not train_urls:
+            raise ValueError(f"{owner}.urls: {urls!r} names no shards")
+        if samples_per_epoch is None:
+            if index is None:
+                raise ValueError(f"{owner}.samples_per_epoch is required when urls ({urls!r}) has no index.json")
+            samples_per_epoch = int(index["num_samples"])
+        check_positive_int(owner, "samples_per_epoch", samples_per_epoch)
+        if num_classes is None:
+            if index is None:
+                raise ValueError(f"{owner}.num_classes is required when urls ({urls!r}) has no index.json")
+            num_classes = max(1, int(index["num_classes"]))
+        val_list: list[str] = []
+        if val_urls is not None:
+            val_list, val_index = expand_shard_urls(val_urls)
+            if val_samples is None:
+                if val_index is None:
+                    raise ValueError(f"{owner}.val_samples is required when val_urls has no index.json")
+                val_samples = int(val_index["num_samples"])
+            check_positive_int(owner, "val_samples", val_samples)
+        if mean is None:
+            mean = IMAGENET_MEAN if in_chans == 3 else IMAGENET_MEAN_GREY
+        if std is None:
+            std = IMAGENET_STD if in_chans == 3 else IMAGENET_STD_GREY
+        super().__init__(
+            batch_size=batch_size,
+            image_size=image_size,
+            in_chans=in_chans,
+            mean=mean,
+            std=std,
+            num_classes=num_classes,
+            num_workers=num_workers,
+            seed=seed,
+        )
+        self.urls, self.val_urls = train_urls, val_list
+        self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
+        self.classes: list[str] | None = index.get("classes") if index is not None else None
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.eval_crop_pct, self.shuffle_buffer, self.max_corrupt = eval_crop_pct, shuffle_buffer, max_corrupt
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "_trainer", None) or getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _per_rank(self, total: int, world: int, field: str) -> int:
+        batches = total // world // self.batch_size
+        if batches < 1:
+            raise ValueError(
+                f"ShardDataModule.{field}={total} over {world} ranks is less than one batch of "
+                f"batch_size={self.batch_size}; lower batch_size"
+            )
+        return batches * self.batch_size
+
+    def build_datasets(self) -> tuple[ShardDataset, ShardDataset | None]:
+        rank, world = self._rank_world()
+        mode: Literal["RGB", "L"] = "RGB" if self.in_chans == 3 else "L"
+        common: dict[str, Any] = dict(
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world,
+            image_size=self.image_size,
+            mode=mode,
+            crop_scale=self.crop_scale,
+            eval_crop_pct=self.eval_crop_pct,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            max_corrupt=self.max_corrupt,
+        )
+        train_samples = self._per_rank(self.samples_per_epoch, world, "samples_per_epoch")
+        train = ShardDataset(self.urls, num_samples=train_samples, train=True, **common)
+        val = None
+        if self.val_urls and self.val_samples is not None:
+            val_samples = self._per_rank(self.val_samples, world, "val_samples")
+            val = ShardDataset(self.val_urls, num_samples=val_samples, train=False, **common)
+        return train, val
+
+    def _loader(self, dataset: ShardDataset) -> DataLoader:
+        loader = DataLoader(dataset, drop_last=True, **self._loader_kwargs())
+        # An iterable dataset's DataLoader has no sampler with set_epoch; put one in its place so Lightning's
+        # per-epoch set_epoch reaches the dataset (through shared memory, also in persistent workers).
+        object.__setattr__(loader, "sampler", _EpochSampler(dataset.epoch))
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        assert isinstance(self.train_dataset, ShardDataset)
+        return self._loader(self.train_dataset)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if not isinstance(self.val_dataset, ShardDataset):
+            return []
+        return self._loader(self.val_dataset)
+
+    @property
+    def num_corrupt(self) -> int:
+        """Corrupt samples and shards skipped so far, over the training and validation loaders."""
+        return sum(d.num_corrupt for d in (self.train_dataset, self.val_dataset) if isinstance(d, ShardDataset))
+
+    def teardown(self, stage: str) -> None:
+        if self.num_corrupt:
+            rank_zero_warn(
+                f"ShardDataModule skipped {self.num_corrupt} corrupt samples or shards (see the warnings above)",
+                category=CorruptImageWarning,
+            )
