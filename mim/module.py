@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mim.masking.base import MaskingStrategy
 from mim.models.encoder import MaskedEncoder
+from mim.models.table_encoder import MaskedTableEncoder
 from mim.optim import param_groups, scaled_lr, warmup_cosine
 from mim.targets.base import Target
 from mim.types import Batch, Masks
@@ -63,7 +64,7 @@ class PretrainModule(L.LightningModule):
     def __init__(
         self,
         *,
-        encoder: MaskedEncoder,
+        encoder: MaskedEncoder | MaskedTableEncoder,
         masking: MaskingStrategy,
         targets: list[Target],
         blr: float = 1.5e-4,
@@ -97,10 +98,25 @@ class PretrainModule(L.LightningModule):
         self.masking: MaskingStrategy = masking
         self.targets = nn.ModuleList(targets)
         self.target_names = _target_names(targets)
-        for target in targets:
-            target.bind(encoder)
+        self._bound = False
+        if getattr(encoder, "is_configured", True):  # a table encoder may wait for the datamodule's schema
+            self._bind_targets()
         self._generator: torch.Generator | None = None
         self._total_steps = 1
+
+    def _bind_targets(self) -> None:
+        for target in self.target_list:
+            target.bind(self.encoder)  # type: ignore[arg-type]
+        self._bound = True
+
+    def configure_model(self) -> None:
+        """Finish data-dependent construction (a table encoder's tokenizer) before optimizers and wrappers."""
+        if self._bound:
+            return
+        configure = getattr(self.encoder, "configure_data", None)
+        if configure is not None:
+            configure(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        self._bind_targets()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -126,9 +142,9 @@ class PretrainModule(L.LightningModule):
         """The encoder's input from the batch (``image`` (B, C, H, W) or ``video`` (B, C, T, H, W))."""
         return self.encoder.inputs(batch)
 
-    def draw_masks(self, batch: Batch, generator: torch.Generator) -> Masks:
+    def draw_masks(self, batch: Batch, generator: torch.Generator, inputs: Tensor | None = None) -> Masks:
         """Masks for one batch (scores from the targets when the strategy needs them)."""
-        images = self.inputs(batch)
+        images = self.inputs(batch) if inputs is None else inputs
         scores = None
         if self.masking.needs_scores:
             found = [t.token_scores(batch, self.encoder) for t in self.target_list]
@@ -142,9 +158,10 @@ class PretrainModule(L.LightningModule):
             progress=self.progress,
         )
 
-    def compute_losses(self, batch: Batch, masks: Masks) -> dict[str, Tensor]:
+    def compute_losses(self, batch: Batch, masks: Masks, inputs: Tensor | None = None) -> dict[str, Tensor]:
         """One encoder pass shared by all targets; returns ``loss`` and ``<target>/<key>`` entries."""
-        latent = self.encoder(self.inputs(batch), masks.visible)  # (B, prefix+K, D)
+        inputs = self.inputs(batch) if inputs is None else inputs
+        latent = self.encoder(inputs, masks.visible)  # (B, prefix+K, D)
         out: dict[str, Tensor] = {}
         total = latent.new_zeros((), dtype=torch.float32)
         for name, target in zip(self.target_names, self.target_list):
@@ -159,12 +176,14 @@ class PretrainModule(L.LightningModule):
         micro = batch_idx % self.trainer.accumulate_grad_batches
         inputs = self.inputs(batch)
         gen = self.generator(inputs.device, self.trainer.global_step, self.global_rank, micro)
-        masks = self.draw_masks(batch, gen)
-        out = self.compute_losses(batch, masks)
+        masks = self.draw_masks(batch, gen, inputs)
+        out = self.compute_losses(batch, masks, inputs)
         bs = inputs.shape[0]
         self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
-        if len(self.targets) > 1:
-            self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
+        single = len(self.targets) == 1  # then "<target>/loss" is train/loss again
+        extra = {f"train/{k}": v for k, v in out.items() if k != "loss" and not (single and k.endswith("/loss"))}
+        if extra:
+            self.log_dict(extra, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return out["loss"]
 
@@ -172,7 +191,7 @@ class PretrainModule(L.LightningModule):
         # Fixed masks per validation batch, so validation losses are comparable across epochs.
         inputs = self.inputs(batch)
         gen = self.generator(inputs.device, -1, self.global_rank, batch_idx)
-        out = self.compute_losses(batch, self.draw_masks(batch, gen))
+        out = self.compute_losses(batch, self.draw_masks(batch, gen, inputs), inputs)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=inputs.shape[0])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

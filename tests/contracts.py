@@ -248,7 +248,7 @@ class TargetContract:
         return target, encoder, self.make_batch(encoder), self.make_masks(encoder)
 
     def run(self, target: Target, encoder: MaskedEncoder, batch, masks: Masks) -> dict[str, Tensor]:
-        latent = encoder(batch["image"], masks.visible)  # (B, prefix+K, D)
+        latent = encoder(encoder.inputs(batch), masks.visible)  # (B, prefix+K, D)
         return target(batch, masks, latent, encoder)
 
     # ------------------------------------------------------------------ tests
@@ -291,8 +291,10 @@ class TargetContract:
 
     def test_frozen_tables_stay_frozen(self) -> None:
         target, encoder, _, _ = self.setup_parts()
-        assert not encoder.vit.pos_embed.requires_grad
-        assert "pos_embed" in encoder.timm_state_dict()
+        tables = [(n, p) for m in (encoder, target) for n, p in m.named_parameters() if "pos_embed" in n]
+        assert tables, "expected fixed sin-cos position tables (pos_embed) in the encoder or the target"
+        for name, p in tables:
+            assert not p.requires_grad, f"{name} (a fixed sin-cos table) is trainable"
 
     def test_deterministic(self) -> None:
         target, encoder, batch, masks = self.setup_parts()

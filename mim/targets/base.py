@@ -12,6 +12,9 @@ from mim.types import Batch, Masks
 
 if TYPE_CHECKING:
     from mim.models.encoder import MaskedEncoder
+    from mim.models.table_encoder import MaskedTableEncoder
+
+    Encoder = MaskedEncoder | MaskedTableEncoder
 
 __all__ = ["Target"]
 
@@ -50,11 +53,11 @@ class Target(nn.Module, ABC):
             A dict with ``loss`` (scalar) and any other scalars to log.
         """
 
-    def token_scores(self, batch: Batch, encoder: MaskedEncoder) -> Tensor | None:
+    def token_scores(self, batch: Batch, encoder: Encoder) -> Tensor | None:
         """(B, N) per-token scores for score-driven masking (hard-patch mining); None by default."""
         return None
 
-    def after_step(self, encoder: MaskedEncoder, progress: float) -> None:  # noqa: B027 - optional hook
+    def after_step(self, encoder: Encoder, progress: float) -> None:  # noqa: B027 - optional hook
         """Called after each optimizer step (EMA updates and the like); no-op by default."""
 
     def no_weight_decay(self) -> set[str]:
