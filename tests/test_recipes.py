@@ -27,6 +27,11 @@ def _instantiate(recipe: Path, tmp_path: Path) -> MimCLI:
     text = recipe.read_text()
     if "ImageFolderDataModule" in text:
         args.append(f"--data.init_args.root={_image_folder(tmp_path / 'images')}")
+    if "ShardDataModule" in text:
+        from mim.data.pack import pack
+
+        pack(_image_folder(tmp_path / "shard_images"), tmp_path / "shards", shard_samples=2, progress=False)
+        args.append(f"--data.init_args.urls={tmp_path / 'shards'}")
     if "CSVLogger" in text:
         args.append(f"--trainer.logger.init_args.save_dir={tmp_path}")
     return build(args, save_config_callback=None)

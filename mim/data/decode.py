@@ -156,9 +156,7 @@ def decode_random_resized_crop(
     return _to_tensor(image)
 
 
-def decode_center_crop(
-    data: bytes, size: int, *, mode: Literal["RGB", "L"] = "RGB", crop_pct: float = 1.0
-) -> Tensor:
+def decode_center_crop(data: bytes, size: int, *, mode: Literal["RGB", "L"] = "RGB", crop_pct: float = 1.0) -> Tensor:
     """Evaluation decode: resize the shorter side to ``size / crop_pct`` (bicubic) and centre-crop ``size``.
 
     Args:

@@ -215,7 +215,9 @@ class ShardDataset(IterableDataset):
                     f"max_corrupt={self.max_corrupt:g} of them (last: {message}); check the shards or raise max_corrupt"
                 )
 
-    def _samples(self, urls: Sequence[str], slot: int, keep: tuple[int, int] | None) -> Iterator[Any]:
+    def _samples(
+        self, urls: Sequence[str], slot: int, keep: tuple[int, int] | None
+    ) -> Iterator[tuple[str, str, dict[str, bytes]]]:
         """(url, key, fields) of the shards in order; ``keep=(i, n)`` keeps every n-th sample from the i-th."""
         position = 0
         for url in urls:
@@ -265,7 +267,7 @@ class ShardDataset(IterableDataset):
         else:
             mine, keep = order, (reader, readers)  # too few shards: split by sample
         rng = random.Random(seed_of(self.seed, epoch, self.rank, worker))
-        buffer: list[Any] = []
+        buffer: list[tuple[str, str, dict[str, bytes]]] = []
         produced, passes = 0, 0
         while produced < quota:
             urls = list(mine)
@@ -281,7 +283,7 @@ class ShardDataset(IterableDataset):
                     i = rng.randrange(len(buffer))
                     buffer[i], buffer[-1] = buffer[-1], buffer[i]
                     item = buffer.pop()
-                sample = self._decode(*item, slot, rng)
+                sample = self._decode(item[0], item[1], item[2], slot, rng)
                 if sample is not None:
                     produced += 1
                     yield sample
@@ -289,7 +291,7 @@ class ShardDataset(IterableDataset):
                         return
             while buffer and produced < quota:  # drain the buffer at the end of a pass
                 item = buffer.pop(rng.randrange(len(buffer)))
-                sample = self._decode(*item, slot, rng)
+                sample = self._decode(item[0], item[1], item[2], slot, rng)
                 if sample is not None:
                     produced += 1
                     yield sample
@@ -358,7 +360,8 @@ class ShardDataModule(ImageDataModule):
             raise ValueError(f"{owner}.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
         check_positive_int(owner, "shuffle_buffer", shuffle_buffer)
         if isinstance(max_corrupt, bool) or not (
-            (isinstance(max_corrupt, int) and max_corrupt >= 0) or (isinstance(max_corrupt, float) and 0 <= max_corrupt < 1)
+            (isinstance(max_corrupt, int) and max_corrupt >= 0)
+            or (isinstance(max_corrupt, float) and 0 <= max_corrupt < 1)
         ):
             raise ValueError(f"{owner}.max_corrupt must be an int >= 0 or a float in [0, 1), got {max_corrupt!r}")
         train_urls, index = expand_shard_urls(urls)

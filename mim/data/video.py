@@ -245,7 +245,7 @@ def sample_frame_indices(
     return [min(start + k * frame_stride, num_video_frames - 1) for k in range(num_frames)]
 
 
-def _open(path: str) -> Any:
+def _open(path: str, threads: int = 0) -> Any:
     import av  # optional dependency: pip install mim[video]
 
     container = av.open(path)
@@ -253,7 +253,8 @@ def _open(path: str) -> Any:
         container.close()
         raise _NoFramesError("no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = "AUTO"  # frame + slice threads
+    stream.thread_count = threads  # 0: FFmpeg picks (one per core)
     return container
 
 
@@ -293,6 +294,7 @@ def read_frames(
     mode: Literal["random", "center"] = "random",
     short_side: int | None = None,
     gray: bool = False,
+    threads: int = 0,
     indices: Sequence[int] | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Decode one clip from a video with PyAV, seeking to the clip's first frame.
@@ -306,6 +308,7 @@ def read_frames(
         mode: see :func:`sample_frame_indices`.
         short_side: resize the shorter side to this many pixels while converting (None keeps the size).
         gray: decode to one grey channel instead of RGB.
+        threads: FFmpeg decoding threads (0: one per core; 1 in many loader workers avoids oversubscription).
         indices: decode exactly these frame indices (relative to ``start``) instead of sampling.
 
     Returns:
@@ -315,7 +318,7 @@ def read_frames(
     Raises:
         av.FFmpegError, OSError, ValueError: the file cannot be opened or decoded.
     """
-    container = _open(path)
+    container = _open(path, threads)
     try:
         stream = container.streams.video[0]
         total = _num_frames(stream, container) - start
@@ -472,6 +475,7 @@ class VideoClipDataset(Dataset):
         sampling: random clip start (training) or the centred one (evaluation).
         short_side: resize the frames' shorter side at decode (None keeps the decoded size).
         in_chans: 3 decodes RGB, 1 grey.
+        decode_threads: FFmpeg threads per decode (0: one per core).
 
     Each sample is ``{"video": (R, C, T, S, S) uint8, "label": (R,) int64}``; :func:`collate_clips` flattens R.
     """
@@ -487,12 +491,14 @@ class VideoClipDataset(Dataset):
         sampling: Literal["random", "center"] = "random",
         short_side: int | None = None,
         in_chans: Literal[1, 3] = 3,
+        decode_threads: int = 0,
     ) -> None:
         if not entries:
             raise ValueError("VideoClipDataset.entries must not be empty")
         self.entries = list(entries)
         self.num_frames, self.frame_stride, self.num_repeats = num_frames, frame_stride, num_repeats
         self.transform, self.sampling, self.short_side, self.in_chans = transform, sampling, short_side, in_chans
+        self.decode_threads = decode_threads
         self.bad = torch.zeros(len(self.entries), dtype=torch.bool).share_memory_()  # (N,) True = unreadable
 
     def __len__(self) -> int:
@@ -519,6 +525,7 @@ class VideoClipDataset(Dataset):
                 mode=self.sampling,
                 short_side=self.short_side,
                 gray=self.in_chans == 1,
+                threads=self.decode_threads,
             )
         except _DECODE_ERRORS as err:  # av.FFmpegError subclasses OSError / ValueError
             self.bad[index] = True
@@ -596,6 +603,8 @@ class VideoDataModule(ImageDataModule):
         num_classes: label classes; default: the folder's classes or ``max(label) + 1`` of the list.
         mean: per-channel means of the [0, 1] pixels; default ImageNet's.
         std: per-channel standard deviations; default ImageNet's.
+        decode_threads: FFmpeg threads per decode; None: 1 with loader workers (they already use the cores,
+            as VideoMAE's ``num_threads=1``), one per core without.
         num_workers: loader worker processes (decoding is CPU-bound: use several).
         seed: seeds the training shuffle (and, through it, the workers' sampling and augmentation).
     """
@@ -621,6 +630,7 @@ class VideoDataModule(ImageDataModule):
         num_classes: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        decode_threads: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -630,6 +640,10 @@ class VideoDataModule(ImageDataModule):
         for name, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("num_repeats", num_repeats)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
+        if decode_threads is not None and (
+            isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 0
+        ):
+            raise ValueError(f"{owner}.decode_threads must be None or an int >= 0, got {decode_threads!r}")
         if in_chans not in (1, 3):
             raise ValueError(f"{owner}.in_chans must be 1 or 3, got {in_chans!r}")
         if resize_short is not None and (
@@ -663,6 +677,7 @@ class VideoDataModule(ImageDataModule):
         self.list_file = None if list_file is None else str(list_file)
         self.num_frames, self.frame_stride, self.num_repeats = num_frames, frame_stride, num_repeats
         self.resize_short, self.augment, self.flip = resize_short, augment, flip
+        self.decode_threads = decode_threads
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.classes = classes
         self.train_entries, self.val_entries = train_entries, val_entries
@@ -704,6 +719,9 @@ class VideoDataModule(ImageDataModule):
             "num_frames": self.num_frames,
             "frame_stride": self.frame_stride,
             "in_chans": in_chans,
+            "decode_threads": self.decode_threads
+            if self.decode_threads is not None
+            else (1 if self.num_workers > 0 else 0),
         }
         train = VideoClipDataset(
             self.train_entries,
