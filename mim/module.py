@@ -110,12 +110,16 @@ class PretrainModule(L.LightningModule):
         self._bound = True
 
     def configure_model(self) -> None:
-        """Finish data-dependent construction (a table encoder's tokenizer) before optimizers and wrappers."""
+        """Lightning hook: finish data-dependent construction before optimizers and distributed wrappers."""
+        self.configure_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+
+    def configure_data(self, datamodule: Any) -> None:
+        """Build what depends on the data (a table encoder's tokenizer), then the targets' heads (once)."""
         if self._bound:
             return
         configure = getattr(self.encoder, "configure_data", None)
         if configure is not None:
-            configure(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+            configure(datamodule)
         self._bind_targets()
 
     # ------------------------------------------------------------------ helpers

@@ -32,6 +32,10 @@ def _instantiate(recipe: Path, tmp_path: Path) -> MimCLI:
 
         pack(_image_folder(tmp_path / "shard_images"), tmp_path / "shards", shard_samples=2, progress=False)
         args.append(f"--data.init_args.urls={tmp_path / 'shards'}")
+    if "TableDataModule" in text:
+        from mim.data.tables import sklearn_table
+
+        args.append(f"--data.init_args.train_path={sklearn_table('wine', tmp_path / 'table')}")
     if "CSVLogger" in text:
         args.append(f"--trainer.logger.init_args.save_dir={tmp_path}")
     return build(args, save_config_callback=None)
@@ -49,15 +53,15 @@ def test_recipe_instantiates(recipe: Path, tmp_path: Path):
     assert isinstance(cli.model, PretrainModule)
     assert len(cli.model.targets) >= 1
     # every trainable parameter receives a gradient from one training loss (no dead heads)
-    module = cli.model
+    module, data = cli.model, cli.datamodule
     if sum(p.numel() for p in module.parameters()) < 5_000_000:
-        c, (h, w) = module.encoder.in_chans, module.encoder.img_size
-        batch = {"image": torch.randn(2, c, h, w)}
-        masks = module.masking(
-            2, module.encoder.grid, generator=torch.Generator().manual_seed(0), device=torch.device("cpu")
-        )
-        module.compute_losses(batch, masks)["loss"].backward()
-        dead = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+        module.configure_data(data)
+        data.setup("fit")
+        batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)  # a real, normalised batch
+        inputs = module.inputs(batch)
+        masks = module.draw_masks(batch, torch.Generator().manual_seed(0), inputs)
+        module.compute_losses(batch, masks, inputs)["loss"].backward()
+        dead = [n for n, p in module.named_parameters() if p.requires_grad and p.numel() and p.grad is None]
         assert not dead
 
 

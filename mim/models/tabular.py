@@ -73,7 +73,7 @@ class FeatureTokenizer(nn.Module):
         self.numeric_weight = nn.Parameter(torch.empty(num_numeric, dim))
         self.numeric_bias = nn.Parameter(torch.empty(num_numeric, dim))
         self.missing_embedding = nn.Parameter(torch.empty(dim))
-        self.category_embeddings = nn.Embedding(max(sum(cardinalities), 1), dim)
+        self.category_embeddings = nn.Embedding(sum(cardinalities), dim)  # 0 rows without categorical features
         self.category_bias = nn.Parameter(torch.empty(len(cardinalities), dim))
         offsets = [sum(cardinalities[:k]) for k in range(len(cardinalities))]
         self.register_buffer("category_offsets", torch.tensor(offsets, dtype=torch.int64), persistent=False)
