@@ -1,8 +1,9 @@
-"""``mim pack SRC OUT/``: pack an image folder or a list file into webdataset tar shards.
+"""``mim pack SRC OUT/``: pack an image or video folder, or a list file, into webdataset tar shards.
 
 Output::
 
-    OUT/shard-000000.tar       members {key}.jpg (JPEG bytes) and {key}.cls (the label as ASCII digits)
+    OUT/shard-000000.tar       members {key}.jpg (JPEG bytes) or {key}.mp4 (.webm .mkv .avi .mov .m4v: the
+                               video's original bytes), and {key}.cls (the label as ASCII digits)
     OUT/shard-000000.tar.done  sidecar: the shard's sample range, count, byte size and sha256 (JSON)
     OUT/index.json             per-shard counts and sha256, the class map, totals and the pack arguments
 
@@ -10,6 +11,13 @@ Inputs are a class-per-subfolder image folder (scanned like :class:`~mim.data.fo
 or a text file of ``path label`` / ``path`` lines (relative paths are relative to the file). The sample order
 is sorted by path, then shuffled with ``--seed`` (unless ``--no-shuffle``) so every shard mixes classes; the
 shard contents are a pure function of the inputs and the arguments.
+
+Videos: a folder (flat: one class, or one subfolder per class, scanned like
+:class:`~mim.data.video.VideoDataModule`) or a list file whose paths end in ``.mp4 .webm .mkv .avi .mov .m4v``
+is packed as videos (index.json ``kind: "video"``, images give ``kind: "image"``): each video's original bytes
+are stored unchanged under its own extension (``--resize-short`` and ``--quality`` do not apply); a file that
+PyAV cannot open as a video is skipped like an unreadable image. Read them with
+``VideoDataModule(urls=OUT)``.
 
 A JPEG is stored as its original bytes unless ``--resize-short`` asks for a smaller image; other formats
 (and resized images) are re-encoded as JPEG at ``--quality``. Unreadable inputs are skipped with a warning
@@ -41,13 +49,50 @@ from tqdm import tqdm
 
 from mim.data.folder import CorruptImageWarning, scan_image_folder
 
-__all__ = ["encode_image", "main", "pack", "parse_size", "read_sources", "write_json_atomic"]
+__all__ = [
+    "encode_image",
+    "main",
+    "pack",
+    "parse_size",
+    "read_sources",
+    "read_video",
+    "source_kind",
+    "write_json_atomic",
+]
 
 INDEX_NAME = "index.json"
 FORMAT = "mim-shards-v1"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")  # = mim.data.video.VIDEO_EXTENSIONS
+
+
+def _is_video(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_SUFFIXES
+
+
+def _has_video(folder: Path) -> bool:
+    for _, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") and _is_video(f) for f in filenames):
+            return True
+    return False
+
+
+def source_kind(src: str | Path, samples: Sequence[tuple[str, int]]) -> str:
+    """``"video"`` when the inputs are videos (by suffix), else ``"image"``.
+
+    Raises:
+        ValueError: a list file mixes videos with other files.
+    """
+    videos = sum(_is_video(path) for path, _ in samples)
+    if videos and videos != len(samples):
+        other = next(path for path, _ in samples if not _is_video(path))
+        raise ValueError(
+            f"pack.src: {str(src)!r} mixes videos ({', '.join(VIDEO_SUFFIXES)}) with other files ({other})"
+        )
+    return "video" if videos else "image"
 
 
 def parse_size(value: str | int) -> int:
@@ -82,13 +127,19 @@ def read_sources(src: str | Path) -> tuple[list[str] | None, list[tuple[str, int
     """The (classes, samples) of an image folder or a list file, samples sorted by path.
 
     Args:
-        src: a class-per-subfolder folder, or a text file of ``path label`` or ``path`` lines (label 0).
+        src: a class-per-subfolder image folder, a video folder (flat or class-per-subfolder; chosen when the
+            folder holds any video file), or a text file of ``path label`` or ``path`` lines (label 0).
 
     Returns:
         ``(classes, samples)``: class names (None for a list file) and the (path, label) pairs.
     """
     src = Path(src)
     if src.is_dir():
+        if _has_video(src):  # a video folder: flat (one class) or one subfolder per class
+            from mim.data.video import scan_video_folder
+
+            video_classes, entries = scan_video_folder(src, field="src")
+            return video_classes, sorted((e.path, e.label) for e in entries)
         classes, samples = scan_image_folder(src, field="src")
         return classes, samples
     if not src.is_file():
@@ -141,8 +192,31 @@ def encode_image(path: str, resize_short: int | None, quality: int) -> bytes | N
         return None
 
 
-def _encode_task(task: tuple[int, str, int | None, int]) -> tuple[int, bytes | None]:
-    index, path, resize_short, quality = task
+def read_video(path: str) -> bytes | None:
+    """The original bytes of a video, or None when it cannot be read or PyAV finds no video stream in it.
+
+    Only the container header is parsed (nothing is decoded); without PyAV the bytes are kept unchecked.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        import av
+    except ImportError:  # pragma: no cover - PyAV is an optional dependency
+        return data if data else None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            return data if container.streams.video else None
+    except (OSError, ValueError, EOFError, RuntimeError, IndexError):  # av.FFmpegError subclasses OSError / ValueError
+        return None
+
+
+def _encode_task(task: tuple[int, str, int | None, int, str]) -> tuple[int, bytes | None]:
+    index, path, resize_short, quality, kind = task
+    if kind == "video":
+        return index, read_video(path)
     return index, encode_image(path, resize_short, quality)
 
 
@@ -206,11 +280,13 @@ def pack(
     """Pack ``src`` into tar shards under ``out`` and write ``out/index.json``; resumes an interrupted pack.
 
     Args:
-        src: a class-per-subfolder image folder or a list file of ``path label`` lines.
+        src: a class-per-subfolder image folder, a video folder (flat or class-per-subfolder) or a list file
+            of ``path label`` lines (images, or videos by their suffix).
         out: output folder (created).
         shard_size: maximum bytes per shard (a single larger sample still gets its own shard).
         shard_samples: maximum samples per shard; None: no limit.
-        resize_short: downscale images whose shorter side exceeds this and re-encode them; None: keep sizes.
+        resize_short: downscale images whose shorter side exceeds this and re-encode them; None: keep sizes
+            (must be None for videos).
         quality: JPEG quality of re-encoded images (1-100).
         workers: encoding processes (0 encodes in this process).
         seed: seeds the shuffle of the sample order.
@@ -231,6 +307,9 @@ def pack(
     if workers < 0:
         raise ValueError(f"pack.workers must be an int >= 0, got {workers!r}")
     classes, samples = read_sources(src)
+    kind = source_kind(src, samples)
+    if kind == "video" and resize_short is not None:
+        raise ValueError("pack.resize_short applies to images; videos are stored as their original bytes")
     if shuffle:
         random.Random(seed).shuffle(samples)
     out = Path(out)
@@ -247,8 +326,9 @@ def pack(
     listing = hashlib.sha256(json.dumps([args, samples]).encode()).hexdigest()  # inputs + arguments
     shards = _complete_shards(out, listing)
     start = shards[-1]["end"] if shards else 0
-    tasks = [(i, path, resize_short, quality) for i, (path, _) in enumerate(samples[start:], start)]
-    bar = tqdm(total=len(samples), initial=start, unit="img", desc=f"mim pack -> {out}", disable=not progress)
+    tasks = [(i, path, resize_short, quality, kind) for i, (path, _) in enumerate(samples[start:], start)]
+    unit = "video" if kind == "video" else "img"
+    bar = tqdm(total=len(samples), initial=start, unit=unit, desc=f"mim pack -> {out}", disable=not progress)
     state: dict[str, Any] = {"tar": None, "bytes": 0, "count": 0, "start": start, "skipped": []}
 
     def close_shard(end: int) -> None:
@@ -284,7 +364,7 @@ def pack(
             path, label = samples[index]
             bar.update(1)
             if data is None:
-                warnings.warn(f"mim pack: skipping unreadable image {path}", CorruptImageWarning, stacklevel=2)
+                warnings.warn(f"mim pack: skipping unreadable {unit} {path}", CorruptImageWarning, stacklevel=2)
                 state["skipped"].append(path)
                 continue
             key = f"{index:09d}"
@@ -296,7 +376,8 @@ def pack(
                 close_shard(index)
             if state["tar"] is None:
                 state["tar"] = tarfile.open(out / (_shard_name(len(shards)) + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
-            _add_member(state["tar"], f"{key}.jpg", data)
+            ext = os.path.splitext(path)[1][1:].lower() if kind == "video" else "jpg"
+            _add_member(state["tar"], f"{key}.{ext}", data)
             _add_member(state["tar"], f"{key}.cls", cls)
             state["bytes"] += added
             state["count"] += 1
@@ -319,6 +400,7 @@ def pack(
     labels = sorted({label for _, label in samples})
     index_data = {
         "format": FORMAT,
+        "kind": kind,
         "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "start", "end")} for r in shards],
         "num_samples": sum(r["samples"] for r in shards),
         "num_shards": len(shards),
@@ -335,7 +417,10 @@ def pack(
 def main(argv: Sequence[str] | None = None) -> int:
     """``mim pack SRC OUT/ [--shard-size 1GB] [--shard-samples N] [--resize-short 256] [--quality 90] ...``."""
     parser = argparse.ArgumentParser(prog="mim pack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="image folder (one subfolder per class) or list file ('path label' lines)")
+    parser.add_argument(
+        "src",
+        help="image or video folder (one subfolder per class; videos also flat) or list file ('path label' lines)",
+    )
     parser.add_argument("out", help="output folder for shard-NNNNNN.tar and index.json")
     parser.add_argument("--shard-size", default="1GB", help="max bytes per shard: 1GB, 500MB, 64KB or bytes")
     parser.add_argument("--shard-samples", type=int, default=None, help="max samples per shard")

@@ -32,6 +32,7 @@ import random
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +49,20 @@ from mim.data.decode import decode_center_crop, decode_random_resized_crop
 from mim.data.folder import IMAGENET_MEAN, IMAGENET_MEAN_GREY, IMAGENET_STD, IMAGENET_STD_GREY, CorruptImageWarning
 from mim.types import Batch
 
-__all__ = ["ShardDataModule", "ShardDataset", "TooManyCorruptError", "expand_shard_urls", "read_shard", "seed_of"]
+__all__ = [
+    "ShardDataModule",
+    "ShardDataset",
+    "TooManyCorruptError",
+    "check_max_corrupt",
+    "epoch_loader",
+    "ShardSpec",
+    "expand_shard_urls",
+    "resolve_shards",
+    "per_rank_samples",
+    "rank_and_world",
+    "read_shard",
+    "seed_of",
+]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 _MAX_READERS = 256  # counter slots: main process + up to 255 loader workers
@@ -82,6 +96,70 @@ def expand_shard_urls(urls: str | Sequence[str]) -> tuple[list[str], dict[str, A
         return [str(index_path.parent / s["name"]) for s in index["shards"]], index
     expanded = [u for p in patterns for u in wds.shardlists.expand_urls(p)]
     return expanded, None
+
+
+@dataclass
+class ShardSpec:
+    """Resolved shard inputs of a datamodule (see :func:`resolve_shards`)."""
+
+    urls: list[str]
+    samples_per_epoch: int
+    num_classes: int
+    classes: list[str] | None
+    val_urls: list[str]
+    val_samples: int | None
+
+
+def resolve_shards(
+    owner: str,
+    urls: str | Sequence[str],
+    *,
+    kind: Literal["image", "video"],
+    samples_per_epoch: int | None = None,
+    num_classes: int | None = None,
+    val_urls: str | Sequence[str] | None = None,
+    val_samples: int | None = None,
+) -> ShardSpec:
+    """Expand shard URLs and fill sample counts and classes from ``index.json`` where not given.
+
+    Args:
+        owner: the datamodule's name, for error messages.
+        urls: training shards (a ``mim pack`` folder, brace patterns or URLs).
+        kind: what the shards must hold (an index without ``kind`` holds images).
+        samples_per_epoch: training samples per epoch; required without an index.
+        num_classes: classes; required without an index.
+        val_urls: validation shards, or None.
+        val_samples: validation samples; required for ``val_urls`` without an index.
+
+    Returns:
+        The resolved :class:`ShardSpec`.
+    """
+    train_urls, index = expand_shard_urls(urls)
+    if not train_urls:
+        raise ValueError(f"{owner}.urls: {urls!r} names no shards")
+    if index is not None and index.get("kind", "image") != kind:
+        raise ValueError(f"{owner}.urls: {urls!r} holds {index.get('kind', 'image')} shards, not {kind} shards")
+    if samples_per_epoch is None:
+        if index is None:
+            raise ValueError(f"{owner}.samples_per_epoch is required when urls ({urls!r}) has no index.json")
+        samples_per_epoch = int(index["num_samples"])
+    check_positive_int(owner, "samples_per_epoch", samples_per_epoch)
+    if num_classes is None:
+        if index is None:
+            raise ValueError(f"{owner}.num_classes is required when urls ({urls!r}) has no index.json")
+        num_classes = max(1, int(index["num_classes"]))
+    val_list: list[str] = []
+    if val_urls is not None:
+        val_list, val_index = expand_shard_urls(val_urls)
+        if not val_list:
+            raise ValueError(f"{owner}.val_urls: {val_urls!r} names no shards")
+        if val_samples is None:
+            if val_index is None:
+                raise ValueError(f"{owner}.val_samples is required when val_urls has no index.json")
+            val_samples = int(val_index["num_samples"])
+        check_positive_int(owner, "val_samples", val_samples)
+    classes = list(index["classes"]) if index is not None and "classes" in index else None
+    return ShardSpec(train_urls, samples_per_epoch, num_classes, classes, val_list, val_samples)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -153,7 +231,12 @@ class ShardDataset(IterableDataset):
         seed: base seed.
         max_corrupt: an int is the most corrupt samples allowed in total; a float in [0, 1) the most as a
             fraction of the samples read (checked once 100 were read).
+
+    Subclasses decode other members by overriding :meth:`_decode` (e.g. :class:`mim.data.video.VideoShardDataset`);
+    ``warning`` is the category of the skip warnings.
     """
+
+    warning: type[Warning] = CorruptImageWarning
 
     def __init__(
         self,
@@ -201,7 +284,7 @@ class ShardDataset(IterableDataset):
 
     def _skip(self, slot: int, message: str) -> None:
         self.corrupt[slot] += 1
-        warnings.warn(f"ShardDataset: skipping {message}", CorruptImageWarning, stacklevel=3)
+        warnings.warn(f"{type(self).__name__}: skipping {message}", self.warning, stacklevel=3)
         total, read = int(self.corrupt.sum()), int(self.read.sum())
         if isinstance(self.max_corrupt, int) and total > self.max_corrupt:
             raise TooManyCorruptError(
@@ -301,6 +384,42 @@ class ShardDataset(IterableDataset):
                 )
 
 
+def check_max_corrupt(owner: str, max_corrupt: Any) -> None:
+    """Raise ``ValueError`` unless ``max_corrupt`` is an int >= 0 or a float in [0, 1)."""
+    if isinstance(max_corrupt, bool) or not (
+        (isinstance(max_corrupt, int) and max_corrupt >= 0) or (isinstance(max_corrupt, float) and 0 <= max_corrupt < 1)
+    ):
+        raise ValueError(f"{owner}.max_corrupt must be an int >= 0 or a float in [0, 1), got {max_corrupt!r}")
+
+
+def rank_and_world(module: Any) -> tuple[int, int]:
+    """(global rank, world size) from the datamodule's trainer, else from ``RANK`` / ``WORLD_SIZE``."""
+    trainer = getattr(module, "_trainer", None) or getattr(module, "trainer", None)
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def per_rank_samples(owner: str, total: int, world: int, batch_size: int, field: str) -> int:
+    """Samples per rank and epoch: ``total // world`` rounded down to whole batches (at least one)."""
+    batches = total // world // batch_size
+    if batches < 1:
+        raise ValueError(
+            f"{owner}.{field}={total} over {world} ranks is less than one batch of "
+            f"batch_size={batch_size}; lower batch_size"
+        )
+    return batches * batch_size
+
+
+def epoch_loader(dataset: ShardDataset, **loader_kwargs: Any) -> DataLoader:
+    """A DataLoader over a :class:`ShardDataset` whose sampler slot forwards Lightning's ``set_epoch``."""
+    loader = DataLoader(dataset, drop_last=True, **loader_kwargs)
+    # An iterable dataset's DataLoader has no sampler with set_epoch; put one in its place so Lightning's
+    # per-epoch set_epoch reaches the dataset (through shared memory, also in persistent workers).
+    object.__setattr__(loader, "sampler", _EpochSampler(dataset.epoch))
+    return loader
+
+
 class ShardDataModule(ImageDataModule):
     """Webdataset tar shards (e.g. from ``mim pack``) as uint8 batches, normalised on the device.
 
@@ -359,31 +478,16 @@ class ShardDataModule(ImageDataModule):
         if not 0 < eval_crop_pct <= 1:
             raise ValueError(f"{owner}.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
         check_positive_int(owner, "shuffle_buffer", shuffle_buffer)
-        if isinstance(max_corrupt, bool) or not (
-            (isinstance(max_corrupt, int) and max_corrupt >= 0)
-            or (isinstance(max_corrupt, float) and 0 <= max_corrupt < 1)
-        ):
-            raise ValueError(f"{owner}.max_corrupt must be an int >= 0 or a float in [0, 1), got {max_corrupt!r}")
-        train_urls, index = expand_shard_urls(urls)
-        if not train_urls:
-            raise ValueError(f"{owner}.urls: {urls!r} names no shards")
-        if samples_per_epoch is None:
-            if index is None:
-                raise ValueError(f"{owner}.samples_per_epoch is required when urls ({urls!r}) has no index.json")
-            samples_per_epoch = int(index["num_samples"])
-        check_positive_int(owner, "samples_per_epoch", samples_per_epoch)
-        if num_classes is None:
-            if index is None:
-                raise ValueError(f"{owner}.num_classes is required when urls ({urls!r}) has no index.json")
-            num_classes = max(1, int(index["num_classes"]))
-        val_list: list[str] = []
-        if val_urls is not None:
-            val_list, val_index = expand_shard_urls(val_urls)
-            if val_samples is None:
-                if val_index is None:
-                    raise ValueError(f"{owner}.val_samples is required when val_urls has no index.json")
-                val_samples = int(val_index["num_samples"])
-            check_positive_int(owner, "val_samples", val_samples)
+        check_max_corrupt(owner, max_corrupt)
+        spec = resolve_shards(
+            owner,
+            urls,
+            kind="image",
+            samples_per_epoch=samples_per_epoch,
+            num_classes=num_classes,
+            val_urls=val_urls,
+            val_samples=val_samples,
+        )
         if mean is None:
             mean = IMAGENET_MEAN if in_chans == 3 else IMAGENET_MEAN_GREY
         if std is None:
@@ -394,30 +498,21 @@ class ShardDataModule(ImageDataModule):
             in_chans=in_chans,
             mean=mean,
             std=std,
-            num_classes=num_classes,
+            num_classes=spec.num_classes,
             num_workers=num_workers,
             seed=seed,
         )
-        self.urls, self.val_urls = train_urls, val_list
-        self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
-        self.classes: list[str] | None = index.get("classes") if index is not None else None
+        self.urls, self.val_urls = spec.urls, spec.val_urls
+        self.samples_per_epoch, self.val_samples = spec.samples_per_epoch, spec.val_samples
+        self.classes: list[str] | None = spec.classes
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.eval_crop_pct, self.shuffle_buffer, self.max_corrupt = eval_crop_pct, shuffle_buffer, max_corrupt
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None) or getattr(self, "trainer", None)
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        return rank_and_world(self)
 
     def _per_rank(self, total: int, world: int, field: str) -> int:
-        batches = total // world // self.batch_size
-        if batches < 1:
-            raise ValueError(
-                f"ShardDataModule.{field}={total} over {world} ranks is less than one batch of "
-                f"batch_size={self.batch_size}; lower batch_size"
-            )
-        return batches * self.batch_size
+        return per_rank_samples("ShardDataModule", total, world, self.batch_size, field)
 
     def build_datasets(self) -> tuple[ShardDataset, ShardDataset | None]:
         rank, world = self._rank_world()
@@ -443,11 +538,7 @@ class ShardDataModule(ImageDataModule):
         return train, val
 
     def _loader(self, dataset: ShardDataset) -> DataLoader:
-        loader = DataLoader(dataset, drop_last=True, **self._loader_kwargs())
-        # An iterable dataset's DataLoader has no sampler with set_epoch; put one in its place so Lightning's
-        # per-epoch set_epoch reaches the dataset (through shared memory, also in persistent workers).
-        object.__setattr__(loader, "sampler", _EpochSampler(dataset.epoch))
-        return loader
+        return epoch_loader(dataset, **self._loader_kwargs())
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

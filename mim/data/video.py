@@ -14,6 +14,12 @@ Inputs, one of:
   - VideoMAE fine-tuning lists and V-JEPA's space-separated CSVs ``path label``;
   - bare ``path`` lines (label 0). Blank lines and lines starting with ``#`` are ignored.
 
+* webdataset tar shards of videos (``mim pack VIDEO_FOLDER OUT/`` stores each video's original bytes as
+  ``{key}.mp4`` plus ``{key}.cls``): ``VideoDataModule(urls=OUT)``. The shards are read by
+  :class:`VideoShardDataset`, a :class:`~mim.data.shards.ShardDataset` that decodes the in-memory bytes with
+  PyAV, so the shard order, rank / worker splitting, seeding, fixed epoch length and corrupt-member accounting
+  are those of :class:`~mim.data.shards.ShardDataModule`.
+
 Sampling (methods/JEPA_VIDEO.md 3(a).1 and 6): ``num_frames`` frames ``frame_stride`` apart from a start drawn
 uniformly over the valid starts; a video shorter than the clip span repeats its last frame. Each decoded video
 gives ``num_repeats`` clips of the same frames with independent spatial augmentation (VideoMAE V2's
@@ -29,8 +35,10 @@ PyAV is an optional dependency (``pip install mim[video]``), imported when a vid
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,13 +49,21 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from mim.data.base import ImageDataModule, normalize_video
+from mim.data.base import ImageDataModule, check_positive_int, normalize_video
 from mim.data.folder import IMAGENET_MEAN, IMAGENET_MEAN_GREY, IMAGENET_STD, IMAGENET_STD_GREY
+from mim.data.shards import (
+    ShardDataset,
+    check_max_corrupt,
+    epoch_loader,
+    per_rank_samples,
+    rank_and_world,
+    resolve_shards,
+)
 from mim.types import Batch
 
 __all__ = [
@@ -58,6 +74,7 @@ __all__ = [
     "VideoClipDataset",
     "VideoDataModule",
     "VideoEntry",
+    "VideoShardDataset",
     "collate_clips",
     "read_frames",
     "read_video_list",
@@ -245,10 +262,10 @@ def sample_frame_indices(
     return [min(start + k * frame_stride, num_video_frames - 1) for k in range(num_frames)]
 
 
-def _open(path: str, threads: int = 0) -> Any:
+def _open(source: str | bytes, threads: int = 0) -> Any:
     import av  # optional dependency: pip install mim[video]
 
-    container = av.open(path)
+    container = av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     if not container.streams.video:
         container.close()
         raise _NoFramesError("no video stream")
@@ -285,7 +302,7 @@ def _convert(frame: Any, short_side: int | None, gray: bool) -> np.ndarray:
 
 
 def read_frames(
-    path: str,
+    path: str | bytes,
     *,
     num_frames: int,
     frame_stride: int,
@@ -300,7 +317,7 @@ def read_frames(
     """Decode one clip from a video with PyAV, seeking to the clip's first frame.
 
     Args:
-        path: the video file.
+        path: the video file, or its bytes (e.g. a webdataset shard member), decoded from memory.
         num_frames: frames per clip.
         frame_stride: distance between sampled frames.
         start: first frame of the usable segment (list files' ``start_idx``).
@@ -457,6 +474,7 @@ class ClipCenterCrop:
 
 # ---------------------------------------------------------------------------------------------- dataset
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, RuntimeError, IndexError)
+_SHARD_VIDEO_EXTENSIONS = tuple(sorted(e[1:] for e in VIDEO_EXTENSIONS))  # shard member extensions
 
 
 class VideoClipDataset(Dataset):
@@ -561,6 +579,80 @@ def collate_clips(samples: Sequence[Batch]) -> Batch:
     return {"video": batch["video"].flatten(0, 1), "label": batch["label"].flatten(0, 1)}  # (B * R, ...)
 
 
+class VideoShardDataset(ShardDataset):
+    """Clips decoded from the ``{key}.mp4`` (``.webm .mkv .avi .mov .m4v``) members of tar shards (``mim pack``).
+
+    Shard order, rank / worker splitting, the shuffle buffer, the fixed epoch length, resampling and the
+    corrupt-sample accounting are :class:`~mim.data.shards.ShardDataset`'s; only the decoding differs: each
+    video is decoded from its in-memory bytes with PyAV into ``num_repeats`` clips exactly as
+    :class:`VideoClipDataset` does for files. Frame sampling and the crops draw from torch's RNG reseeded per
+    sample from the (seed, epoch, rank, worker) stream, so a sample's clips are a function of those numbers
+    (the caller's global RNG is left as it was).
+
+    Args:
+        urls: shard URLs (already expanded).
+        num_samples: videos this rank yields per epoch; a multiple of ``batch_size``.
+        batch_size: videos per batch.
+        num_frames, frame_stride, transform, num_repeats, sampling, short_side, in_chans, decode_threads: as
+            for :class:`VideoClipDataset`.
+        **kwargs: ``rank``, ``world_size``, ``train``, ``shuffle_buffer``, ``seed``, ``max_corrupt`` of
+            :class:`~mim.data.shards.ShardDataset`.
+
+    Each sample is ``{"video": (R, C, T, S, S) uint8, "label": (R,) int64}``; :func:`collate_clips` flattens R.
+    """
+
+    warning = CorruptVideoWarning
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        num_samples: int,
+        batch_size: int,
+        num_frames: int,
+        frame_stride: int,
+        transform: Callable[[Tensor], Tensor],
+        num_repeats: int = 1,
+        sampling: Literal["random", "center"] = "random",
+        short_side: int | None = None,
+        in_chans: Literal[1, 3] = 3,
+        decode_threads: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(urls, num_samples=num_samples, batch_size=batch_size, **kwargs)
+        self.num_frames, self.frame_stride, self.num_repeats = num_frames, frame_stride, num_repeats
+        self.transform, self.sampling, self.short_side, self.in_chans = transform, sampling, short_side, in_chans
+        self.decode_threads = decode_threads
+
+    def _decode(self, url: str, key: str, fields: dict[str, bytes], slot: int, rng: random.Random) -> Batch | None:
+        ext = next((e for e in _SHARD_VIDEO_EXTENSIONS if e in fields), None)
+        if ext is None:
+            self._skip(slot, f"sample {key} in {url}: no video member (has {sorted(fields)})")
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(63))
+            try:
+                label = int(fields["cls"].decode().strip()) if "cls" in fields else 0
+                frames, _ = read_frames(
+                    fields[ext],
+                    num_frames=self.num_frames,
+                    frame_stride=self.frame_stride,
+                    mode=self.sampling,
+                    short_side=self.short_side,
+                    gray=self.in_chans == 1,
+                    threads=self.decode_threads,
+                )  # (T, C, H, W)
+            except _DECODE_ERRORS as err:  # av.FFmpegError subclasses OSError / ValueError
+                self._skip(slot, f"sample {key}.{ext} in {url}: {type(err).__name__}: {err}")
+                return None
+            clips = torch.stack([self.transform(frames) for _ in range(self.num_repeats)])  # (R, T, C, S, S)
+        self.read[slot] += 1
+        return {
+            "video": clips.permute(0, 2, 1, 3, 4).contiguous(),  # (R, C, T, S, S)
+            "label": torch.full((self.num_repeats,), label, dtype=torch.int64),  # (R,)
+        }
+
+
 # ---------------------------------------------------------------------------------------------- datamodule
 def _check_range(name: str, value: Any, low: float, high: float) -> tuple[float, float]:
     try:
@@ -573,7 +665,7 @@ def _check_range(name: str, value: Any, low: float, high: float) -> tuple[float,
 
 
 class VideoDataModule(ImageDataModule):
-    """Video clips from a folder or a list file, as ``uint8`` batches normalised on the device.
+    """Video clips from a folder, a list file or webdataset shards, as ``uint8`` batches normalised on the device.
 
     The loaders yield ``{"video": (B * R, C, T, S, S) uint8, "label": (B * R,) int64}`` with ``B =
     batch_size`` videos, ``R = num_repeats`` clips per video in training (1 in validation), ``T =
@@ -587,6 +679,17 @@ class VideoDataModule(ImageDataModule):
         list_file: a VideoMAE (``path start_idx total_frames`` or ``path label``) or V-JEPA (``path label``) list.
         val_root: validation folder (same class names), or the base folder of ``val_list_file``.
         val_list_file: validation list file.
+        urls: instead of ``root`` / ``list_file``: webdataset shards of videos (a ``mim pack`` output folder
+            with index.json, brace-expanded paths or webdataset URLs). They are read like
+            :class:`~mim.data.shards.ShardDataModule` reads image shards (seeded shard order split by rank and
+            worker, a shuffle buffer, ``samples_per_epoch // world_size // batch_size`` batches on every rank,
+            corrupt members skipped and counted up to ``max_corrupt``) and decoded from memory with PyAV.
+        val_urls: validation shards (with ``urls``), same forms.
+        samples_per_epoch: with ``urls``: videos per epoch over all ranks; default: the index's total.
+        val_samples: with ``val_urls``: validation videos over all ranks; default: the index's total.
+        shuffle_buffer: with ``urls``: videos held in each worker's shuffle buffer (1 disables it).
+        max_corrupt: with ``urls``: corrupt members tolerated (an int: a count; a float in [0, 1): a fraction of
+            the videos read); beyond it the loader raises :class:`~mim.data.shards.TooManyCorruptError`.
         num_frames: frames per clip T (VideoMAE / V-JEPA: 16).
         frame_stride: distance between sampled frames (VideoMAE K400: 4, SSv2: 2; V-JEPA ``frame_step``: 4).
         image_size: side S of the square clips.
@@ -616,6 +719,12 @@ class VideoDataModule(ImageDataModule):
         list_file: str | Path | None = None,
         val_root: str | Path | None = None,
         val_list_file: str | Path | None = None,
+        urls: str | list[str] | None = None,
+        val_urls: str | list[str] | None = None,
+        samples_per_epoch: int | None = None,
+        val_samples: int | None = None,
+        shuffle_buffer: int = 64,
+        max_corrupt: int | float = 0.01,
         num_frames: int = 16,
         frame_stride: int = 4,
         image_size: int = 224,
@@ -635,8 +744,16 @@ class VideoDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         owner = "VideoDataModule"
-        if root is None and list_file is None:
-            raise ValueError(f"{owner}: give root (a folder of clips) or list_file; {_FOLDER_LAYOUT}")
+        if urls is None and (val_urls is not None or samples_per_epoch is not None or val_samples is not None):
+            raise ValueError(f"{owner}: val_urls, samples_per_epoch and val_samples need urls (video shards)")
+        if urls is not None and any(v is not None for v in (root, list_file, val_root, val_list_file)):
+            raise ValueError(f"{owner}: give either urls (video shards) or root / list_file (files), not both")
+        if root is None and list_file is None and urls is None:
+            raise ValueError(
+                f"{owner}: give root (a folder of clips) or list_file, or urls (video shards); {_FOLDER_LAYOUT}"
+            )
+        check_positive_int(owner, "shuffle_buffer", shuffle_buffer)
+        check_max_corrupt(owner, max_corrupt)
         for name, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("num_repeats", num_repeats)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
@@ -654,15 +771,31 @@ class VideoDataModule(ImageDataModule):
             )
         crop_scale = _check_range("crop_scale", crop_scale, 0.0, 1.0)
         crop_ratio = _check_range("crop_ratio", crop_ratio, 0.0, math.inf)
-        classes, train_entries = self._entries(root, list_file, None, "root", "list_file")
+        train_urls: list[str] = []
+        val_url_list: list[str] = []
+        train_entries: list[VideoEntry] = []
         val_entries: list[VideoEntry] = []
-        if val_root is not None or val_list_file is not None:
-            val_entries = self._entries(val_root, val_list_file, classes, "val_root", "val_list_file")[1]
-        max_label = max(e.label for e in train_entries + val_entries)
-        if num_classes is None:
-            num_classes = max(len(classes), max_label + 1)
-        elif isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= max_label:
-            raise ValueError(f"{owner}.num_classes={num_classes} but the data has label {max_label}")
+        if urls is not None:
+            spec = resolve_shards(
+                owner,
+                urls,
+                kind="video",
+                samples_per_epoch=samples_per_epoch,
+                num_classes=num_classes,
+                val_urls=val_urls,
+                val_samples=val_samples,
+            )
+            train_urls, val_url_list, classes = spec.urls, spec.val_urls, spec.classes or []
+            samples_per_epoch, num_classes, val_samples = spec.samples_per_epoch, spec.num_classes, spec.val_samples
+        else:
+            classes, train_entries = self._entries(root, list_file, None, "root", "list_file")
+            if val_root is not None or val_list_file is not None:
+                val_entries = self._entries(val_root, val_list_file, classes, "val_root", "val_list_file")[1]
+            max_label = max(e.label for e in train_entries + val_entries)
+            if num_classes is None:
+                num_classes = max(len(classes), max_label + 1)
+            elif isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= max_label:
+                raise ValueError(f"{owner}.num_classes={num_classes} but the data has label {max_label}")
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,
@@ -681,6 +814,9 @@ class VideoDataModule(ImageDataModule):
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.classes = classes
         self.train_entries, self.val_entries = train_entries, val_entries
+        self.urls, self.val_urls = train_urls, val_url_list
+        self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
+        self.shuffle_buffer, self.max_corrupt = shuffle_buffer, max_corrupt
 
     @staticmethod
     def _entries(
@@ -706,7 +842,7 @@ class VideoDataModule(ImageDataModule):
         """(C, T, S, S): the shape of one clip."""
         return (self.in_chans, self.num_frames, self.image_size, self.image_size)
 
-    def build_datasets(self) -> tuple[VideoClipDataset, VideoClipDataset | None]:
+    def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         in_chans: Literal[1, 3] = 1 if self.in_chans == 1 else 3
         center = ClipCenterCrop(self.image_size)
         if self.augment:
@@ -723,24 +859,63 @@ class VideoDataModule(ImageDataModule):
             if self.decode_threads is not None
             else (1 if self.num_workers > 0 else 0),
         }
-        train = VideoClipDataset(
-            self.train_entries,
-            transform=train_tf,
-            num_repeats=self.num_repeats,
-            sampling="random",
-            short_side=self.resize_short if (self.augment or self.resize_short) else self.image_size,
-            **common,
-        )
+        train_kw: dict[str, Any] = {
+            "transform": train_tf,
+            "num_repeats": self.num_repeats,
+            "sampling": "random",
+            "short_side": self.resize_short if (self.augment or self.resize_short) else self.image_size,
+        }
+        val_kw: dict[str, Any] = {
+            "transform": center,
+            "sampling": "center",
+            "short_side": self.resize_short or self.image_size,
+        }
+        if self.urls:
+            return self._build_shard_datasets(common, train_kw, val_kw)
+        train = VideoClipDataset(self.train_entries, **train_kw, **common)
         val = None
         if self.val_entries:
-            val = VideoClipDataset(
-                self.val_entries,
-                transform=center,
-                sampling="center",
-                short_side=self.resize_short or self.image_size,
-                **common,
-            )
+            val = VideoClipDataset(self.val_entries, **val_kw, **common)
         return train, val
+
+    def _build_shard_datasets(
+        self, common: dict[str, Any], train_kw: dict[str, Any], val_kw: dict[str, Any]
+    ) -> tuple[VideoShardDataset, VideoShardDataset | None]:
+        rank, world = rank_and_world(self)
+        shard_kw: dict[str, Any] = {
+            **common,
+            "batch_size": self.batch_size,
+            "rank": rank,
+            "world_size": world,
+            "shuffle_buffer": self.shuffle_buffer,
+            "seed": self.seed,
+            "max_corrupt": self.max_corrupt,
+        }
+        assert self.samples_per_epoch is not None
+        train_samples = per_rank_samples(
+            "VideoDataModule", self.samples_per_epoch, world, self.batch_size, "samples_per_epoch"
+        )
+        train = VideoShardDataset(self.urls, num_samples=train_samples, train=True, **train_kw, **shard_kw)
+        val = None
+        if self.val_urls and self.val_samples is not None:
+            val_samples = per_rank_samples("VideoDataModule", self.val_samples, world, self.batch_size, "val_samples")
+            val = VideoShardDataset(self.val_urls, num_samples=val_samples, train=False, **val_kw, **shard_kw)
+        return train, val
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.urls:
+            return super().train_dataloader()
+        self.setup("fit")
+        assert isinstance(self.train_dataset, VideoShardDataset)
+        return epoch_loader(self.train_dataset, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.urls:
+            return super().val_dataloader()
+        self.setup("validate")
+        if not isinstance(self.val_dataset, VideoShardDataset):
+            return []
+        return epoch_loader(self.val_dataset, **self._loader_kwargs())
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {**super()._loader_kwargs(), "collate_fn": collate_clips}
@@ -754,16 +929,26 @@ class VideoDataModule(ImageDataModule):
         return [d for d in (self.train_dataset, self.val_dataset) if isinstance(d, VideoClipDataset)]
 
     @property
+    def num_corrupt(self) -> int:
+        """With ``urls``: corrupt shard members and unreadable shards skipped so far (training and validation)."""
+        return sum(d.num_corrupt for d in (self.train_dataset, self.val_dataset) if isinstance(d, VideoShardDataset))
+
+    @property
     def num_skipped(self) -> int:
-        """Unreadable files skipped so far, over the training and validation sets (each file counted once)."""
-        return sum(d.num_skipped for d in self._datasets())
+        """Unreadable files skipped so far (each file counted once), plus :attr:`num_corrupt` with ``urls``."""
+        return sum(d.num_skipped for d in self._datasets()) + self.num_corrupt
 
     def skipped_paths(self) -> list[str]:
         """Paths of the unreadable files skipped so far."""
         return [path for d in self._datasets() for path in d.skipped_paths()]
 
     def teardown(self, stage: str) -> None:
-        if self.num_skipped:
+        if self.num_corrupt:
+            rank_zero_warn(
+                f"VideoDataModule skipped {self.num_corrupt} corrupt shard members or shards (see the warnings above)",
+                category=CorruptVideoWarning,
+            )
+        elif self.num_skipped:
             paths = self.skipped_paths()
             rank_zero_warn(
                 f"VideoDataModule skipped {len(paths)} unreadable video files: "
