@@ -227,3 +227,117 @@ def test_short_lightning_fit_on_shards(packed: Path, tmp_path: Path):
     )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 8 and int(dm.train_dataset.epoch) == 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_skips_consumed_batches_for_one_epoch(packed: Path, num_workers: int):
+    urls = [str(p) for p in sorted(packed.glob("*.tar"))]
+
+    def run(epoch: int, resume: tuple[int, int] | None) -> list[list[int]]:
+        dataset = KeyedDataset(urls, num_samples=32, batch_size=4, seed=5, shuffle_buffer=8)
+        dataset.set_epoch(epoch)
+        if resume is not None:
+            dataset.resume_from(*resume)
+            assert int(dataset.epoch) == (resume[0] if resume[1] < 8 else resume[0] + 1)
+            dataset.set_epoch(epoch)
+        return _keys(dataset, num_workers=num_workers)
+
+    full = {epoch: run(epoch, None) for epoch in (0, 1)}
+    for done in (0, 1, 3, 7):
+        assert run(1, (1, done)) == full[1][done:]  # the rest of the epoch, batch for batch
+        assert run(0, (1, done)) == full[0]  # another epoch is whole
+    for done in (8, 9):  # saved at the end of the epoch: a pass over it again (not done by Lightning) is whole
+        assert run(1, (1, done)) == full[1]
+    with pytest.raises(ValueError, match="batches_done"):
+        KeyedDataset(urls, num_samples=32, batch_size=4).resume_from(0, -1)
+
+
+class _IdDataset(ShardDataset):
+    """Decodes as usual and adds the sample's key as ``id``."""
+
+    def _decode(self, url, key, fields, slot, rng):
+        sample = super()._decode(url, key, fields, slot, rng)
+        if sample is not None:
+            sample["id"] = torch.tensor(int(Path(key).name))
+        return sample
+
+
+def _recording_fit(packed: Path, root: Path, num_workers: int, *, ckpt_path=None, callbacks=(), **limits):
+    """Fit a tiny PretrainModule on the shards; (epoch, batch_idx, ids, image sum, loss) of every training batch."""
+    from mim.masking import RandomMasking
+    from mim.models import MaskedEncoder
+    from mim.module import PretrainModule
+    from mim.targets import PixelTarget
+
+    seen: list[tuple] = []
+
+    class Recording(PretrainModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            ids = tuple(batch["id"].tolist())
+            seen.append(
+                (self.current_epoch, batch_idx, ids, float(batch["image"].double().sum()), float(loss.detach()))
+            )
+            return loss
+
+    L.seed_everything(0)
+    model = Recording(
+        encoder=MaskedEncoder(
+            arch="vit_tiny_patch16_224",
+            img_size=16,
+            patch_size=8,
+            model_kwargs=dict(embed_dim=32, depth=1, num_heads=2),
+        ),
+        masking=RandomMasking(mask_ratio=0.75),
+        targets=[PixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)],
+    )
+    dm = ShardDataModule(urls=str(packed), image_size=16, batch_size=4, num_workers=num_workers, shuffle_buffer=8)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        default_root_dir=root,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **limits,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return seen, trainer, dm
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lightning_resume_sees_the_uninterrupted_batches(packed: Path, tmp_path: Path, num_workers: int, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import mim.data.shards
+
+    monkeypatch.setattr(mim.data.shards, "ShardDataset", _IdDataset)
+    full, trainer, _ = _recording_fit(packed, tmp_path / "full", num_workers, max_epochs=2)
+    assert trainer.global_step == 16 and [b[:2] for b in full] == [(e, i) for e in (0, 1) for i in range(8)]
+    assert sorted(i for b in full[8:] for i in b[2]) == list(range(32))  # epoch 1 reads every sample once
+
+    # stopped inside epoch 1, inside epoch 0, and by a step checkpoint on the last batch of epoch 0
+    for step in (11, 3, 8):
+        root = tmp_path / f"step{step}"
+        checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=step, save_top_k=-1)
+        before, _, dm = _recording_fit(packed, root, num_workers, callbacks=[checkpoint], max_steps=step)
+        (path,) = root.glob("*.ckpt")
+        state = torch.load(path, weights_only=True)["ShardDataModule"]
+        assert state == {"epoch": (step - 1) // 8, "batches_done": (step - 1) % 8 + 1}  # fetched batches
+        after, trainer, dm = _recording_fit(packed, root, num_workers, ckpt_path=path, max_epochs=2)
+        assert trainer.global_step == 16
+        assert [b[:4] for b in before + after] == [b[:4] for b in full], step  # same batches, same augmentation
+        assert len(after) == 16 - step  # the resumed epoch ends after its remaining batches
+        assert [b[4] for b in after] == pytest.approx([b[4] for b in full[step:]], rel=1e-5)  # and the same losses
+
+    # an epoch-end checkpoint (on_train_epoch_end): the next epoch starts whole
+    root = tmp_path / "epoch"
+    checkpoint = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)
+    before, _, _ = _recording_fit(packed, root, num_workers, callbacks=[checkpoint], max_epochs=1)
+    (path,) = root.glob("*.ckpt")
+    assert torch.load(path, weights_only=True)["ShardDataModule"] == {"epoch": 0, "batches_done": 8}
+    after, trainer, _ = _recording_fit(packed, root, num_workers, ckpt_path=path, max_epochs=2)
+    assert trainer.global_step == 16
+    assert [b[:4] for b in before + after] == [b[:4] for b in full]

@@ -68,6 +68,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 _MAX_READERS = 256  # counter slots: main process + up to 255 loader workers
 _MIN_FOR_FRACTION = 100  # a fractional max_corrupt is enforced once this many samples were read
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_AUGMENT = 0x4155_4753  # seed tag of the per-sample augmentation generators
 
 
 class TooManyCorruptError(RuntimeError):
@@ -270,6 +271,8 @@ class ShardDataset(IterableDataset):
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # set through the loader's sampler
         self.corrupt = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # per reader slot
         self.read = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # samples read, per slot
+        # (epoch, batches already consumed in it) of a resumed run; epoch -1: none
+        self.resume = torch.tensor([-1, 0], dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -281,6 +284,26 @@ class ShardDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` leave out its first ``batches_done`` batches (read, not decoded).
+
+        The loader then yields the remaining batches of that epoch exactly as an uninterrupted pass would;
+        other epochs are whole. Also sets the epoch to the one a resumed run continues with. ``batches_done`` at or beyond the epoch's length (an epoch-end checkpoint)
+        skips nothing: the next epoch starts from its beginning. Loader worker ``w`` of the resumed pass
+        produces the stream of worker ``(w + batches_done) % W``, so the round robin continues in order.
+        """
+        if epoch < 0 or batches_done < 0:
+            raise ValueError(f"ShardDataset.resume_from: epoch={epoch} and batches_done={batches_done} must be >= 0")
+        self.resume[0], self.resume[1] = epoch, batches_done
+        # Lightning creates the resumed loader's iterator (starting its workers, which read the epoch at once)
+        # before it calls set_epoch, so the epoch the run continues with is set here already.
+        self.set_epoch(epoch if batches_done < self.num_samples // self.batch_size else epoch + 1)
+
+    def _resumed(self, epoch: int) -> int:
+        """Batches of ``epoch`` a resumed run already consumed (0 unless it resumes inside ``epoch``)."""
+        done = int(self.resume[1]) if int(self.resume[0]) == epoch else 0
+        return done if done < self.num_samples // self.batch_size else 0  # an ended epoch: nothing to skip
 
     def _skip(self, slot: int, message: str) -> None:
         self.corrupt[slot] += 1
@@ -340,7 +363,13 @@ class ShardDataset(IterableDataset):
         slot = min(worker + 1 if info is not None else 0, _MAX_READERS - 1)
         epoch = int(self.epoch[0])
         num_batches = self.num_samples // self.batch_size
+        done = self._resumed(epoch) if self.train else 0
+        # An uninterrupted pass takes batch i from worker i % W. A resumed one starts its round robin at
+        # worker 0 with batch `done`, so worker w plays the part of worker (w + done) % W: it produces that
+        # worker's stream and leaves out the batches i < done of it.
+        worker = (worker + done) % num_workers
         quota = (num_batches // num_workers + (worker < num_batches % num_workers)) * self.batch_size
+        to_skip = (done // num_workers + (worker < done % num_workers)) * self.batch_size
         order = list(self.urls)
         if self.train:
             random.Random(seed_of(self.seed, epoch)).shuffle(order)  # the same on every rank
@@ -349,9 +378,23 @@ class ShardDataset(IterableDataset):
             mine, keep = order[self.rank :: self.world_size][worker::num_workers], None  # split by node, worker
         else:
             mine, keep = order, (reader, readers)  # too few shards: split by sample
-        rng = random.Random(seed_of(self.seed, epoch, self.rank, worker))
+        rng = random.Random(seed_of(self.seed, epoch, self.rank, worker))  # the shuffle buffer's
         buffer: list[tuple[str, str, dict[str, bytes]]] = []
-        produced, passes = 0, 0
+        produced, passes, drawn = 0, 0, 0
+
+        def decode(item: tuple[str, str, dict[str, bytes]]) -> Batch | None:
+            """The sample of the ``drawn``-th item of this stream; a skipped one is not decoded."""
+            nonlocal produced, drawn
+            index, drawn = drawn, drawn + 1
+            if index < to_skip:  # consumed before the resumed checkpoint
+                produced += 1
+                return None
+            augment = random.Random(seed_of(self.seed, epoch, self.rank, worker, _AUGMENT, index))
+            sample = self._decode(item[0], item[1], item[2], slot, augment)
+            if sample is not None:
+                produced += 1
+            return sample
+
         while produced < quota:
             urls = list(mine)
             if passes > 0:  # resampling: another pass over this reader's shards, in a new order
@@ -366,17 +409,14 @@ class ShardDataset(IterableDataset):
                     i = rng.randrange(len(buffer))
                     buffer[i], buffer[-1] = buffer[-1], buffer[i]
                     item = buffer.pop()
-                sample = self._decode(item[0], item[1], item[2], slot, rng)
+                sample = decode(item)
                 if sample is not None:
-                    produced += 1
                     yield sample
-                    if produced >= quota:
-                        return
+                if produced >= quota:
+                    return
             while buffer and produced < quota:  # drain the buffer at the end of a pass
-                item = buffer.pop(rng.randrange(len(buffer)))
-                sample = self._decode(item[0], item[1], item[2], slot, rng)
+                sample = decode(buffer.pop(rng.randrange(len(buffer))))
                 if sample is not None:
-                    produced += 1
                     yield sample
             if produced == before and not buffer:
                 raise TooManyCorruptError(
@@ -507,6 +547,7 @@ class ShardDataModule(ImageDataModule):
         self.classes: list[str] | None = spec.classes
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.eval_crop_pct, self.shuffle_buffer, self.max_corrupt = eval_crop_pct, shuffle_buffer, max_corrupt
+        self._resume: tuple[int, int] | None = None  # (epoch, batches_done) from load_state_dict
 
     def _rank_world(self) -> tuple[int, int]:
         return rank_and_world(self)
@@ -543,7 +584,34 @@ class ShardDataModule(ImageDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         assert isinstance(self.train_dataset, ShardDataset)
+        if self._resume is not None:
+            self.train_dataset.resume_from(*self._resume)
         return self._loader(self.train_dataset)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches_done"}``: the training position of this rank (Lightning saves it in checkpoints).
+
+        ``batches_done`` counts the training batches already fetched in the current epoch (Lightning's
+        ``batch_progress.current.ready``): inside ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``)
+        that includes the batch just trained on, which Lightning counts as completed on restore; at the end of
+        an epoch it is the epoch's length, so a resumed run starts the next epoch whole.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        fit_loop = trainer.fit_loop
+        return {
+            "epoch": int(fit_loop.epoch_progress.current.completed),
+            "batches_done": int(fit_loop.epoch_loop.batch_progress.current.ready),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume mid-epoch: the first pass over the saved epoch leaves out the batches already consumed."""
+        if "epoch" not in state_dict or "batches_done" not in state_dict:
+            return
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        if isinstance(self.train_dataset, ShardDataset):
+            self.train_dataset.resume_from(*self._resume)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
