@@ -1,0 +1,84 @@
+"""Tube masking (Tong et al., "VideoMAE: Masked Autoencoders are Data-Efficient Learners for Self-Supervised
+Video Pre-Training", NeurIPS 2022; methods/JEPA_VIDEO.md §3(a) step 2).
+
+One spatial random mask per sample, repeated over every time slot of the (T, H, W) token grid, so a
+hidden position stays hidden for the whole clip and the model cannot copy it from a neighbouring frame.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mim.masking.base import MaskingStrategy, check_ratio
+from mim.types import Masks, TokenGrid, num_visible
+
+__all__ = ["TubeMasking", "tube_masks"]
+
+
+def tube_masks(spatial_scores: Tensor, num_frames: int, num_visible_spatial: int) -> Masks:
+    """Keep the ``num_visible_spatial`` lowest-scoring spatial positions visible in every time slot.
+
+    Args:
+        spatial_scores: (B, H*W) float, one score per spatial position.
+        num_frames: T, the time slots of the grid.
+        num_visible_spatial: K_s, 0 < K_s < H*W.
+
+    Returns:
+        Masks with ``visible`` (B, T*K_s) and ``targets`` (B, 1, T*(H*W - K_s)), both sorted ascending;
+        token ``(t, s)`` is numbered ``t * H*W + s`` (raster order, t-major).
+    """
+    b, hw = spatial_scores.shape
+    order = torch.argsort(spatial_scores, dim=1, stable=True)  # (B, HW) lowest first
+    keep = order[:, :num_visible_spatial].sort(dim=1).values  # (B, K_s)
+    drop = order[:, num_visible_spatial:].sort(dim=1).values  # (B, HW-K_s)
+    offsets = torch.arange(num_frames, device=spatial_scores.device) * hw  # (T,)
+    # t-major: every index of slot t is below every index of slot t+1, so the flattened rows stay sorted
+    visible = (offsets.view(1, -1, 1) + keep.unsqueeze(1)).reshape(b, -1)  # (B, T*K_s)
+    hidden = (offsets.view(1, -1, 1) + drop.unsqueeze(1)).reshape(b, -1)  # (B, T*(HW-K_s))
+    return Masks(visible=visible, targets=hidden.unsqueeze(1), num_tokens=num_frames * hw)  # targets (B, 1, .)
+
+
+class TubeMasking(MaskingStrategy):
+    """VideoMAE's tube masking: a uniform random spatial mask, the same in every time slot.
+
+    Each sample keeps exactly ``K_s = int(H * W * (1 - mask_ratio))`` spatial positions visible, chosen
+    uniformly without replacement, so ``K = T * K_s``. The hidden tokens form one target group (M = 1),
+    sorted ascending. On a T = 1 grid this is :class:`~mim.masking.random.RandomMasking` in distribution.
+
+    Counts follow mim's visible-count form (mim/types.py) per time slot: ``K_s = int(H*W*(1 - r))``, and
+    ``K = T * K_s`` (not ``int(N*(1 - r))``; the two agree when T = 1). VideoMAE instead truncates the
+    *hidden* count, ``int(r * H*W)``: for the 8x14x14 grid at r = 0.9 that gives 176 hidden, 20 visible per
+    slot, 160 of 1568 visible, while ``int(196 * (1 - 0.9)) = 19`` (float rounding of 19.6) gives 152.
+
+    Args:
+        mask_ratio: fraction of spatial positions hidden, in (0, 1). VideoMAE uses 0.9.
+    """
+
+    def __init__(self, *, mask_ratio: float = 0.9) -> None:
+        self.mask_ratio = check_ratio(f"{type(self).__name__}.mask_ratio", mask_ratio)
+
+    def num_visible_spatial(self, grid: TokenGrid) -> int:
+        """K_s = int(H * W * (1 - mask_ratio)), at least 1 and at most H*W - 1."""
+        hw = grid.h * grid.w
+        k = num_visible(hw, self.mask_ratio)
+        if not 0 < k < hw:
+            raise ValueError(
+                f"mask_ratio={self.mask_ratio} leaves {k} of {hw} spatial positions visible; "
+                "choose a ratio that keeps at least one position visible and one hidden"
+            )
+        return k
+
+    def __call__(
+        self,
+        batch_size: int,
+        grid: TokenGrid,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        scores: Tensor | None = None,
+        progress: float = 0.0,
+    ) -> Masks:
+        k_s = self.num_visible_spatial(grid)
+        spatial = torch.rand(batch_size, grid.h * grid.w, generator=generator, device=device)  # (B, HW)
+        return tube_masks(spatial, grid.t, k_s)
