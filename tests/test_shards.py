@@ -262,7 +262,7 @@ class _IdDataset(ShardDataset):
         return sample
 
 
-def _recording_fit(packed: Path, root: Path, num_workers: int, *, ckpt_path=None, callbacks=(), **limits):
+def _recording_fit(packed: Path, root: Path, num_workers: int, *, ckpt_path=None, callbacks=(), val=False, **limits):
     """Fit a tiny PretrainModule on the shards; (epoch, batch_idx, ids, image sum, loss) of every training batch."""
     from mim.masking import RandomMasking
     from mim.models import MaskedEncoder
@@ -291,7 +291,14 @@ def _recording_fit(packed: Path, root: Path, num_workers: int, *, ckpt_path=None
         masking=RandomMasking(mask_ratio=0.75),
         targets=[PixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)],
     )
-    dm = ShardDataModule(urls=str(packed), image_size=16, batch_size=4, num_workers=num_workers, shuffle_buffer=8)
+    dm = ShardDataModule(
+        urls=str(packed),
+        val_urls=str(packed) if val else None,
+        image_size=16,
+        batch_size=4,
+        num_workers=num_workers,
+        shuffle_buffer=8,
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         default_root_dir=root,
@@ -341,3 +348,14 @@ def test_lightning_resume_sees_the_uninterrupted_batches(packed: Path, tmp_path:
     after, trainer, _ = _recording_fit(packed, root, num_workers, ckpt_path=path, max_epochs=2)
     assert trainer.global_step == 16
     assert [b[:4] for b in before + after] == [b[:4] for b in full]
+
+    # a checkpoint saved on validation end inside the epoch (val_check_interval)
+    root = tmp_path / "val"
+    checkpoint = ModelCheckpoint(dirpath=root, save_on_train_epoch_end=False, save_top_k=-1)
+    kwargs = dict(val=True, val_check_interval=3, limit_val_batches=1)
+    before, _, _ = _recording_fit(packed, root, num_workers, callbacks=[checkpoint], max_steps=4, **kwargs)
+    (path,) = root.glob("*.ckpt")
+    assert torch.load(path, weights_only=True)["ShardDataModule"] == {"epoch": 0, "batches_done": 3}
+    after, trainer, _ = _recording_fit(packed, root, num_workers, ckpt_path=path, max_epochs=2, **kwargs)
+    assert trainer.global_step == 16
+    assert [b[:4] for b in before[:3] + after] == [b[:4] for b in full]
