@@ -290,3 +290,26 @@ def test_video_debug_recipe_trains_on_shards(packed_videos: Path, tmp_path: Path
     assert len(losses) == 6  # 4 videos / batch 2 = 2 steps per epoch, 3 epochs
     assert all(np.isfinite(losses))
     assert int(cli.datamodule.train_dataset.epoch) == 2  # Lightning's set_epoch reached the shards
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_continues_the_same_batches(packed_videos: Path, num_workers: int):
+    """A VideoDataModule restored from {"epoch", "batches_done"} yields exactly the rest of that epoch."""
+    urls = sorted(str(p) for p in packed_videos.glob("*.tar"))
+
+    def loader(state: dict | None):
+        dm = VideoDataModule(
+            urls=urls, samples_per_epoch=4, num_classes=2, batch_size=1, num_workers=num_workers, **SMALL
+        )
+        assert dm.state_dict() == {}  # no trainer attached: nothing to save
+        if state is not None:
+            dm.load_state_dict(state)
+        out = dm.train_dataloader()
+        out.sampler.set_epoch(1)
+        return [b["video"] for b in out]
+
+    full = loader(None)
+    assert len(full) == 4
+    resumed = loader({"epoch": 1, "batches_done": 3})
+    assert len(resumed) == 1 and torch.equal(resumed[0], full[3])
+    assert all(torch.equal(a, b) for a, b in zip(loader({"epoch": 0, "batches_done": 3}), full, strict=True))

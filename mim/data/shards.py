@@ -55,6 +55,7 @@ __all__ = [
     "TooManyCorruptError",
     "check_max_corrupt",
     "epoch_loader",
+    "ShardResumeMixin",
     "ShardSpec",
     "expand_shard_urls",
     "resolve_shards",
@@ -460,7 +461,47 @@ def epoch_loader(dataset: ShardDataset, **loader_kwargs: Any) -> DataLoader:
     return loader
 
 
-class ShardDataModule(ImageDataModule):
+class ShardResumeMixin:
+    """Exact mid-epoch resume for datamodules whose training set is a :class:`ShardDataset`.
+
+    Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict`` on restore; the datamodule calls
+    :meth:`_apply_resume` when it builds its training loader.
+    """
+
+    trainer: Any
+    train_dataset: Any
+    _resume: tuple[int, int] | None = None  # (epoch, batches_done) from load_state_dict
+
+    def _apply_resume(self) -> None:
+        if self._resume is not None and isinstance(self.train_dataset, ShardDataset):
+            self.train_dataset.resume_from(*self._resume)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches_done"}``: the training position of this rank (Lightning saves it in checkpoints).
+
+        ``batches_done`` counts the training batches already fetched in the current epoch (Lightning's
+        ``batch_progress.current.ready``): inside ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``)
+        that includes the batch just trained on, which Lightning counts as completed on restore; at the end of
+        an epoch it is the epoch's length, so a resumed run starts the next epoch whole.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        fit_loop = trainer.fit_loop
+        return {
+            "epoch": int(fit_loop.epoch_progress.current.completed),
+            "batches_done": int(fit_loop.epoch_loop.batch_progress.current.ready),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume mid-epoch: the first pass over the saved epoch leaves out the batches already consumed."""
+        if "epoch" not in state_dict or "batches_done" not in state_dict:
+            return
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        self._apply_resume()
+
+
+class ShardDataModule(ShardResumeMixin, ImageDataModule):
     """Webdataset tar shards (e.g. from ``mim pack``) as uint8 batches, normalised on the device.
 
     Every rank yields ``samples_per_epoch // world_size // batch_size`` full batches per epoch (see the
@@ -547,7 +588,6 @@ class ShardDataModule(ImageDataModule):
         self.classes: list[str] | None = spec.classes
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.eval_crop_pct, self.shuffle_buffer, self.max_corrupt = eval_crop_pct, shuffle_buffer, max_corrupt
-        self._resume: tuple[int, int] | None = None  # (epoch, batches_done) from load_state_dict
 
     def _rank_world(self) -> tuple[int, int]:
         return rank_and_world(self)
@@ -584,34 +624,8 @@ class ShardDataModule(ImageDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         assert isinstance(self.train_dataset, ShardDataset)
-        if self._resume is not None:
-            self.train_dataset.resume_from(*self._resume)
+        self._apply_resume()
         return self._loader(self.train_dataset)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "batches_done"}``: the training position of this rank (Lightning saves it in checkpoints).
-
-        ``batches_done`` counts the training batches already fetched in the current epoch (Lightning's
-        ``batch_progress.current.ready``): inside ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``)
-        that includes the batch just trained on, which Lightning counts as completed on restore; at the end of
-        an epoch it is the epoch's length, so a resumed run starts the next epoch whole.
-        """
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        fit_loop = trainer.fit_loop
-        return {
-            "epoch": int(fit_loop.epoch_progress.current.completed),
-            "batches_done": int(fit_loop.epoch_loop.batch_progress.current.ready),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume mid-epoch: the first pass over the saved epoch leaves out the batches already consumed."""
-        if "epoch" not in state_dict or "batches_done" not in state_dict:
-            return
-        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
-        if isinstance(self.train_dataset, ShardDataset):
-            self.train_dataset.resume_from(*self._resume)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

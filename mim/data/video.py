@@ -58,6 +58,7 @@ from mim.data.base import ImageDataModule, check_positive_int, normalize_video
 from mim.data.folder import IMAGENET_MEAN, IMAGENET_MEAN_GREY, IMAGENET_STD, IMAGENET_STD_GREY
 from mim.data.shards import (
     ShardDataset,
+    ShardResumeMixin,
     check_max_corrupt,
     epoch_loader,
     per_rank_samples,
@@ -664,7 +665,7 @@ def _check_range(name: str, value: Any, low: float, high: float) -> tuple[float,
     return a, b
 
 
-class VideoDataModule(ImageDataModule):
+class VideoDataModule(ShardResumeMixin, ImageDataModule):
     """Video clips from a folder, a list file or webdataset shards, as ``uint8`` batches normalised on the device.
 
     The loaders yield ``{"video": (B * R, C, T, S, S) uint8, "label": (B * R,) int64}`` with ``B =
@@ -907,6 +908,7 @@ class VideoDataModule(ImageDataModule):
             return super().train_dataloader()
         self.setup("fit")
         assert isinstance(self.train_dataset, VideoShardDataset)
+        self._apply_resume()  # exact mid-epoch resume from shards (files use the epoch-seeded sampler)
         return epoch_loader(self.train_dataset, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
