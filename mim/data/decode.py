@@ -7,7 +7,7 @@ large JPEG costs most in the decode (PERF.md §3a). :func:`decode_random_resized
    (0.2, 1), aspect ratio (3/4, 4/3)) on the size read from the header (:func:`sample_crop_box`);
 2. decodes a JPEG at the smallest DCT scale (1/8 ... 8/8, libjpeg-turbo through simplejpeg) at which the
    crop still holds at least ``size`` x ``size`` pixels;
-3. crops and resizes the box in one antialiased bicubic PIL resample, then flips.
+3. crops the box and resizes it with torch's uint8 antialiased bicubic kernel, then flips.
 
 Other formats (PNG, ...) and JPEGs that simplejpeg rejects (CMYK, ...) go through PIL at full size.
 Randomness comes from an explicit :class:`random.Random`, so a caller seeds it from (seed, epoch, rank,
@@ -26,6 +26,8 @@ import simplejpeg
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2.functional import resize
 
 __all__ = ["decode_center_crop", "decode_random_resized_crop", "image_size_of", "sample_crop_box"]
 
@@ -86,24 +88,30 @@ def image_size_of(data: bytes) -> tuple[int, int]:
         return image.height, image.width
 
 
-def _decode_scaled(data: bytes, mode: Literal["RGB", "L"], min_height: int, min_width: int) -> Image.Image:
-    """Decode to a PIL image of at least (min_height, min_width) pixels, scaled down in the DCT for JPEGs."""
+def _decode_scaled_array(data: bytes, mode: Literal["RGB", "L"], min_height: int, min_width: int) -> np.ndarray:
+    """Decode to an (H', W', C) uint8 array of at least (min_height, min_width) pixels (DCT-scaled for JPEGs)."""
     if data[:2] == _JPEG_MAGIC:
         try:
-            array = simplejpeg.decode_jpeg(
+            return simplejpeg.decode_jpeg(
                 data,
                 colorspace="RGB" if mode == "RGB" else "GRAY",
                 min_height=min_height,
                 min_width=min_width,
                 strict=True,  # a truncated file is an error, not a grey tail
             )  # (H', W', C) uint8
-            return Image.fromarray(array if mode == "RGB" else array[:, :, 0], mode=mode)
         except ValueError:
             pass  # e.g. CMYK or progressive quirks: let PIL try (it raises on truly corrupt data)
     with Image.open(io.BytesIO(data)) as image:
         if image.format == "JPEG":
             image.draft(mode, (min_width, min_height))  # DCT scaling, keeps >= the requested size
-        return image.convert(mode)  # decodes the whole file
+        array = np.asarray(image.convert(mode))  # decodes the whole file
+    return array if array.ndim == 3 else array[:, :, None]  # (H', W', C)
+
+
+def _decode_scaled(data: bytes, mode: Literal["RGB", "L"], min_height: int, min_width: int) -> Image.Image:
+    """Decode to a PIL image of at least (min_height, min_width) pixels, scaled down in the DCT for JPEGs."""
+    array = _decode_scaled_array(data, mode, min_height, min_width)
+    return Image.fromarray(array if mode == "RGB" else array[:, :, 0], mode=mode)
 
 
 def _to_tensor(image: Image.Image) -> Tensor:
@@ -147,13 +155,18 @@ def decode_random_resized_crop(
     height, width = image_size_of(data)
     top, left, h, w = sample_crop_box(height, width, rng, scale=scale, ratio=ratio)
     flip = rng.random() < hflip
-    image = _decode_scaled(data, mode, math.ceil(height * size / h), math.ceil(width * size / w))
-    fy, fx = image.height / height, image.width / width  # the DCT scale actually used
-    box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)  # (size, size), antialiased
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _to_tensor(image)
+    # Decode so that the crop keeps >= 2x the output size: the crop box is then cut on whole pixels of the
+    # DCT-scaled image with at most 1/4 output pixel of shift (PIL's float box is not available to torch).
+    need = 2 * size
+    array = _decode_scaled_array(data, mode, math.ceil(height * need / h), math.ceil(width * need / w))
+    fy, fx = array.shape[0] / height, array.shape[1] / width  # the DCT scale actually used
+    y0, x0 = round(top * fy), round(left * fx)
+    y1, x1 = max(y0 + 1, round((top + h) * fy)), max(x0 + 1, round((left + w) * fx))
+    crop = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)  # (C, h', w') uint8
+    # torch's uint8 antialiased bicubic kernel: ~3x faster than PIL's resample plus the array -> PIL copy
+    # (measured 0.40 ms vs 1.24 + 0.49 ms for a 300 px crop -> 224), same filter.
+    out = resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)  # (C, size, size)
+    return (out.flip(-1) if flip else out).contiguous()
 
 
 def decode_center_crop(data: bytes, size: int, *, mode: Literal["RGB", "L"] = "RGB", crop_pct: float = 1.0) -> Tensor:
