@@ -198,6 +198,13 @@ class PretrainModule(L.LightningModule):
         out = self.compute_losses(batch, self.draw_masks(batch, gen, inputs), inputs)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=inputs.shape[0])
 
+    def on_train_epoch_end(self) -> None:
+        # Corrupt samples the datamodule skipped so far (a host-side counter: no device sync).
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        skipped = getattr(data, "num_skipped", getattr(data, "num_corrupt", None))
+        if isinstance(skipped, int):
+            self.log("data/skipped_samples", float(skipped), rank_zero_only=True)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         for target in self.target_list:

@@ -66,3 +66,31 @@ def test_loss_decreases_on_fashion_mnist(tmp_path: Path):
     # Same validation masks before and after (fixed per batch): a real drop, not mask luck.
     assert after < 0.8 * before, (before, after)
     assert last < 0.85 * first, (first, last)
+
+
+def test_skipped_corrupt_samples_are_logged(tmp_path: Path):
+    from PIL import Image
+
+    from mim.data import ImageFolderDataModule
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (30 * i, 60, 90)).save(tmp_path / "data" / cls / f"{i}.png")
+    (tmp_path / "data" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    data = ImageFolderDataModule(root=tmp_path / "data", image_size=32, batch_size=3)
+    torch.manual_seed(0)
+    module = PretrainModule(
+        encoder=MaskedEncoder(
+            arch="vit_tiny_patch16_224",
+            img_size=32,
+            patch_size=8,
+            model_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
+        ),
+        masking=RandomMasking(mask_ratio=0.75),
+        targets=[PixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)],
+    )
+    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
+    with pytest.warns(UserWarning):
+        trainer.fit(module, datamodule=data)
+    assert trainer.callback_metrics["data/skipped_samples"].item() == 1.0
