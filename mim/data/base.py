@@ -124,6 +124,39 @@ class TensorImageDataset(Dataset):
         return {"image": image, "label": self.labels[index]}
 
 
+def loader_kwargs(batch_size: int, num_workers: int, **extra: Any) -> dict[str, Any]:
+    """DataLoader keyword arguments shared by the map-style datamodules (decided at loader time, not in
+    ``__init__``: nothing touches CUDA at construction)."""
+    return {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": num_workers > 0,
+        **extra,
+    }
+
+
+def train_loader(owner: str, dataset: Dataset, *, seed: int, unit: str = "samples", **kwargs: Any) -> DataLoader:
+    """A shuffled training loader of whole batches, ordered by (seed, epoch) (:class:`EpochShuffleSampler`).
+
+    Raises:
+        ValueError: the dataset has fewer than ``batch_size`` items (``drop_last`` would leave no batch).
+    """
+    num_samples = len(dataset)  # type: ignore[arg-type]  # map-style datasets have a length
+    if num_samples < kwargs["batch_size"]:
+        raise ValueError(
+            f"{owner}: {num_samples} training {unit} is fewer than batch_size={kwargs['batch_size']}; lower batch_size"
+        )
+    return DataLoader(dataset, sampler=EpochShuffleSampler(num_samples, seed=seed), drop_last=True, **kwargs)
+
+
+def eval_loader(dataset: Dataset | None, **kwargs: Any) -> DataLoader | list:
+    """An in-order validation loader, or ``[]`` (Lightning then skips validation) without a dataset."""
+    if dataset is None:
+        return []
+    return DataLoader(dataset, shuffle=False, drop_last=False, **kwargs)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A shuffle that is a pure function of (seed, epoch).
 
@@ -224,31 +257,16 @@ class ImageDataModule(LightningDataModule, ABC):
             self.train_dataset, self.val_dataset = self.build_datasets()
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        # Decided here, not in __init__: nothing touches CUDA at construction.
-        return {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-        }
+        return loader_kwargs(self.batch_size, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")  # a no-op once the datasets exist
         assert self.train_dataset is not None
-        num_samples = len(self.train_dataset)  # type: ignore[arg-type]  # map-style datasets have a length
-        if num_samples < self.batch_size:  # drop_last would leave no batch at all
-            raise ValueError(
-                f"{type(self).__name__}: {num_samples} training samples is fewer than "
-                f"batch_size={self.batch_size}; lower batch_size"
-            )
-        sampler = EpochShuffleSampler(num_samples, seed=self.seed)
-        return DataLoader(self.train_dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
+        return train_loader(type(self).__name__, self.train_dataset, seed=self.seed, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
-        if self.val_dataset is None:
-            return []  # Lightning skips validation
-        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, **self._loader_kwargs())
+        return eval_loader(self.val_dataset, **self._loader_kwargs())
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Normalise ``batch["image"]`` on the device: (B, C, H, W) uint8 -> (B, C, H, W) float32."""

@@ -41,6 +41,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # One channel: the average of the RGB statistics (what a grey copy of an ImageNet-like set roughly has).
 IMAGENET_MEAN_GREY = (0.449,)
 IMAGENET_STD_GREY = (0.226,)
+
+
+def default_stats(
+    in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """``mean``/``std`` or, where None, ImageNet's (RGB) or their channel average (one channel)."""
+    grey = in_chans == 1
+    return (
+        mean if mean is not None else (IMAGENET_MEAN_GREY if grey else IMAGENET_MEAN),
+        std if std is not None else (IMAGENET_STD_GREY if grey else IMAGENET_STD),
+    )
+
+
 _LAYOUT = "expected ROOT/<class>/<image> (one subfolder per class, e.g. ROOT/cat/001.jpg)"
 # What PIL raises for a file it cannot identify or decode (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -268,10 +281,7 @@ class ImageFolderDataModule(ImageDataModule):
         if not 0 < eval_crop_pct <= 1:
             raise ValueError(f"ImageFolderDataModule.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
         classes, samples = scan_image_folder(root)
-        if mean is None:
-            mean = IMAGENET_MEAN if in_chans == 3 else IMAGENET_MEAN_GREY
-        if std is None:
-            std = IMAGENET_STD if in_chans == 3 else IMAGENET_STD_GREY
+        mean, std = default_stats(in_chans, mean, std)
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,

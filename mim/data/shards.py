@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 
 from mim.data.base import ImageDataModule, check_positive_int
 from mim.data.decode import decode_center_crop, decode_random_resized_crop
-from mim.data.folder import IMAGENET_MEAN, IMAGENET_MEAN_GREY, IMAGENET_STD, IMAGENET_STD_GREY, CorruptImageWarning
+from mim.data.folder import CorruptImageWarning, default_stats
 from mim.types import Batch
 
 __all__ = [
@@ -569,10 +569,7 @@ class ShardDataModule(ShardResumeMixin, ImageDataModule):
             val_urls=val_urls,
             val_samples=val_samples,
         )
-        if mean is None:
-            mean = IMAGENET_MEAN if in_chans == 3 else IMAGENET_MEAN_GREY
-        if std is None:
-            std = IMAGENET_STD if in_chans == 3 else IMAGENET_STD_GREY
+        mean, std = default_stats(in_chans, mean, std)
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,

@@ -38,7 +38,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from mim.data.base import EpochShuffleSampler, check_positive_int
+from mim.data.base import check_positive_int, eval_loader, loader_kwargs, train_loader
 
 __all__ = [
     "TableBatch",
@@ -598,32 +598,16 @@ class TableDataModule(LightningDataModule):
             self.val_dataset = None if val is None else TableDataset(preprocessor.transform(val))
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        # Decided here, not in __init__: nothing touches CUDA at construction.
-        return {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-            "collate_fn": _collate_table,
-        }
+        return loader_kwargs(self.batch_size, self.num_workers, collate_fn=_collate_table)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         assert self.train_dataset is not None
-        num_rows = len(self.train_dataset)
-        if num_rows < self.batch_size:  # drop_last would leave no batch at all
-            raise ValueError(
-                f"TableDataModule: {num_rows} training rows is fewer than batch_size={self.batch_size}; "
-                "lower batch_size"
-            )
-        sampler = EpochShuffleSampler(num_rows, seed=self.seed)
-        return DataLoader(self.train_dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
+        return train_loader("TableDataModule", self.train_dataset, seed=self.seed, unit="rows", **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
-        if self.val_dataset is None:
-            return []  # Lightning skips validation
-        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, **self._loader_kwargs())
+        return eval_loader(self.val_dataset, **self._loader_kwargs())
 
     def state_dict(self) -> dict[str, Any]:
         """The fitted preprocessing as plain python types (Lightning stores it in the checkpoint)."""

@@ -55,7 +55,7 @@ from torchvision.transforms.v2 import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from mim.data.base import ImageDataModule, check_positive_int, normalize_video
-from mim.data.folder import IMAGENET_MEAN, IMAGENET_MEAN_GREY, IMAGENET_STD, IMAGENET_STD_GREY
+from mim.data.folder import default_stats
 from mim.data.shards import (
     ShardDataset,
     ShardResumeMixin,
@@ -797,12 +797,13 @@ class VideoDataModule(ShardResumeMixin, ImageDataModule):
                 num_classes = max(len(classes), max_label + 1)
             elif isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= max_label:
                 raise ValueError(f"{owner}.num_classes={num_classes} but the data has label {max_label}")
+        stats = default_stats(in_chans, mean, std)
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,
             in_chans=in_chans,
-            mean=mean if mean is not None else (IMAGENET_MEAN if in_chans == 3 else IMAGENET_MEAN_GREY),
-            std=std if std is not None else (IMAGENET_STD if in_chans == 3 else IMAGENET_STD_GREY),
+            mean=stats[0],
+            std=stats[1],
             num_classes=num_classes,
             num_workers=num_workers,
             seed=seed,
