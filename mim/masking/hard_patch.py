@@ -1,0 +1,94 @@
+"""Hard-patch mining (Wang et al., "Hard Patches Mining for Masked Image Modeling", CVPR 2023).
+
+HPM hides the patches a teacher predicts to be hard to reconstruct. A loss predictor (an option of
+:class:`~mim.targets.pixels.PixelTarget`) run by an EMA copy of the student scores every token of the full
+image; this strategy receives those scores through ``Target.token_scores`` and hides
+
+* the ``k = int(M * alpha)`` tokens with the largest predicted loss (M = N - K hidden tokens in all), and
+* ``M - k`` further tokens chosen uniformly at random among the rest,
+
+where ``alpha`` follows the easy-to-hard schedule ``alpha = max_hard_fraction * progress`` (HPM: 0.5 at the end
+of training; methods/IMAGE.md §3.2 step 3). The official code steps alpha once per epoch, ``0.5 * (e + 1) / T``;
+mim steps it with training progress (``global_step / total_steps``), which visits the same values.
+
+Vectorised (methods/IMAGE.md §3.5 pitfall 2): the official ``generate_mask`` loops over samples in NumPy after a
+``.cpu()`` per sample; here the random part is U[0, 1) noise from the step's generator, the hard tokens get the
+score 2 (above any noise) and the K lowest scores stay visible, so there is no host sync and no loop. The
+distribution is the same as the official one (the top-k are always hidden, the rest is a uniform subset); the
+random stream is not bit-identical to NumPy's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mim.masking.base import ScoreMasking, check_ratio
+from mim.types import TokenGrid
+
+__all__ = ["HardPatchMasking", "hard_patch_scores", "num_hard"]
+
+
+def num_hard(num_tokens: int, num_visible: int, alpha: float) -> int:
+    """k = int(M * alpha), the number of hidden tokens chosen by predicted difficulty (M = N - K)."""
+    return int((num_tokens - num_visible) * alpha)
+
+
+def hard_patch_scores(predicted: Tensor, noise: Tensor, num_hard: int) -> Tensor:
+    """Masking scores that hide the ``num_hard`` hardest tokens and leave the rest to the noise.
+
+    Args:
+        predicted: (B, N) predicted difficulty (larger = harder).
+        noise: (B, N) U[0, 1) noise.
+        num_hard: k, 0 <= k <= N - K.
+
+    Returns:
+        (B, N) scores for "keep the K lowest visible": the k hardest tokens score 2.0, the others their noise.
+    """
+    if num_hard <= 0:
+        return noise
+    hardest = torch.topk(predicted, num_hard, dim=1, sorted=False).indices  # (B, k)
+    return noise.scatter(1, hardest, 2.0)  # (B, N)
+
+
+class HardPatchMasking(ScoreMasking):
+    """HPM's easy-to-hard masking from predicted per-token difficulty.
+
+    Needs per-token scores (``needs_scores = True``): pair it with a target that provides them, e.g.
+    ``PixelTarget(loss_predictor=True)``. Exactly ``K = int(N * (1 - mask_ratio))`` tokens stay visible.
+
+    Args:
+        mask_ratio: fraction of tokens hidden, in (0, 1). HPM uses 0.75.
+        max_hard_fraction: alpha at the end of training: the share of the hidden tokens chosen by difficulty,
+            in [0, 1]. HPM uses 0.5 (half hard, half random in the last epoch).
+    """
+
+    needs_scores = True
+
+    def __init__(self, *, mask_ratio: float = 0.75, max_hard_fraction: float = 0.5) -> None:
+        super().__init__(mask_ratio=mask_ratio)
+        self.max_hard_fraction = check_ratio(
+            "HardPatchMasking.max_hard_fraction", max_hard_fraction, low_open=False, high_open=False
+        )
+
+    def alpha(self, progress: float) -> float:
+        """The share of hidden tokens chosen by difficulty at ``progress`` (linear easy-to-hard ramp)."""
+        return self.max_hard_fraction * min(max(float(progress), 0.0), 1.0)
+
+    def scores(
+        self,
+        batch_size: int,
+        grid: TokenGrid,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        scores: Tensor | None,
+        progress: float,
+    ) -> Tensor:
+        n = grid.num_tokens
+        if scores is None or scores.shape != (batch_size, n):
+            got = None if scores is None else tuple(scores.shape)
+            raise ValueError(f"HardPatchMasking needs scores of shape (B, N) = ({batch_size}, {n}), got {got}")
+        noise = torch.rand(batch_size, n, generator=generator, device=device)  # (B, N)
+        k = num_hard(n, self.num_visible(n), self.alpha(progress))
+        return hard_patch_scores(scores.detach().to(device), noise, k)  # (B, N)
