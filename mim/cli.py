@@ -3,6 +3,7 @@
 * ``mim fit|validate -c RECIPE.yaml [--trainer.max_epochs ...]``: LightningCLI over any recipe.
 * ``mim pack SRC OUT/``: pack images into webdataset tar shards (see mim/data/pack.py).
 * ``mim quickstart``: MAE on Fashion-MNIST on CPU, then a linear-probe table (see mim/quickstart.py).
+* ``mim masks --strategy NAME --grid 14x14 [--frames T] --out masks.png``: a picture of sample masks (mim/viz.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ commands:
   print_config -c RECIPE.yaml                        print the fully resolved recipe
   quickstart [--help]                                MAE on Fashion-MNIST on CPU + linear-probe table
   pack SRC OUT/ [--shard-size 1GB --resize-short 256]  pack an image folder or list file into tar shards
+  masks --strategy NAME [--grid 14x14 --frames T --set k=v --out masks.png|.gif]  picture of sample masks
 """
 
 
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from mim.data.pack import main as pack
 
         return pack(argv[1:])
+    if argv[0] == "masks":
+        from mim.viz import main as masks
+
+        return masks(argv[1:])
     if argv[0] == "print_config":
         argv = ["fit", *argv[1:], "--print_config"]
     _cli(argv, save_config_kwargs={"overwrite": True})

@@ -1,0 +1,174 @@
+"""Feature-subset masking for tables (Thimonier et al., "T-JEPA: Augmentation-Free Self-Supervised Learning for
+Tabular Data", ICLR 2025, arXiv 2410.05016). See methods/JEPA_VIDEO.md §4(a) step 4, §4(b) "Masks" and §4(d) 1, 2, 6.
+
+A table of F features is the token grid (1, 1, F) (mim/types.py). Per batch, two counts are drawn: the context
+size ``n_ctx`` and the target size ``n_tgt``. Per sample, the context is ``n_ctx`` features drawn uniformly without
+replacement, and each of the M targets is ``n_tgt`` features drawn uniformly without replacement from the features
+*not* in the context, independently per target. Context and targets are disjoint; targets may overlap each other.
+
+Counts. ``n_ctx`` is uniform over the integers ``[max(1, round(F lo_c)), max(1, round(F hi_c))]`` and ``n_tgt``
+over ``[max(1, round(F lo_t)), max(1, round(F hi_t))]`` (Python ``round``, half to even), redrawn jointly until
+``n_ctx + n_tgt <= F``, as the T-JEPA collator does (with one context encoder). Rather than looping, the pair is
+drawn directly from the uniform distribution over the feasible pairs, which is exactly the distribution the
+redraw loop converges to, needs no attempt bound, and costs one draw. A configuration with no feasible pair on
+the given grid raises ``ValueError``. The pair decides the index tensors' shapes, so it is read on the host:
+**one host sync per batch** (as :class:`~mim.masking.multiblock.MultiBlockMasking`); the per-sample subsets are
+vectorised (argsort of generator noise) with no per-sample loop and no further sync.
+
+Differences from the released T-JEPA code (§4(d)):
+
+* **Distinct targets.** The released collator stores every target as a view of one index array that it shuffles
+  again for the next target, so all ``num_preds`` targets end up identical (pairwise overlap 100 %). Here each
+  target is an independent draw: two targets overlap in ``n_tgt / (F - n_ctx)`` of their features on average, and
+  are identical only with probability ``1 / C(F - n_ctx, n_tgt)`` (always when ``n_tgt = F - n_ctx``, where every
+  target is the whole complement; with the defaults that is 1 of the 378 equally likely count pairs on F = 54).
+* **The regularisation token is never masked.** The released indices range over ``0 .. F-1`` but address the
+  sequence ``[REG, f_0, .., f_{F-1}]``, so the REG token can become context or target and the last feature is
+  never sampled. Here indices address feature tokens only (mim's convention); the encoder's prefix tokens
+  (cls / register tokens, T-JEPA's REG) are prepended by the encoder and are always seen, never predicted.
+* **Counts per batch** (pitfall 6): the counts depend only on the generator and the grid, not on the batch size,
+  so a short last batch (``drop_last=False``) is masked from the same distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mim.masking.base import MaskingStrategy
+from mim.types import Masks, TokenGrid
+
+__all__ = ["FeatureSubsetMasking", "feasible_count_pairs", "feature_subset_masks"]
+
+
+def feasible_count_pairs(num_tokens: int, context: tuple[int, int], target: tuple[int, int]) -> int:
+    """Number of integer pairs (c, t) with ``c`` in ``context``, ``t`` in ``target`` (inclusive) and c + t <= N."""
+    return sum(max(0, min(target[1], num_tokens - c) - target[0] + 1) for c in range(context[0], context[1] + 1))
+
+
+def _pair_at(index: int, num_tokens: int, context: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The ``index``-th feasible (c, t) pair in (c, t) lexicographic order."""
+    for c in range(context[0], context[1] + 1):
+        width = max(0, min(target[1], num_tokens - c) - target[0] + 1)
+        if index < width:
+            return c, target[0] + index
+        index -= width
+    raise IndexError("pair index out of range")  # unreachable when index < feasible_count_pairs(...)
+
+
+def feature_subset_masks(
+    num_context: int, num_target: int, *, batch_size: int, num_tokens: int, num_targets: int, generator, device
+) -> Masks:
+    """Per sample: a uniform ``num_context``-subset as context, M uniform ``num_target``-subsets of the rest as targets.
+
+    Args:
+        num_context: n_ctx, 1 <= n_ctx.
+        num_target: n_tgt, 1 <= n_tgt <= N - n_ctx.
+        batch_size: B.
+        num_tokens: N.
+        num_targets: M.
+        generator: the source of randomness (on ``device``).
+        device: where the indices are created.
+
+    Returns:
+        Masks with ``visible`` (B, n_ctx) sorted ascending and ``targets`` (B, M, n_tgt), each group sorted ascending,
+        disjoint from ``visible``; groups are independent given the context.
+    """
+    b, n, m = batch_size, num_tokens, num_targets
+    order = torch.rand(b, n, generator=generator, device=device).argsort(dim=1)  # (B, N) a uniform permutation
+    visible = order[:, :num_context].sort(dim=1).values  # (B, n_ctx)
+    pool = order[:, num_context:]  # (B, N - n_ctx) the features outside the context
+    noise = torch.rand(b, m, n - num_context, generator=generator, device=device)  # (B, M, N - n_ctx)
+    pick = noise.argsort(dim=2)[..., :num_target]  # (B, M, n_tgt) positions in the pool, one permutation per target
+    targets = torch.gather(pool.unsqueeze(1).expand(-1, m, -1), 2, pick)  # (B, M, n_tgt)
+    return Masks(visible=visible, targets=targets.sort(dim=2).values, num_tokens=n)
+
+
+def _check_share(name: str, value: tuple[float, float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (lo, hi) with 0 < lo <= hi <= 1, got {value!r}") from None
+    if not (0 < lo <= hi <= 1):
+        raise ValueError(f"{name} must be a pair (lo, hi) with 0 < lo <= hi <= 1, got {value!r}")
+    return lo, hi
+
+
+class FeatureSubsetMasking(MaskingStrategy):
+    """T-JEPA's context and target feature subsets, with distinct targets and no masked prefix token.
+
+    Meant for the table grid (1, 1, F) but works on any grid, treated as N = ``grid.num_tokens`` tokens in raster
+    order. ``visible`` (B, n_ctx) is the context; ``targets`` (B, M, n_tgt) are the M target subsets. Tokens in
+    neither are hidden from the encoder and predicted by no target. See the module docstring for the count draw.
+
+    Args:
+        context_share: (lo, hi) fraction of the F features in the context, 0 < lo <= hi <= 1
+            (T-JEPA launch default on Jannis: (0.1363, 0.3682)).
+        target_share: (lo, hi) fraction of the F features in each target, 0 < lo <= hi <= 1
+            (T-JEPA: (0.1556, 0.6222)). ``context_share[0] + target_share[0]`` must not exceed 1.
+        num_targets: M, target subsets per sample (T-JEPA: 4).
+    """
+
+    def __init__(
+        self,
+        *,
+        context_share: tuple[float, float] = (0.1363, 0.3682),
+        target_share: tuple[float, float] = (0.1556, 0.6222),
+        num_targets: int = 4,
+    ) -> None:
+        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
+            raise ValueError(f"FeatureSubsetMasking.num_targets must be an int >= 1, got {num_targets!r}")
+        self.context_share = _check_share("FeatureSubsetMasking.context_share", context_share)
+        self.target_share = _check_share("FeatureSubsetMasking.target_share", target_share)
+        if self.context_share[0] + self.target_share[0] > 1:
+            raise ValueError(
+                "FeatureSubsetMasking.context_share[0] + target_share[0] must be <= 1 (the smallest context and "
+                f"target must fit together), got {self.context_share[0]} + {self.target_share[0]}"
+            )
+        self.num_targets = num_targets
+
+    def count_ranges(self, num_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Inclusive integer ranges of n_ctx and n_tgt on N tokens (``max(1, round(N * share))`` at both ends).
+
+        Raises:
+            ValueError: when even the smallest context and target do not fit together in N tokens.
+        """
+        n = num_tokens
+        context = (max(1, round(n * self.context_share[0])), max(1, round(n * self.context_share[1])))
+        target = (max(1, round(n * self.target_share[0])), max(1, round(n * self.target_share[1])))
+        if context[0] + target[0] > n:
+            raise ValueError(
+                f"FeatureSubsetMasking: a grid of {n} tokens is too small for context_share={self.context_share} "
+                f"and target_share={self.target_share}: the smallest context ({context[0]}) and target "
+                f"({target[0]}) do not fit together; use more features or smaller shares"
+            )
+        return context, target
+
+    def sample_counts(self, num_tokens: int, generator: torch.Generator, device: torch.device) -> tuple[int, int]:
+        """Draw (n_ctx, n_tgt) uniformly over the feasible pairs (one generator draw, one host sync)."""
+        context, target = self.count_ranges(num_tokens)
+        total = feasible_count_pairs(num_tokens, context, target)
+        index = int(torch.randint(total, (1,), generator=generator, device=device).item())  # one host sync per batch
+        return _pair_at(index, num_tokens, context, target)
+
+    def __call__(
+        self,
+        batch_size: int,
+        grid: TokenGrid,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        scores: Tensor | None = None,
+        progress: float = 0.0,
+    ) -> Masks:
+        n = grid.num_tokens
+        n_ctx, n_tgt = self.sample_counts(n, generator, device)
+        return feature_subset_masks(
+            n_ctx,
+            n_tgt,
+            batch_size=batch_size,
+            num_tokens=n,
+            num_targets=self.num_targets,
+            generator=generator,
+            device=device,
+        )
