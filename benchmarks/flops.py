@@ -27,7 +27,20 @@ MLP hidden width H = mlp_ratio * D):
   prediction head         2*T*Dd*P                         (T = N - K hidden tokens here; N + 1 in models_mae.py)
   backward                2 x forward, less the input gradient of the patch embedding (images need no grad)
 
-Run:  .venv/bin/python benchmarks/flops.py [--arch vit_base_patch16_224 ...] [--mask-ratio 0.75]
+Video section (VideoMAE V2 dual masking, methods/JEPA_VIDEO.md §3(a) and 3(c); PERF.md "Dual masking, analytic"
+and C2): ViT-B/16 on 16 frames at 224 px, tubelet 2 (grid 8 x 14 x 14, N = 1568, P = 1536), no cls token
+(VideoMAE has none), tube masking 0.9 (K = 8 * int(196 * 0.1) = 152 in mim), decoder 4 blocks x 384 (6 heads),
+per-channel norm-pix. The decoder of ``PixelTarget`` is counted on the V1 masks (every hidden token decoded,
+N + prefix decoder tokens) and on ``DualMasking`` masks with the same encoder mask plus running cell 0.5
+(K + prefix + Kd decoder tokens, Kd = 784); both are checked against the analytic form
+
+  decoder V1   2*(K + c)*D*Dd + dec_depth * block(N + c) + 2*(N - K)*Dd*P
+  decoder V2   2*(K + c)*D*Dd + dec_depth * block(K + c + Kd) + 2*Kd*Dd*P
+
+and the encoder + decoder totals (forward, and forward + backward counted) give the saving in %.
+
+Run:  .venv/bin/python benchmarks/flops.py [--arch vit_base_patch16_224 ...] [--mask-ratio 0.75] [--no-video]
+      .venv/bin/python benchmarks/flops.py --video-only
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -341,6 +355,198 @@ def report(results: list[Result], args: argparse.Namespace) -> bool:
     return ok
 
 
+# ---------------------------------------------------------------------------------------------- video: dual masking
+# PERF.md "Dual masking, analytic" (ViT-B, VideoMAE geometry: 160 visible, no cls): forward GFLOP per clip (-33 %).
+PERF_DUAL_B = {"v1": 70.5, "v2": 47.2}
+
+
+@dataclass
+class VideoResult:
+    """FLOP counts per clip (FLOPs) of the video section; keys ``v1`` / ``v2`` for the two decoder masks."""
+
+    n: int  # N tokens
+    k: int  # K visible
+    kd: int  # decoder-kept tokens (V2)
+    prefix: int
+    loss_tokens: dict[str, int]  # hidden (and decoder-kept) tokens per clip
+    measured: dict[str, float]
+    analytic: dict[str, float]
+
+
+def video_analytic(
+    *,
+    n: int,
+    k: int,
+    kd: int,
+    prefix: int,
+    patch_values: int,
+    dim: int,
+    depth: int,
+    hidden: int,
+    dec_dim: int,
+    dec_depth: int,
+    dec_hidden: int,
+) -> dict[str, float]:
+    """Analytic forward FLOPs per clip of the encoder and of the V1 / V2 (dual-masking) decoders."""
+    patch = 2 * n * patch_values * dim
+    enc = patch + depth * block_flops(k + prefix, dim, hidden)
+    dec_embed = 2 * (k + prefix) * dim * dec_dim
+    dec_v1 = dec_embed + dec_depth * block_flops(n + prefix, dec_dim, dec_hidden) + 2 * (n - k) * dec_dim * patch_values
+    dec_v2 = dec_embed + dec_depth * block_flops(k + prefix + kd, dec_dim, dec_hidden) + 2 * kd * dec_dim * patch_values
+    out: dict[str, float] = {"enc": enc, "patch_embed": patch, "dec_v1": dec_v1, "dec_v2": dec_v2}
+    for v in ("v1", "v2"):
+        out[f"step_{v}"] = enc + out[f"dec_{v}"]
+        out[f"train_{v}"] = 3 * out[f"step_{v}"] - patch  # no input gradient for the tubelet embedding
+        out[f"dec_blocks_{v}"] = dec_depth * block_flops((n if v == "v1" else k + kd) + prefix, dec_dim, dec_hidden)
+    out["enc_blocks"] = enc - patch
+    return out
+
+
+def measure_video(*, backward: bool) -> VideoResult:
+    """Count encoder and decoder FLOPs of VideoMAE ViT-B/16 (16 x 224, tubelet 2) with and without dual masking."""
+    from mim.masking.dual import DualMasking
+    from mim.masking.tube import TubeMasking
+    from mim.models.encoder import MaskedEncoder
+    from mim.targets.pixels import PixelTarget
+
+    encoder = MaskedEncoder(
+        arch="vit_base_patch16_224",
+        img_size=224,
+        patch_size=16,
+        num_frames=16,
+        tubelet_size=2,
+        model_kwargs={"class_token": False, "global_pool": "avg"},  # VideoMAE has no cls token
+    )
+    target = PixelTarget(decoder_dim=384, decoder_depth=4, decoder_num_heads=6, norm_pix_mode="channel")
+    target.bind(encoder)
+    grid, cpu = encoder.grid, torch.device("cpu")
+    clips = torch.randn(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(0))
+    batch = {"video": clips}
+    gen = lambda: torch.Generator().manual_seed(0)
+    masks = {
+        "v1": TubeMasking(mask_ratio=0.9)(1, grid, generator=gen(), device=cpu),
+        "v2": DualMasking(encoder=TubeMasking(mask_ratio=0.9), decoder_mask_ratio=0.5)(
+            1, grid, generator=gen(), device=cpu
+        ),
+    }
+    if not torch.equal(masks["v1"].visible, masks["v2"].visible):
+        raise RuntimeError("the dual masks do not share the tube masks' encoder mask")
+    v2 = masks["v2"]
+    assert v2.decoder is not None
+    loss_tokens = {
+        "v1": int(masks["v1"].hidden.sum()),
+        "v2": int(v2.hidden.gather(1, v2.decoder).sum()),
+    }
+    n, k, kd, prefix = grid.num_tokens, v2.visible.shape[1], v2.decoder.shape[1], encoder.num_prefix_tokens
+    measured: dict[str, float] = {}
+    with torch.no_grad():
+        enc, counts_enc, latent = _count(lambda: encoder(clips, masks["v1"].visible))
+        measured["enc"] = enc
+        measured["enc_blocks"] = _module_flops(counts_enc, "vit.blocks")
+        for v, m in masks.items():
+            dec, counts_dec, _ = _count(lambda m=m: target(batch, m, latent, encoder))
+            measured[f"dec_{v}"] = dec
+            measured[f"dec_blocks_{v}"] = sum(_module_flops(counts_dec, f"decoder_blocks.{i}") for i in range(4))
+    for v, m in masks.items():
+        step, _, out = _count(lambda m=m: target(batch, m, encoder(clips, m.visible), encoder)["loss"])
+        measured[f"step_{v}"] = step
+        if backward:
+            bwd, _, _ = _count(lambda out=out: out.backward())
+            measured[f"train_{v}"] = step + bwd
+    vit, decoder = encoder.vit, target.decoder
+    assert decoder is not None
+    analytic = video_analytic(
+        n=n,
+        k=k,
+        kd=kd,
+        prefix=prefix,
+        patch_values=encoder.patch_dim,
+        dim=encoder.embed_dim,
+        depth=len(vit.blocks),
+        hidden=_mlp_hidden(vit.blocks[0]),
+        dec_dim=384,
+        dec_depth=4,
+        dec_hidden=_mlp_hidden(decoder.decoder_blocks[0]),
+    )
+    return VideoResult(n=n, k=k, kd=kd, prefix=prefix, loss_tokens=loss_tokens, measured=measured, analytic=analytic)
+
+
+def _mlp_hidden(block: Any) -> int:
+    """MLP hidden width of a timm ViT block."""
+    return int(block.mlp.fc1.out_features)
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{(new / old - 1) * 100:+.1f} %"
+
+
+def report_video(r: VideoResult) -> bool:
+    """Print the dual-masking tables; return False when a measured count disagrees with the analytic formula."""
+    m, a = r.measured, r.analytic
+    print(
+        "Video: VideoMAE ViT-B/16, 16 frames x 224 px, tubelet 2x16x16 (grid 8x14x14), no cls token, tube mask 0.9, "
+        "decoder 4 blocks x 384 (6 heads), per-channel norm-pix; GFLOPs per clip\n"
+        f"N = {r.n}, K = {r.k} visible, {r.prefix} prefix tokens; V1 decodes N = {r.n} tokens and predicts "
+        f"{r.n - r.k}; V2 (running cell 0.5) decodes K + Kd = {r.k} + {r.kd} = {r.k + r.kd} tokens and predicts "
+        f"Kd = {r.kd}; loss tokens per clip: V1 {r.loss_tokens['v1']}, V2 {r.loss_tokens['v2']} "
+        f"(= 4 x {r.loss_tokens['v2'] // 4} hidden positions; VideoMAE's 160-visible mask gives 4 x 176 = 704)\n"
+    )
+    rows = []
+    quantities = [
+        ("encoder (visible tokens)", "enc", "enc"),
+        ("decoder blocks", "dec_blocks_v1", "dec_blocks_v2"),
+        ("decoder (PixelTarget)", "dec_v1", "dec_v2"),
+        ("encoder + decoder fwd", "step_v1", "step_v2"),
+        ("fwd + bwd counted", "train_v1", "train_v2"),
+    ]
+    for label, k1, k2 in quantities:
+        if k1 not in m:
+            continue
+        rows.append([label, _g(m[k1]), _g(m[k2]), _g(m[k2] - m[k1]), _pct(m[k2], m[k1])])
+    print("Forward GFLOPs per clip (measured): V1 = tube only, V2 = tube + running-cell decoder mask 0.5")
+    print(_table(["quantity", "V1", "V2 (dual)", "V2 - V1", "change"], rows))
+
+    ok, rows = True, []
+    checks = [
+        ("enc", "encoder"),
+        ("dec_v1", "decoder V1"),
+        ("dec_v2", "decoder V2"),
+        ("step_v1", "fwd V1"),
+        ("step_v2", "fwd V2"),
+        ("train_v1", "fwd+bwd V1"),
+        ("train_v2", "fwd+bwd V2"),
+    ]
+    for key, label in checks:
+        if key not in m:
+            continue
+        exact = m[key] == a[key]
+        ok &= exact
+        rows.append([label, f"{m[key]:,.0f}", f"{a[key]:,.0f}", "exact" if exact else _rel(m[key], a[key])])
+    print("\nMeasured vs analytic FLOPs per clip (formula in the module docstring)")
+    print(_table(["quantity", "FlopCounterMode", "analytic", "agreement"], rows))
+
+    # The same formula at VideoMAE's own geometry (160 visible tokens), to compare with PERF.md's analytic line.
+    geometry = dict(patch_values=1536, dim=768, depth=12, hidden=3072, dec_dim=384, dec_depth=4, dec_hidden=1536)
+    ref = video_analytic(n=1568, k=160, kd=784, prefix=0, **geometry)
+    blocks = {v: ref["enc_blocks"] + ref[f"dec_blocks_{v}"] for v in ("v1", "v2")}
+    pairs: list[tuple[str, float, float]] = [
+        ("mim, measured (K = 152)", m["step_v1"], m["step_v2"]),
+        ("analytic, K = 160, all matmuls", ref["step_v1"], ref["step_v2"]),
+        ("analytic, K = 160, blocks only", blocks["v1"], blocks["v2"]),
+        ("PERF.md 'Dual masking, analytic'", PERF_DUAL_B["v1"] * G, PERF_DUAL_B["v2"] * G),
+    ]
+    rows = [[label, _g(v1, 1), _g(v2, 1), _pct(v2, v1)] for label, v1, v2 in pairs]
+    print("\nEncoder + decoder forward GFLOPs per clip, V1 -> V2, against PERF.md")
+    print(_table(["count", "V1", "V2", "change"], rows))
+    print(
+        "Note: PERF.md's V1 figure (70.5) is close to the all-matmul total (tubelet embedding and prediction head "
+        "included) while its V2 figure (47.2) is close to the blocks-only total: mixing the two overstates the "
+        "saving (47.2 / 70.5 = -33 %). Counted consistently, dual masking saves 27-28 % of the forward FLOPs (28 % "
+        "of the blocks, as methods/JEPA_VIDEO.md 3(c) has it) and of the fwd+bwd FLOPs; the decoder's own FLOPs halve."
+    )
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -354,26 +560,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-depth", type=int, default=8)
     parser.add_argument("--decoder-heads", type=int, default=16)
     parser.add_argument("--no-backward", action="store_true", help="skip counting the backward pass")
+    parser.add_argument("--no-video", action="store_true", help="skip the video (VideoMAE V2 dual masking) section")
+    parser.add_argument("--video-only", action="store_true", help="only the video (dual masking) section")
     args = parser.parse_args(argv)
     archs = [ALIASES.get(a.lower(), a) for a in (args.arch or DEFAULT_ARCHS)]
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.no_video and args.video_only:
+        parser.error("--no-video and --video-only exclude each other")
 
     set_fused_attn(False)  # before any model is built: timm's Attention reads the flag in __init__
     torch.manual_seed(0)
-    results = [
-        measure(
-            arch,
-            mask_ratio=args.mask_ratio,
-            batch_size=args.batch_size,
-            dec_dim=args.decoder_dim,
-            dec_depth=args.decoder_depth,
-            dec_heads=args.decoder_heads,
-            backward=not args.no_backward,
-        )
-        for arch in archs
-    ]
-    ok = report(results, args)
+    ok = True
+    if not args.video_only:
+        results = [
+            measure(
+                arch,
+                mask_ratio=args.mask_ratio,
+                batch_size=args.batch_size,
+                dec_dim=args.decoder_dim,
+                dec_depth=args.decoder_depth,
+                dec_heads=args.decoder_heads,
+                backward=not args.no_backward,
+            )
+            for arch in archs
+        ]
+        ok = report(results, args)
+    if not args.no_video:
+        if not args.video_only:
+            print()
+        ok &= report_video(measure_video(backward=not args.no_backward))
     if not ok:
         print("\nWARNING: a measured count differs from the analytic formula (see above)", file=sys.stderr)
     return 0 if ok else 1

@@ -3,6 +3,10 @@
 He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (methods/IMAGE.md §1.1,
 steps 7-11): project the encoder's output to the decoder width, put a shared learned mask token at
 every hidden position, add a fixed sin-cos position embedding and run a few transformer blocks.
+
+Subset path (Wang et al., "VideoMAE V2: Scaling Video Masked Autoencoders with Dual Masking", CVPR 2023;
+methods/JEPA_VIDEO.md §3(a) V2 steps 3-4): with ``keep`` (B, Kd) the decoder runs on the K visible latents
+plus one mask token at each decoder-kept position only (K + Kd tokens instead of N) and predicts those Kd.
 """
 
 from __future__ import annotations
@@ -74,17 +78,25 @@ class MAEDecoder(nn.Module):
         init_mae_weights_(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: Tensor, visible: Tensor, outputs: Tensor | None = None) -> Tensor:
+    def forward(
+        self, latent: Tensor, visible: Tensor, outputs: Tensor | None = None, *, keep: Tensor | None = None
+    ) -> Tensor:
         """Decode.
 
         Args:
             latent: (B, prefix + K, D) encoder output.
             visible: (B, K) int64 positions of the latent's patch tokens.
             outputs: (B, T) int64 tokens to predict, or None for all N tokens.
+            keep: (B, Kd) int64 decoder-kept positions (dual masking): decode only ``[prefix; visible latents;
+                mask tokens at keep]`` and predict at ``keep`` (see :meth:`forward_subset`). Excludes ``outputs``.
 
         Returns:
-            (B, T, out_dim), or (B, N, out_dim) when ``outputs`` is None.
+            (B, T, out_dim); (B, N, out_dim) when ``outputs`` and ``keep`` are None; (B, Kd, out_dim) with ``keep``.
         """
+        if keep is not None:
+            if outputs is not None:
+                raise ValueError("MAEDecoder: give outputs (full path) or keep (subset path), not both")
+            return self.forward_subset(latent, visible, keep)
         b = latent.shape[0]
         x = self.decoder_embed(latent)  # (B, prefix+K, Dd)
         prefix, vis = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
@@ -97,3 +109,35 @@ class MAEDecoder(nn.Module):
         if outputs is not None:
             x = gather_tokens(x, outputs)  # (B, T, Dd)
         return self.decoder_pred(self.decoder_norm(x))  # (B, T or N, out_dim)
+
+    def forward_subset(self, latent: Tensor, visible: Tensor, keep: Tensor) -> Tensor:
+        """VideoMAE V2's decoder on a subset: visible latents plus mask tokens at the decoder-kept positions.
+
+        The input sequence is ``[prefix; embed(latent_j) + pos[visible_j]; mask_token + pos[keep_i]]``: K + Kd
+        tokens, with a mask token at **every** kept position, also where the encoder saw the token (3(d)
+        pitfall 3). Attention is permutation-equivariant, so with ``keep`` = the hidden tokens this equals the
+        full path's predictions at those tokens (up to float rounding).
+
+        Args:
+            latent: (B, prefix + K, D) encoder output.
+            visible: (B, K) int64 positions of the latent's patch tokens.
+            keep: (B, Kd) int64 positions to predict, Kd >= 1.
+
+        Returns:
+            (B, Kd, out_dim) predictions, in the order of ``keep``.
+        """
+        b, c = latent.shape[0], self.num_prefix_tokens
+        if keep.ndim != 2 or keep.shape[0] != b or keep.shape[1] < 1:
+            raise ValueError(f"MAEDecoder: keep must be (B={b}, Kd >= 1) token indices, got {tuple(keep.shape)}")
+        kd = keep.shape[1]
+        x = self.decoder_embed(latent)  # (B, prefix+K, Dd)
+        pos = self.decoder_pos_embed.to(x.dtype)  # (1, prefix+N, Dd)
+        grid_pos = pos[:, c:].expand(b, -1, -1)  # (B, N, Dd)
+        prefix = x[:, :c] + pos[:, :c]  # (B, prefix, Dd)
+        vis = x[:, c:] + gather_tokens(grid_pos, visible)  # (B, K, Dd)
+        queries = self.mask_token.to(x.dtype) + gather_tokens(grid_pos, keep)  # (B, Kd, Dd)
+        x = torch.cat([prefix, vis, queries], dim=1)  # (B, prefix+K+Kd, Dd)
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = x[:, x.shape[1] - kd :]  # (B, Kd, Dd): the query rows
+        return self.decoder_pred(self.decoder_norm(x))  # (B, Kd, out_dim)

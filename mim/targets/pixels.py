@@ -4,11 +4,17 @@ He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (method
 steps 12-14): the target of each hidden patch is its pixels, optionally normalised per patch by the
 patch's mean and **unbiased** variance (``(x - mu) / sqrt(var + eps)``); the loss is the mean squared
 error over hidden patches only.
+
+Video options (methods/JEPA_VIDEO.md §3): ``norm_pix_mode="channel"`` is VideoMAE's target (Tong et al.,
+NeurIPS 2022), each tubelet normalised **per channel** over its pixels with the unbiased std and eps added
+*after* the square root (3(d) pitfall 1). With a decoder mask (``Masks.decoder``, VideoMAE V2 dual masking,
+Wang et al., CVPR 2023) the decoder reconstructs only the decoder-kept tokens and the loss averages over
+the tokens hidden from the encoder *and* kept by the decoder (3(a) V2 steps 3-5).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -21,7 +27,7 @@ from mim.types import Batch, Masks
 if TYPE_CHECKING:
     from mim.models.encoder import MaskedEncoder
 
-__all__ = ["PixelTarget", "norm_pix"]
+__all__ = ["PixelTarget", "norm_pix", "norm_pix_channel"]
 
 
 def norm_pix(patches: Tensor, eps: float = 1e-6) -> Tensor:
@@ -39,6 +45,25 @@ def norm_pix(patches: Tensor, eps: float = 1e-6) -> Tensor:
     return (patches - mean) / (var + eps).sqrt()
 
 
+def norm_pix_channel(patches: Tensor, channels: int, eps: float = 1e-6) -> Tensor:
+    """VideoMAE's norm-pix: normalise each channel of each patch over its pixels, ``(x - mu) / (std + eps)``.
+
+    The std is unbiased (divisor P/C - 1) and eps is added after the square root (JEPA_VIDEO.md 3(d).1).
+
+    Args:
+        patches: (..., P) in mim's layout, channel fastest (P = pixels * C, see mim/models/embed.py).
+        channels: C.
+        eps: added to the std.
+
+    Returns:
+        (..., P), same layout.
+    """
+    x = patches.unflatten(-1, (-1, channels))  # (..., P/C, C)
+    mean = x.mean(dim=-2, keepdim=True)  # (..., 1, C)
+    std = x.std(dim=-2, keepdim=True, unbiased=True)  # (..., 1, C)
+    return ((x - mean) / (std + eps)).flatten(-2)  # (..., P)
+
+
 class PixelTarget(Target):
     """Predict the pixels of hidden patches with an MAE decoder.
 
@@ -48,7 +73,9 @@ class PixelTarget(Target):
         decoder_num_heads: decoder heads (MAE: 16).
         decoder_mlp_ratio: MLP expansion in the decoder.
         norm_pix: normalise target patches by their mean and unbiased variance (MAE's recommended recipe).
-        norm_pix_eps: epsilon added to the variance.
+        norm_pix_eps: epsilon added to the variance (``patch``) or to the std (``channel``).
+        norm_pix_mode: ``patch`` (MAE: one mean / variance over all P values of a patch, eps inside the square
+            root) or ``channel`` (VideoMAE: per channel over the patch's or tubelet's pixels, eps after it).
         weight: factor of this loss in the total.
     """
 
@@ -61,6 +88,7 @@ class PixelTarget(Target):
         decoder_mlp_ratio: float = 4.0,
         norm_pix: bool = True,
         norm_pix_eps: float = 1e-6,
+        norm_pix_mode: Literal["patch", "channel"] = "patch",
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
@@ -74,9 +102,11 @@ class PixelTarget(Target):
             raise ValueError(f"PixelTarget.decoder_dim must be divisible by 4 (sin-cos table), got {decoder_dim}")
         if not norm_pix_eps > 0:
             raise ValueError(f"PixelTarget.norm_pix_eps must be > 0, got {norm_pix_eps}")
+        if norm_pix_mode not in ("patch", "channel"):
+            raise ValueError(f"PixelTarget.norm_pix_mode must be 'patch' or 'channel', got {norm_pix_mode!r}")
         self.decoder_dim, self.decoder_depth = decoder_dim, decoder_depth
         self.decoder_num_heads, self.decoder_mlp_ratio = decoder_num_heads, decoder_mlp_ratio
-        self.norm_pix, self.norm_pix_eps = norm_pix, norm_pix_eps
+        self.norm_pix, self.norm_pix_eps, self.norm_pix_mode = norm_pix, norm_pix_eps, norm_pix_mode
         self.decoder: MAEDecoder | None = None
 
     def bind(self, encoder: MaskedEncoder) -> None:
@@ -98,15 +128,46 @@ class PixelTarget(Target):
 
     def target_patches(self, images: Tensor, encoder: MaskedEncoder) -> Tensor:
         """(B, C, H, W) -> (B, N, P) regression targets (norm-pix applied when configured)."""
-        patches = encoder.patchify(images).float()  # (B, N, P)
-        return norm_pix(patches, self.norm_pix_eps) if self.norm_pix else patches
+        return self._normalise(encoder.patchify(images).float(), encoder)  # (B, N, P)
+
+    def _normalise(self, patches: Tensor, encoder: MaskedEncoder) -> Tensor:
+        """(..., P) -> (..., P) norm-pix per ``norm_pix_mode``, or unchanged without norm-pix."""
+        if not self.norm_pix:
+            return patches
+        if self.norm_pix_mode == "channel":
+            return norm_pix_channel(patches, encoder.in_chans, self.norm_pix_eps)
+        return norm_pix(patches, self.norm_pix_eps)
 
     def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:
+        if masks.decoder is not None:
+            return {"loss": self.dual_loss(batch, masks, latent, encoder)}
         predict = masks.targets.flatten(1)  # (B, M*T) hidden tokens
         pred = self._decoder()(latent, masks.visible, predict).float()  # (B, M*T, P)
         target = gather_tokens(self.target_patches(encoder.inputs(batch), encoder), predict)  # (B, M*T, P)
         loss = (pred - target).pow(2).mean(dim=-1).mean()  # mean over P, then over hidden tokens
         return {"loss": loss}
+
+    def dual_loss(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> Tensor:
+        """VideoMAE V2's loss over the tokens hidden from the encoder and kept by the decoder.
+
+        The decoder runs on the K visible latents plus Kd mask tokens and predicts the Kd decoder-kept tokens
+        only; regression targets are built for those Kd tokens only. The per-token MSE (mean over P) is
+        averaged over the kept tokens that are also target tokens (``Masks.targets``, the encoder-hidden ones
+        under :class:`~mim.masking.dual.DualMasking`), without host syncs: a gathered 0/1 weight (B, Kd)
+        divided by its sum clamped to >= 1 (a batch without such tokens gives loss 0).
+
+        Returns:
+            The scalar loss.
+        """
+        keep = masks.decoder
+        assert keep is not None
+        pred = self._decoder()(latent, masks.visible, keep=keep).float()  # (B, Kd, P)
+        patches = gather_tokens(encoder.patchify(encoder.inputs(batch)).float(), keep)  # (B, Kd, P)
+        per_token = (pred - self._normalise(patches, encoder)).pow(2).mean(dim=-1)  # (B, Kd)
+        is_target = torch.zeros(keep.shape[0], masks.num_tokens, dtype=torch.bool, device=keep.device)
+        is_target = is_target.scatter_(1, masks.targets.flatten(1), True)  # (B, N)
+        weight = is_target.gather(1, keep).to(per_token.dtype)  # (B, Kd): hidden and decoder-kept
+        return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
 
     @torch.no_grad()
     def reconstruct(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> Tensor:
@@ -119,7 +180,11 @@ class PixelTarget(Target):
         """
         patches = encoder.patchify(encoder.inputs(batch)).float()  # (B, N, P)
         pred = self._decoder()(latent, masks.visible).float()  # (B, N, P)
-        if self.norm_pix:
+        if self.norm_pix and self.norm_pix_mode == "channel":
+            x = patches.unflatten(-1, (-1, encoder.in_chans))  # (B, N, P/C, C)
+            std = x.std(dim=-2, keepdim=True, unbiased=True) + self.norm_pix_eps  # (B, N, 1, C)
+            pred = (pred.unflatten(-1, (-1, encoder.in_chans)) * std + x.mean(dim=-2, keepdim=True)).flatten(-2)
+        elif self.norm_pix:
             mean = patches.mean(dim=-1, keepdim=True)
             std = (patches.var(dim=-1, keepdim=True, unbiased=True) + self.norm_pix_eps).sqrt()
             pred = pred * std + mean
