@@ -22,6 +22,15 @@ def fashion_mnist() -> Path:
         pytest.skip("Fashion-MNIST not installed (run `make data`)")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches (e.g. ColoredNoiseMasking's noise banks) go to a temporary folder, never the user's ~/.cache/mim."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MIM_CACHE", str(tmp_path_factory.mktemp("mim_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tests use tiny models, which only lose from intra-op threads, and OpenMP threads stall badly on a

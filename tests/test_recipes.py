@@ -69,7 +69,7 @@ def test_recipe_instantiates(recipe: Path, tmp_path: Path, real_clips: Path):
 
 
 def test_vit_b16_recipe_matches_the_paper(tmp_path: Path):
-    recipe = next(p for p in RECIPES if p.name == "vit_b16_in1k.yaml")
+    recipe = next(p for p in RECIPES if p.parent.name == "mae" and p.name == "vit_b16_in1k.yaml")
     header = recipe.read_text().split("seed_everything")[0]
     assert "83.6" in header and "Expected" in header  # the paper's fine-tune result stated in the header
     cli = _instantiate(recipe, tmp_path)
