@@ -108,24 +108,24 @@ def test_loss_ignores_predictions_at_visible_tokens(monkeypatch: pytest.MonkeyPa
     encoder, target, batch, masks = _setup(True)
     latent = encoder(batch["image"], masks.visible)
     clean = target(batch, masks, latent, encoder)["loss"]
-    decoder_forward = target.decoder.forward
+    decode = target.decoder.decode  # (the prediction step after the decoder's input is built)
     visible_onehot = (~masks.hidden).float()[..., None]  # (B, N, 1)
 
-    def corrupted(latent, visible, outputs=None):
-        full = decoder_forward(latent, visible) + 1e3 * visible_onehot  # garbage at visible tokens
+    def corrupted(x, outputs=None):
+        full = decode(x) + 1e3 * visible_onehot  # garbage at visible tokens
         return full if outputs is None else gather_tokens(full, outputs)
 
-    monkeypatch.setattr(target.decoder, "forward", corrupted)
+    monkeypatch.setattr(target.decoder, "decode", corrupted)
     torch.testing.assert_close(target(batch, masks, latent, encoder)["loss"], clean, rtol=1e-6, atol=0)
     # control: garbage at one hidden token does change the loss
     hidden_onehot = torch.zeros_like(visible_onehot)
     hidden_onehot[0, masks.targets[0, 0, 0]] = 1.0
 
-    def corrupted_hidden(latent, visible, outputs=None):
-        full = decoder_forward(latent, visible) + 1e3 * hidden_onehot
+    def corrupted_hidden(x, outputs=None):
+        full = decode(x) + 1e3 * hidden_onehot
         return full if outputs is None else gather_tokens(full, outputs)
 
-    monkeypatch.setattr(target.decoder, "forward", corrupted_hidden)
+    monkeypatch.setattr(target.decoder, "decode", corrupted_hidden)
     assert target(batch, masks, latent, encoder)["loss"].item() > clean.item() + 1.0
 
 

@@ -97,12 +97,38 @@ class MAEDecoder(nn.Module):
             if outputs is not None:
                 raise ValueError("MAEDecoder: give outputs (full path) or keep (subset path), not both")
             return self.forward_subset(latent, visible, keep)
+        return self.decode(self.embed(latent, visible), outputs)
+
+    def embed(self, latent: Tensor, visible: Tensor | None = None) -> Tensor:
+        """The decoder's input sequence: projected latents at their positions, mask tokens elsewhere, plus positions.
+
+        Args:
+            latent: (B, prefix + K, D) encoder output.
+            visible: (B, K) int64 positions of the latent's patch tokens, or None when all N tokens are present
+                in raster order (then there are no mask tokens).
+
+        Returns:
+            (B, prefix + N, Dd).
+        """
         b = latent.shape[0]
         x = self.decoder_embed(latent)  # (B, prefix+K, Dd)
-        prefix, vis = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        full = self.mask_token.to(x.dtype).expand(b, self.grid.num_tokens, -1)  # (B, N, Dd)
-        full = scatter_tokens(full, visible, vis)  # (B, N, Dd)
-        x = torch.cat([prefix, full], dim=1) + self.decoder_pos_embed.to(x.dtype)  # (B, prefix+N, Dd)
+        if visible is not None:
+            prefix, vis = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+            full = self.mask_token.to(x.dtype).expand(b, self.grid.num_tokens, -1)  # (B, N, Dd)
+            full = scatter_tokens(full, visible, vis)  # (B, N, Dd)
+            x = torch.cat([prefix, full], dim=1)  # (B, prefix+N, Dd)
+        return x + self.decoder_pos_embed.to(x.dtype)  # (B, prefix+N, Dd)
+
+    def decode(self, x: Tensor, outputs: Tensor | None = None) -> Tensor:
+        """Blocks, norm and prediction head over an :meth:`embed` sequence.
+
+        Args:
+            x: (B, prefix + N, Dd).
+            outputs: (B, T) int64 tokens to predict, or None for all N.
+
+        Returns:
+            (B, T or N, out_dim).
+        """
         for block in self.decoder_blocks:
             x = block(x)
         x = x[:, self.num_prefix_tokens :]  # (B, N, Dd)

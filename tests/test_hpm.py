@@ -1,0 +1,239 @@
+"""HPM end to end: PixelTarget's loss predictor, its EMA teacher, token scores and HardPatchMasking in a real run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mim.masking import HardPatchMasking
+from mim.masking.hard_patch import num_hard
+from mim.models import MaskedEncoder
+from mim.module import PretrainModule
+from mim.targets import PixelTarget
+from mim.targets.loss_prediction import relative_loss, standardized_mse_loss
+from tests.contracts import TargetContract
+from tests.syncs import count_host_syncs
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _target(**overrides) -> PixelTarget:
+    kwargs = dict(decoder_dim=32, decoder_depth=1, decoder_num_heads=4, loss_predictor=True, ema_ramp=0.5)
+    kwargs.update(overrides)
+    return PixelTarget(**kwargs)
+
+
+class TestPixelTargetLossPredictorContract(TargetContract):
+    target_cls = PixelTarget
+
+    def make_target(self, **overrides) -> PixelTarget:
+        return _target(**overrides)
+
+
+class TestPixelTargetLossPredictorMSEContract(TargetContract):
+    target_cls = PixelTarget
+
+    def make_target(self, **overrides) -> PixelTarget:
+        return _target(loss_predictor_loss="mse", **overrides)
+
+
+def _encoder() -> MaskedEncoder:
+    torch.manual_seed(0)
+    return MaskedEncoder(
+        arch="vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        in_chans=3,
+        model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 4},
+    )
+
+
+def _parts(**overrides):
+    encoder = _encoder()
+    target = _target(**overrides)
+    target.bind(encoder)
+    batch = {"image": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    return encoder, target, batch
+
+
+def test_loss_is_reconstruction_plus_ranking_loss():
+    encoder, target, batch = _parts(loss_predictor_weight=0.5)
+    masks = HardPatchMasking()(
+        4,
+        encoder.grid,
+        generator=torch.Generator().manual_seed(2),
+        device=torch.device("cpu"),
+        scores=torch.rand(4, 16),
+    )
+    latent = encoder(batch["image"], masks.visible)
+    out = target(batch, masks, latent, encoder)
+    # independent computation from the parts
+    hidden = masks.targets.flatten(1)
+    x = target.decoder.embed(latent, masks.visible)
+    pred = target.decoder.decode(x, hidden)
+    patches = encoder.patchify(batch["image"])
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+    tgt = ((patches - mean) / (var + 1e-6).sqrt()).gather(1, hidden[..., None].expand(-1, -1, patches.shape[-1]))
+    per_token = (pred - tgt).pow(2).mean(-1)
+    predicted = target.loss_predictor(x).gather(1, hidden)
+    torch.testing.assert_close(out["reconstruction"], per_token.mean())
+    torch.testing.assert_close(out["loss_prediction"], relative_loss(predicted, per_token))
+    torch.testing.assert_close(out["loss"], per_token.mean() + 0.5 * relative_loss(predicted, per_token))
+    mse = _target(loss_predictor_loss="mse")
+    mse.bind(encoder)
+    mse.load_state_dict(target.state_dict())
+    torch.testing.assert_close(
+        mse(batch, masks, latent, encoder)["loss_prediction"], standardized_mse_loss(predicted, per_token)
+    )
+
+
+def test_ranking_gradient_reaches_shared_parts_not_teacher():
+    """L_pred trains the loss predictor, the shared decoder embedding / mask token and the encoder (IMAGE.md §3.2.7),
+    never the reconstructor head or the teacher: compare gradients with loss_predictor_weight 1 and 0."""
+    grads = {}
+    for w in (0.0, 1.0):
+        encoder, target, batch = _parts(loss_predictor_weight=w)
+        masks = HardPatchMasking()(
+            4,
+            encoder.grid,
+            generator=torch.Generator().manual_seed(3),
+            device=torch.device("cpu"),
+            scores=torch.rand(4, 16, generator=torch.Generator().manual_seed(4)),
+        )
+        target(batch, masks, encoder(batch["image"], masks.visible), encoder)["loss"].backward()
+        assert all(p.grad is None and not p.requires_grad for p in target.teacher.parameters())
+        grads[w] = {
+            "predictor": target.loss_predictor.pred.weight.grad,
+            "embed": target.decoder.decoder_embed.weight.grad,
+            "mask_token": target.decoder.mask_token.grad,
+            "encoder": encoder.vit.blocks[0].attn.qkv.weight.grad,
+            "reconstructor": target.decoder.decoder_pred.weight.grad,
+        }
+    assert grads[0.0]["predictor"] is None or float(grads[0.0]["predictor"].abs().sum()) == 0
+    assert float(grads[1.0]["predictor"].abs().sum()) > 0
+    for shared in ("embed", "mask_token", "encoder"):
+        assert float((grads[1.0][shared] - grads[0.0][shared]).abs().sum()) > 0, shared
+    torch.testing.assert_close(grads[1.0]["reconstructor"], grads[0.0]["reconstructor"])
+
+
+def test_token_scores_come_from_the_ema_teacher_on_the_full_image():
+    encoder, target, batch = _parts()
+    scores = target.token_scores(batch, encoder)
+    assert scores.shape == (4, encoder.grid.num_tokens) and not scores.requires_grad
+    # at bind time the teacher equals the student: the student's parts give the same scores
+    latent = encoder(batch["image"])  # all tokens
+    x = target.decoder.embed(latent)  # no mask tokens
+    torch.testing.assert_close(scores, target.loss_predictor(x))
+    # the teacher is a copy: changing the student does not change the scores until after_step
+    with torch.no_grad():
+        target.loss_predictor.pred.bias.add_(1.0)
+    torch.testing.assert_close(target.token_scores(batch, encoder), scores)
+    target.after_step(encoder, progress=1.0)  # momentum end 0.9999: moves by 1e-4 of the change
+    torch.testing.assert_close(target.token_scores(batch, encoder), scores + 1e-4, rtol=0, atol=2e-6)
+
+
+def test_after_step_is_the_ema_formula_with_the_momentum_schedule():
+    encoder, target, _ = _parts(ema_momentum=(0.9, 0.99), ema_ramp=0.5)
+    teacher_before = [p.clone() for p in target.teacher.parameters()]
+    with torch.no_grad():
+        for p in list(encoder.parameters()) + list(target.parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    student = list(target._student(encoder).parameters())
+    target.after_step(encoder, progress=0.25)  # halfway through the ramp: m = 0.945
+    m = 0.945
+    for t, t0, s in zip(target.teacher.parameters(), teacher_before, student):
+        torch.testing.assert_close(t, m * t0 + (1 - m) * s, rtol=1e-6, atol=1e-6)
+
+
+def test_teacher_is_saved_and_not_optimised(tmp_path: Path):
+    encoder = _encoder()
+    module = PretrainModule(encoder=encoder, masking=HardPatchMasking(), targets=[_target()])
+    keys = module.state_dict().keys()
+    assert any(k.startswith("targets.0.teacher.module.encoder.vit.blocks") for k in keys)
+    assert any(k.startswith("targets.0.teacher.module.loss_predictor") for k in keys)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert not any(".teacher." in n for n in trainable)
+
+
+def test_hpm_step_has_no_host_syncs():
+    """Scores, masks, both losses, backward and the EMA update: no .item()/.cpu()/nonzero/boolean indexing."""
+    encoder = _encoder()
+    module = PretrainModule(encoder=encoder, masking=HardPatchMasking(), targets=[_target()])
+    batch = {"image": torch.randn(4, 3, 16, 16)}
+    gen = torch.Generator().manual_seed(0)
+    with count_host_syncs() as syncs:
+        masks = module.draw_masks(batch, gen)
+        out = module.compute_losses(batch, masks)
+        out["loss"].backward()
+        module.target_list[0].after_step(module.encoder, 0.5)
+    assert syncs.count == 0, syncs.calls
+
+
+def test_hard_tokens_follow_teacher_scores_in_the_module():
+    encoder = _encoder()
+    module = PretrainModule(encoder=encoder, masking=HardPatchMasking(), targets=[_target()])
+    batch = {"image": torch.randn(8, 3, 16, 16)}
+    scores = module.target_list[0].token_scores(batch, module.encoder)
+    masking = module.masking
+    masks = masking(
+        8,
+        encoder.grid,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        scores=scores,
+        progress=1.0,
+    )
+    k = num_hard(16, masking.num_visible(16), masking.alpha(1.0))
+    assert k == 6
+    hardest = torch.topk(scores, k, dim=1).indices
+    assert bool(masks.hidden.gather(1, hardest).all())
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="loss_predictor_loss"):
+        PixelTarget(loss_predictor=True, loss_predictor_loss="l1")
+    with pytest.raises(ValueError, match="ema_momentum"):
+        PixelTarget(loss_predictor=True, ema_momentum=(0.9, 1.5))
+    with pytest.raises(ValueError, match="ema_ramp"):
+        PixelTarget(loss_predictor=True, ema_ramp=2.0)
+    with pytest.raises(ValueError, match="loss_predictor_weight"):
+        PixelTarget(loss_predictor=True, loss_predictor_weight=-1.0)
+
+
+@pytest.mark.usefixtures("fashion_mnist")
+def test_hpm_debug_recipe_trains(tmp_path: Path):
+    """recipes/debug/hpm_fashion_mnist.yaml end to end: finite losses, the teacher moves, masks follow its scores."""
+    from mim.cli import build
+
+    cli = build(
+        [
+            "--config",
+            str(RECIPES / "debug" / "hpm_fashion_mnist.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=6",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ],
+        save_config_callback=None,
+    )
+    target = cli.model.target_list[0]
+    teacher0 = [p.clone() for p in target.teacher.parameters()]
+    seen: list[dict[str, float]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    cli.trainer.callbacks.append(Record())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(seen) == 6
+    assert all(torch.isfinite(torch.tensor(list(s.values()))).all() for s in seen)
+    assert "train/pixel/loss_prediction" in seen[-1] and "train/pixel/reconstruction" in seen[-1]
+    moved = sum(float((p - p0).abs().sum()) for p, p0 in zip(target.teacher.parameters(), teacher0))
+    assert moved > 0, "the EMA teacher never moved"
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), map_location="cpu", weights_only=True)
+    assert any(".teacher.module.loss_predictor" in k for k in ckpt["state_dict"])
