@@ -82,5 +82,7 @@ class EMA(nn.Module):
             )
         if momentum == 1.0:
             return
-        sources = [o.detach().to(e.dtype) if o.dtype != e.dtype else o.detach() for e, o in zip(ema_params, online_params)]
+        sources = [
+            o.detach().to(e.dtype) if o.dtype != e.dtype else o.detach() for e, o in zip(ema_params, online_params)
+        ]
         torch._foreach_lerp_(ema_params, sources, 1.0 - momentum)
