@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mim.masking.base import MaskingStrategy
 from mim.models.encoder import MaskedEncoder
 from mim.models.table_encoder import MaskedTableEncoder
-from mim.optim import param_groups, scaled_lr, warmup_cosine
+from mim.optim import cosine_anneal, param_groups, scaled_lr, warmup_cosine
 from mim.targets.base import Target
 from mim.types import Batch, Masks
 
@@ -51,10 +51,13 @@ class PretrainModule(L.LightningModule):
         targets: one or more targets; the loss is ``sum(target.weight * target_loss)``.
         blr: base learning rate; the lr is ``blr * effective_batch / 256`` (MAE: 1.5e-4).
         lr: absolute learning rate; overrides ``blr`` scaling when set.
-        weight_decay: AdamW weight decay (MAE: 0.05).
+        weight_decay: AdamW weight decay (MAE: 0.05); with ``weight_decay_end`` the value at the first step.
+        weight_decay_end: when set, the weight decay follows a half-cosine from ``weight_decay`` to this value over
+            training, updated every optimizer step (I-JEPA: 0.04 -> 0.4).
         betas: AdamW betas (MAE pretraining: (0.9, 0.95)).
         warmup_epochs: linear warmup length in epochs (MAE: 40); may be fractional.
         warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when set.
+        warmup_start_lr: learning rate at the first warmup step (MAE: 0; I-JEPA: 2e-4, rising to ``lr`` 1e-3).
         min_lr: final learning rate of the cosine schedule.
         decay_special_tokens: apply weight decay to cls / mask tokens (official MAE: True).
         batch_size: per-device batch size for lr scaling; default: the datamodule's ``batch_size``.
@@ -70,9 +73,11 @@ class PretrainModule(L.LightningModule):
         blr: float = 1.5e-4,
         lr: float | None = None,
         weight_decay: float = 0.05,
+        weight_decay_end: float | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40.0,
         warmup_steps: int | None = None,
+        warmup_start_lr: float = 0.0,
         min_lr: float = 0.0,
         decay_special_tokens: bool = True,
         batch_size: int | None = None,
@@ -81,7 +86,15 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         if not targets:
             raise ValueError("PretrainModule.targets must hold at least one Target, got []")
-        for field, value in (("blr", blr), ("weight_decay", weight_decay), ("min_lr", min_lr)):
+        checks = [
+            ("blr", blr),
+            ("weight_decay", weight_decay),
+            ("min_lr", min_lr),
+            ("warmup_start_lr", warmup_start_lr),
+        ]
+        if weight_decay_end is not None:
+            checks.append(("weight_decay_end", weight_decay_end))
+        for field, value in checks:
             if value < 0:
                 raise ValueError(f"PretrainModule.{field} must be >= 0, got {value}")
         if lr is not None and lr <= 0:
@@ -189,6 +202,8 @@ class PretrainModule(L.LightningModule):
         if extra:
             self.log_dict(extra, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        if self.hparams.weight_decay_end is not None:  # type: ignore[attr-defined]
+            self.log("train/weight_decay", self.weight_decay_at(self.trainer.global_step), batch_size=bs)
         return out["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -205,7 +220,20 @@ class PretrainModule(L.LightningModule):
         if isinstance(skipped, int):
             self.log("data/skipped_samples", float(skipped), rank_zero_only=True)
 
+    def weight_decay_at(self, step: int) -> float:
+        """The weight decay of the decayed parameter group at optimizer step ``step`` (constant without a schedule)."""
+        hp: Any = self.hparams
+        if hp.weight_decay_end is None:
+            return hp.weight_decay
+        return cosine_anneal(step, total_steps=self._total_steps, start=hp.weight_decay, end=hp.weight_decay_end)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        if self.hparams.weight_decay_end is not None:  # type: ignore[attr-defined]
+            wd = self.weight_decay_at(self.trainer.global_step)
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    if group.get("decay", False):
+                        group["weight_decay"] = wd
         super().optimizer_step(*args, **kwargs)
         for target in self.target_list:
             target.after_step(self.encoder, self.progress)
@@ -263,7 +291,14 @@ class PretrainModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
 
         def factor(step: int) -> float:
-            return warmup_cosine(step, warmup_steps=warmup, total_steps=total, base_lr=1.0, min_lr=hp.min_lr / lr)
+            return warmup_cosine(
+                step,
+                warmup_steps=warmup,
+                total_steps=total,
+                base_lr=1.0,
+                min_lr=hp.min_lr / lr,
+                start_lr=hp.warmup_start_lr / lr,
+            )
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

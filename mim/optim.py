@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["param_groups", "scaled_lr", "warmup_cosine"]
+__all__ = ["cosine_anneal", "param_groups", "scaled_lr", "warmup_cosine"]
 
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
@@ -21,14 +21,16 @@ def scaled_lr(blr: float, effective_batch: int) -> float:
     return blr * effective_batch / 256
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+def warmup_cosine(
+    step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0, start_lr: float = 0.0
+) -> float:
     """The learning rate at optimizer step ``step`` (0-based).
 
-    ``lr = base * step / warmup`` during warmup (starting at 0), then
+    ``lr = start + (base - start) * step / warmup`` during warmup (MAE: start 0; I-JEPA: start 2e-4, base 1e-3), then
     ``min + (base - min) * (1 + cos(pi * (step - warmup) / (total - warmup))) / 2``.
     """
     if step < warmup_steps:
-        return base_lr * step / warmup_steps
+        return start_lr + (base_lr - start_lr) * step / warmup_steps
     if total_steps <= warmup_steps:
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
@@ -46,7 +48,8 @@ def param_groups(
     Parameters with ``requires_grad=False`` are left out.
 
     Returns:
-        Two param-group dicts: ``{"params", "weight_decay", "names"}``.
+        Two param-group dicts: ``{"params", "weight_decay", "names", "decay"}`` (``decay`` marks the group whose
+        weight decay a schedule updates).
     """
     special = set(special_tokens)
     decay: list[tuple[str, nn.Parameter]] = []
@@ -57,6 +60,16 @@ def param_groups(
         skip = p.ndim <= 1 or name.endswith(".bias") or (not decay_special_tokens and name in special)
         (no_decay if skip else decay).append((name, p))
     return [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay]},
-        {"params": [p for _, p in no_decay], "weight_decay": 0.0, "names": [n for n, _ in no_decay]},
+        {"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay], "decay": True},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0, "names": [n for n, _ in no_decay], "decay": False},
     ]
+
+
+def cosine_anneal(step: int, *, total_steps: int, start: float, end: float) -> float:
+    """Half-cosine from ``start`` (step 0) to ``end`` (step ``total_steps`` and later).
+
+    ``end + (start - end) * (1 + cos(pi * min(1, step / total))) / 2``. I-JEPA's weight decay *increases* this way
+    from 0.04 to 0.4 over training (methods/JEPA_VIDEO.md §1(b)).
+    """
+    progress = min(1.0, max(step, 0) / max(total_steps, 1))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -312,3 +312,33 @@ def test_run_without_end_is_a_clear_error() -> None:
     )
     with pytest.raises(ValueError, match="max_epochs or trainer.max_steps"):
         trainer.fit(module, DataLoader(Images(8), batch_size=4))
+
+
+def test_ijepa_schedules_warmup_start_and_weight_decay() -> None:
+    """I-JEPA: lr warms up from warmup_start_lr (not 0); weight decay rises on a cosine (JEPA_VIDEO.md §1(b))."""
+    from mim.optim import cosine_anneal
+
+    module = make_module(
+        lr=1e-2, warmup_start_lr=2e-3, warmup_steps=4, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4
+    )
+
+    class WD(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float, float, float]] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            decay, no_decay = optimizer.param_groups
+            self.seen.append((trainer.global_step, decay["lr"], decay["weight_decay"], no_decay["weight_decay"]))
+
+    rec = WD()
+    trainer = fit(module, max_epochs=3, callbacks=[rec])
+    total = trainer.global_step
+    assert total == 12 and len(rec.seen) == 12
+    for step, lr, wd, wd_no in rec.seen:
+        assert wd == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * step / total)))
+        assert wd == pytest.approx(cosine_anneal(step, total_steps=total, start=0.04, end=0.4))
+        assert wd_no == 0.0  # biases and norms stay undecayed
+        if step < 4:
+            assert lr == pytest.approx(2e-3 + (1e-2 - 2e-3) * step / 4)
+    assert rec.seen[0][1] == pytest.approx(2e-3) and rec.seen[0][2] == pytest.approx(0.04)
+    assert rec.seen[-1][2] > 0.39

@@ -148,3 +148,23 @@ def test_adamw_accepts_groups(model: nn.ModuleDict) -> None:
     opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert math.isclose(opt.param_groups[0]["lr"], 1e-3)
+
+
+def test_ijepa_schedule_check_values() -> None:
+    """The official I-JEPA schedulers' values (JEPA_VIDEO.md §1(b); ipe 625, 300 epochs, warm-up 40 epochs).
+
+    The official scheduler is stepped at the start of each iteration, so its step s is our 0-based step s.
+    """
+    from mim.optim import cosine_anneal
+
+    total, warm = 187_500, 25_000
+    kw = {"warmup_steps": warm, "total_steps": total, "base_lr": 1e-3, "min_lr": 1e-6, "start_lr": 2e-4}
+    assert warmup_cosine(1, **kw) == pytest.approx(2.00032e-4, rel=1e-6)
+    assert warmup_cosine(warm, **kw) == pytest.approx(1e-3)
+    assert warmup_cosine(100_000, **kw) == pytest.approx(5.6071e-4, rel=1e-4)
+    assert warmup_cosine(total, **kw) == pytest.approx(1e-6)
+    wd = {"total_steps": total, "start": 0.04, "end": 0.4}
+    assert cosine_anneal(1, **wd) == pytest.approx(0.04, abs=1e-6)
+    assert cosine_anneal(warm, **wd) == pytest.approx(0.05556, abs=1e-5)
+    assert cosine_anneal(100_000, **wd) == pytest.approx(0.23882, abs=1e-5)
+    assert cosine_anneal(total, **wd) == pytest.approx(0.4)
