@@ -547,6 +547,54 @@ def report_video(r: VideoResult) -> bool:
     return ok
 
 
+def measure_hpm(*, batch_size: int = 1) -> dict[str, float]:
+    """Training FLOPs per image of one MAE step and one HPM step (ViT-B/16, decoder 8 x 512), forward + backward.
+
+    HPM = the student (encoder on visible tokens, reconstructor + loss-predictor decoder stacks) trained on both
+    losses, plus the EMA teacher's scoring pass on the full image (``PixelTarget.token_scores``: encoder on all
+    tokens, decoder embedding and loss predictor; no reconstructor). The EMA update itself has no matrix products.
+    """
+    from mim.masking.hard_patch import HardPatchMasking
+    from mim.masking.random import RandomMasking
+    from mim.models.encoder import MaskedEncoder
+    from mim.module import PretrainModule
+    from mim.targets.pixels import PixelTarget
+
+    out: dict[str, float] = {}
+    images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    batch = {"image": images}
+    for name, masking, kwargs in (
+        ("mae", RandomMasking(mask_ratio=0.75), {}),
+        ("hpm", HardPatchMasking(mask_ratio=0.75), {"loss_predictor": True, "norm_pix": False}),
+    ):
+        torch.manual_seed(0)
+        module = PretrainModule(
+            encoder=MaskedEncoder(arch="vit_base_patch16_224"), masking=masking, targets=[PixelTarget(**kwargs)]
+        )
+        gen = module.generator(torch.device("cpu"), 0, 0, 0)
+        with torch.no_grad():
+            scores, _, _ = _count(lambda m=module: m.target_list[0].token_scores(batch, m.encoder))
+        masks = module.draw_masks(batch, gen)
+        fwd, _, result = _count(lambda m=module, k=masks: m.compute_losses(batch, k))
+        bwd, _, _ = _count(lambda r=result: r["loss"].backward())
+        out[f"{name}_scores"] = scores / batch_size
+        out[f"{name}_train"] = (fwd + bwd) / batch_size
+        out[f"{name}_step"] = (fwd + bwd + scores) / batch_size
+    return out
+
+
+def report_hpm(r: dict[str, float]) -> None:
+    print("HPM vs MAE, ViT-B/16 224 px, mask 0.75, decoder 8 x 512 (16 heads); GFLOPs per image, forward + backward")
+    rows = [
+        ["MAE step", _g(r["mae_step"]), "1.00x"],
+        ["HPM student (both decoders, both losses)", _g(r["hpm_train"]), f"{r['hpm_train'] / r['mae_step']:.2f}x"],
+        ["HPM EMA scoring pass (full image)", _g(r["hpm_scores"]), f"{r['hpm_scores'] / r['mae_step']:.2f}x"],
+        ["HPM step (student + scoring)", _g(r["hpm_step"]), f"{r['hpm_step'] / r['mae_step']:.2f}x"],
+        ["official HPM (PERF.md 1d, analytic)", "147.5", f"{147.5e9 / r['mae_step']:.2f}x"],
+    ]
+    print(_table(["quantity", "GFLOPs", "vs MAE"], rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -562,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backward", action="store_true", help="skip counting the backward pass")
     parser.add_argument("--no-video", action="store_true", help="skip the video (VideoMAE V2 dual masking) section")
     parser.add_argument("--video-only", action="store_true", help="only the video (dual masking) section")
+    parser.add_argument("--hpm", action="store_true", help="only the HPM vs MAE step comparison (ViT-B/16)")
     args = parser.parse_args(argv)
     archs = [ALIASES.get(a.lower(), a) for a in (args.arch or DEFAULT_ARCHS)]
     if args.batch_size < 1:
@@ -571,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
 
     set_fused_attn(False)  # before any model is built: timm's Attention reads the flag in __init__
     torch.manual_seed(0)
+    if args.hpm:
+        report_hpm(measure_hpm())
+        return 0
     ok = True
     if not args.video_only:
         results = [
