@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,54 @@ CPU = torch.device("cpu")
 
 
 # ---------------------------------------------------------------------- helpers (the layout, written out independently)
-def _size(grid: TokenGrid, samples: int, cell: int, slots: int | None = None, top: int = 0) -> tuple[int, int]:
-    slots = grid.t if slots is None else slots
-    return cell + slots * (grid.w * cell + cell), top + cell + samples * (grid.h * cell + cell)
+TOP = viz.CAPTION_HEIGHT  # the caption band on top (on by default)
 
 
-def _origin(grid: TokenGrid, cell: int, s: int, t: int, h: int, w: int, top: int = 0) -> tuple[int, int]:
-    return cell + t * (grid.w * cell + cell) + w * cell, top + cell + s * (grid.h * cell + cell) + h * cell
+@dataclass(frozen=True)
+class Layout:
+    """The module docstring's layout: a T = 1 grid (or a GIF frame) in ``columns``, or a video frame strip."""
+
+    grid: TokenGrid
+    samples: int
+    cell: int
+    top: int  # caption band (+ the GIF progress band)
+    columns: int | None  # None: video frame strip, one row per sample
+
+    @property
+    def size(self) -> tuple[int, int]:
+        g, c = self.grid, self.cell
+        if self.columns is None:
+            return c + g.t * (g.w * c + c), self.top + self.samples * (g.h * c + 2 * c)
+        rows = -(-self.samples // self.columns)
+        return c + self.columns * (g.w * c + c), self.top + c + rows * (g.h * c + c)
+
+    def origin(self, s: int, t: int, h: int, w: int) -> tuple[int, int]:
+        """Top-left pixel (x, y) of token (t, h, w) of sample s (t is ignored outside a frame strip)."""
+        g, c = self.grid, self.cell
+        if self.columns is None:
+            return c + t * (g.w * c + c) + w * c, self.top + c + s * (g.h * c + 2 * c) + h * c
+        col, row = s % self.columns, s // self.columns
+        return c + col * (g.w * c + c) + w * c, self.top + c + row * (g.h * c + c) + h * c
+
+
+def _layout(
+    grid: TokenGrid, samples: int, cell: int, *, caption: bool = True, gif: bool = False, columns: int | None = None
+) -> Layout:
+    top = (TOP if caption else 0) + (cell if gif else 0)
+    if grid.t > 1 and not gif:
+        return Layout(grid, samples, cell, top, None)
+    if columns is None:  # tables: 1; else at most 4 per row, balanced over the fewest rows
+        rows = -(-samples // 4)
+        columns = 1 if grid.h == 1 else -(-samples // rows)
+    return Layout(grid, samples, cell, top, min(columns, samples))
 
 
 def _read(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _colour_count(img: np.ndarray, colour: tuple[int, int, int]) -> int:
+    return int((img == np.array(colour, dtype=np.uint8)).all(-1).sum())
 
 
 def _draw(strategy: MaskingStrategy, grid: TokenGrid, samples: int, seed: int, progress: float = 0.0) -> Masks:
@@ -44,7 +82,7 @@ def _draw(strategy: MaskingStrategy, grid: TokenGrid, samples: int, seed: int, p
 
 
 def _expected_fill(masks: Masks, colour_groups: bool) -> tuple[list[list[tuple]], list[list[tuple | None]]]:
-    """Per sample and token: the fill colour and the centre-dot colour (None: no dot), from the masks directly."""
+    """Per sample and token: the fill colour and the centre-marker colour (None: no marker), from the masks."""
     fills, dots = [], []
     for b in range(masks.batch_size):
         visible = set(masks.visible[b].tolist())
@@ -65,19 +103,23 @@ def _expected_fill(masks: Masks, colour_groups: bool) -> tuple[list[list[tuple]]
     return fills, dots
 
 
-def _check_pixels(img: np.ndarray, masks: Masks, grid: TokenGrid, cell: int, colour_groups: bool, top: int = 0):
+def _check_pixels(img: np.ndarray, masks: Masks, lay: Layout, colour_groups: bool, slot: int | None = None) -> None:
+    """Every cell's corner pixel is its fill, its centre the marker (or the fill), its last row a grid line."""
+    assert (img.shape[1], img.shape[0]) == lay.size
     fills, dots = _expected_fill(masks, colour_groups)
-    slots = range(grid.t) if top == 0 else [0]
+    grid, cell = lay.grid, lay.cell
+    slots = range(grid.t) if lay.columns is None else [slot or 0]
     for s in range(masks.batch_size):
         for t in slots:
             for h in range(grid.h):
                 for w in range(grid.w):
                     k = (t * grid.h + h) * grid.w + w
-                    x, y = _origin(grid, cell, s, 0 if top else t, h, w, top)
-                    assert tuple(img[y + 1, x + 1]) == fills[s][k], (s, t, h, w)  # corner: the fill
+                    x, y = lay.origin(s, t, h, w)
+                    assert tuple(img[y, x]) == fills[s][k], (s, t, h, w)  # corner: the fill
                     centre = tuple(img[y + (cell - 1) // 2, x + (cell - 1) // 2])
                     assert centre == (dots[s][k] or fills[s][k]), (s, t, h, w)
                     assert tuple(img[y + cell - 1, x + 1]) == viz.LINE  # the grid line below the cell
+                    assert tuple(img[y + 1, x + cell - 1]) == viz.LINE  # and right of it
 
 
 # ---------------------------------------------------------------------- pictures decode back to the masks
@@ -89,28 +131,78 @@ def test_random_png_pixels_match_the_masks(tmp_path: Path, capsys) -> None:
     )
     img = _read(out)
     grid = TokenGrid(1, 14, 14)
-    assert (img.shape[1], img.shape[0]) == _size(grid, 5, 12) == (12 + 14 * 12 + 12, 12 + 5 * (14 * 12 + 12))
+    lay = _layout(grid, 5, 12)
+    assert lay.columns == 3  # 5 samples: 3 + 2, side by side
+    assert lay.size == (12 + 3 * (14 * 12 + 12), TOP + 12 + 2 * (14 * 12 + 12))
     masks = _draw(RandomMasking(), grid, 5, 3)
-    _check_pixels(img, masks, grid, 12, colour_groups=False)
-    hidden_px = (img == np.array(viz.HIDDEN, dtype=np.uint8)).all(-1).sum()
-    assert hidden_px == 5 * (196 - 49) * 11 * 11  # exactly the hidden cells are dark (11 x 11 fill per cell)
+    _check_pixels(img, masks, lay, colour_groups=False)
+    assert _colour_count(img[TOP:], viz.HIDDEN) == 5 * (196 - 49) * 11 * 11  # exactly the hidden cells are dark
+    x, y = lay.origin(5, 0, 0, 0)  # the sixth slot of the 3 x 2 layout is empty
+    assert (img[y : y + 14 * 12, x : x + 14 * 12] == np.array(viz.BACKGROUND, dtype=np.uint8)).all()
     assert "wrote" in capsys.readouterr().out
 
 
-def test_tube_png_is_a_frame_strip_matching_the_masks(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("samples", "columns"), [(1, 1), (3, 3), (4, 4), (6, 3), (7, 4), (8, 4), (9, 3), (12, 4)])
+def test_default_columns_balance_rows_of_at_most_four(samples: int, columns: int) -> None:
+    grid = TokenGrid(1, 6, 6)
+    assert viz.default_columns(grid, samples) == columns == _layout(grid, samples, 4).columns
+    assert viz.default_columns(TokenGrid(1, 1, 54), samples) == 1  # tables: one long strip per row
+    masks = _draw(RandomMasking(), grid, samples, 0)
+    assert viz.render_masks(masks, grid, cell=4).size == _layout(grid, samples, 4, caption=False).size
+
+
+def test_columns_flag_and_no_caption(tmp_path: Path) -> None:
+    out = tmp_path / "cols.png"
+    args = ["--strategy", "random", "--grid", "5x7", "--samples", "5", "--columns", "2", "--cell", "6"]
+    assert main(["masks", *args, "--no-caption", "--seed", "2", "--out", str(out)]) == 0
+    img = _read(out)
+    grid = TokenGrid(1, 5, 7)
+    lay = _layout(grid, 5, 6, caption=False, columns=2)
+    assert lay.size == (6 + 2 * (7 * 6 + 6), 6 + 3 * (5 * 6 + 6))
+    _check_pixels(img, _draw(RandomMasking(), grid, 5, 2), lay, colour_groups=False)
+    # more columns than samples: the picture is as wide as the samples
+    assert main(["masks", *args[:-4], "--columns", "9", "--no-caption", "--out", str(out)]) == 0
+    assert Image.open(out).size == _layout(grid, 5, 12, caption=False, columns=5).size
+
+
+def test_tube_png_is_a_frame_strip_per_sample_with_separators(tmp_path: Path) -> None:
     out = tmp_path / "tube.png"
     args = ["--strategy", "tube", "--grid", "6x7", "--frames", "4", "--samples", "3", "--cell", "8"]
     assert main(["masks", *args, "--set", "mask_ratio=0.6", "--out", str(out)]) == 0
     img = _read(out)
     grid = TokenGrid(4, 6, 7)
-    assert (img.shape[1], img.shape[0]) == _size(grid, 3, 8)
+    lay = _layout(grid, 3, 8)
+    assert lay.columns is None and lay.size == (8 + 4 * (7 * 8 + 8), TOP + 3 * (6 * 8 + 16))
     masks = _draw(TubeMasking(mask_ratio=0.6), grid, 3, 0)
-    _check_pixels(img, masks, grid, 8, colour_groups=False)
+    _check_pixels(img, masks, lay, colour_groups=False)
     # the strip shows the tube: every time slot of a sample looks the same
     x_step = 7 * 8 + 8
-    first = img[:, 8 : 8 + 7 * 8]
+    first = img[TOP:, 8 : 8 + 7 * 8]
     for t in range(1, 4):
-        assert np.array_equal(first, img[:, 8 + t * x_step : 8 + t * x_step + 7 * 8])
+        assert np.array_equal(first, img[TOP:, 8 + t * x_step : 8 + t * x_step + 7 * 8])
+    # between samples: two gaps with a separator line (max(1, 8 // 6) = 1 px) in the middle, else background
+    width = img.shape[1]
+    for s in (1, 2):
+        _, below = lay.origin(s - 1, 0, 6, 0)  # first pixel row after sample s - 1
+        _, above = lay.origin(s, 0, 0, 0)
+        assert above - below == 16
+        for y in range(below, above):
+            row = img[y]
+            if y == TOP + s * (6 * 8 + 16):
+                assert (row[4 : width - 4] == np.array(viz.SEPARATOR, dtype=np.uint8)).all()
+                assert (row[:4] == 255).all() and (row[width - 4 :] == 255).all()
+            else:
+                assert (row == 255).all(), y
+
+
+def test_video_columns_are_rejected_for_png_but_allowed_for_gif(tmp_path: Path, capsys) -> None:
+    args = ["masks", "--strategy", "tube", "--grid", "4x4", "--frames", "2", "--columns", "2"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--out", str(tmp_path / "v.png")])
+    assert exc.value.code == 2 and "--columns applies to T = 1 grids and GIF frames" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main([*args, "--samples", "3", "--out", str(tmp_path / "v.gif")]) == 0
+    assert Image.open(tmp_path / "v.gif").size == _layout(TokenGrid(2, 4, 4), 3, 12, gif=True, columns=2).size
 
 
 def test_multiblock_png_colours_target_groups(tmp_path: Path) -> None:
@@ -119,9 +211,29 @@ def test_multiblock_png_colours_target_groups(tmp_path: Path) -> None:
     img = _read(out)
     grid = TokenGrid(1, 14, 14)
     masks = _draw(MultiBlockMasking(), grid, 4, 11)
-    _check_pixels(img, masks, grid, 12, colour_groups=True)
-    for m in range(4):  # every group's colour is on the picture
-        assert (img == np.array(viz.TARGET_COLOURS[m], dtype=np.uint8)).all(-1).any()
+    _check_pixels(img, masks, _layout(grid, 4, 12), colour_groups=True)
+    for m in range(4):  # every group's colour is on the picture, and in the legend
+        assert _colour_count(img[TOP:], viz.TARGET_COLOURS[m]) > 0
+        assert _colour_count(img[:TOP], viz.TARGET_COLOURS[m]) > 0
+
+
+def test_caption_band_holds_a_title_and_legend(tmp_path: Path) -> None:
+    grid = TokenGrid(1, 14, 14)
+    masks = _draw(RandomMasking(), grid, 8, 0)
+    plain = np.asarray(viz.render_masks(masks, grid))
+    titled = np.asarray(viz.render_masks(masks, grid, title="grid 14x14 | RandomMasking(mask_ratio=0.75)"))
+    assert titled.shape[0] == plain.shape[0] + TOP and titled.shape[1] == plain.shape[1]
+    assert np.array_equal(titled[TOP:], plain)  # the caption only adds the band
+    band = titled[:TOP]
+    dark_text = (band.astype(int).sum(-1) < 3 * 120) & ~(band == np.array(viz.HIDDEN, dtype=np.uint8)).all(-1)
+    assert dark_text[: TOP // 2].sum() > 200  # the title line has text
+    for colour in (viz.VISIBLE, viz.HIDDEN):  # the legend's swatches
+        assert _colour_count(band, colour) >= 36
+    assert _colour_count(band, viz.DECODER) == 0 and _colour_count(band, viz.TARGET_COLOURS[1]) == 0
+    # a long title is cut to the picture's width instead of running off it
+    narrow = np.asarray(viz.render_masks(_draw(RandomMasking(), grid, 1, 0), grid, title="x" * 500))
+    assert narrow.shape[1] == 12 + 14 * 12 + 12
+    assert (narrow[:TOP, -12:] == 255).all() and (narrow[:TOP, 12:-12] != 255).any()
 
 
 def test_table_grid_and_full_class_path_with_init(tmp_path: Path) -> None:
@@ -131,8 +243,9 @@ def test_table_grid_and_full_class_path_with_init(tmp_path: Path) -> None:
     assert main(["masks", *args, "--out", str(out)]) == 0
     img = _read(out)
     grid = TokenGrid(1, 1, 20)
-    assert (img.shape[1], img.shape[0]) == _size(grid, 8, 12) == (12 + 20 * 12 + 12, 12 + 8 * 24)
-    _check_pixels(img, _draw(RandomMasking(mask_ratio=0.5), grid, 8, 0), grid, 12, colour_groups=False)
+    lay = _layout(grid, 8, 12)
+    assert lay.columns == 1 and lay.size == (12 + 20 * 12 + 12, TOP + 12 + 8 * 24)  # one sample per row
+    _check_pixels(img, _draw(RandomMasking(mask_ratio=0.5), grid, 8, 0), lay, colour_groups=False)
 
 
 def test_gif_has_one_frame_per_time_slot(tmp_path: Path) -> None:
@@ -142,18 +255,32 @@ def test_gif_has_one_frame_per_time_slot(tmp_path: Path) -> None:
     grid = TokenGrid(6, 5, 6)
     gif = Image.open(out)
     assert gif.n_frames == 6  # identical tube frames are kept apart by the progress band
-    assert gif.size == _size(grid, 2, 10, slots=1, top=10)
+    lay = _layout(grid, 2, 10, gif=True)
+    assert lay.columns == 2 and gif.size == lay.size == (10 + 2 * 70, TOP + 10 + 10 + 60)
     masks = _draw(TubeMasking(), grid, 2, 0)
     bars = []
     for t in range(6):
         gif.seek(t)
         frame = np.asarray(gif.convert("RGB"))
-        _check_pixels(frame, masks, TokenGrid(1, 5, 6), 10, colour_groups=False, top=10)  # slot t (same as 0: a tube)
-        bars.append(int((frame[5] == np.array(viz.BAR, dtype=np.uint8)).all(-1).sum()))
-    assert bars == sorted(bars) and bars[-1] == 6 * 10 and bars[0] < bars[-1]
+        _check_pixels(frame, masks, lay, colour_groups=False, slot=t)  # slot t (the same as 0: a tube)
+        bars.append(_colour_count(frame[TOP + 5 : TOP + 6], viz.BAR))
+    assert bars == [round(130 * (t + 1) / 6) for t in range(6)]  # grows to the panels' width, 150 - 2 gaps
 
 
-def test_decoder_tokens_are_marked() -> None:
+def test_marker_square_is_large_centred_and_inside_the_cell() -> None:
+    for cell in range(3, 65):  # every --cell the command accepts
+        start, size, outlined = viz.marker_square(cell)
+        fill = cell - 1
+        assert size == max(1, round(0.45 * fill)) and start == (cell - size) // 2, cell
+        assert 1 <= start <= (cell - 1) // 2 < start + size <= fill, cell  # holds the centre pixel, not the corner
+        assert outlined == (cell >= 6), cell
+        if outlined:
+            assert start - 1 >= 1 and start + size <= fill - 1, cell  # the ring stays inside the fill
+            assert size >= 0.4 * fill, cell  # clearly visible: ~45 % of the cell, ~(45 % + 2 px) with its ring
+
+
+@pytest.mark.parametrize("cell", [8, 9, 12])
+def test_decoder_tokens_are_marked(cell: int) -> None:
     grid = TokenGrid(1, 2, 3)
     masks = Masks(
         visible=torch.tensor([[0, 4]]),
@@ -161,26 +288,40 @@ def test_decoder_tokens_are_marked() -> None:
         num_tokens=6,
         decoder=torch.tensor([[2, 5]]),
     )
-    img = np.asarray(viz.render_masks(masks, grid, cell=9))
-    assert img.shape == (9 + 2 * 9 + 9, 9 + 3 * 9 + 9, 3)
-    _check_pixels(img, masks, grid, 9, colour_groups=False)
-    centre = [
-        tuple(img[_origin(grid, 9, 0, 0, k // 3, k % 3)[1] + 4, _origin(grid, 9, 0, 0, k // 3, k % 3)[0] + 4])
-        for k in range(6)
-    ]
-    assert [c == viz.DECODER for c in centre] == [False, False, True, False, False, True]
+    img = np.asarray(viz.render_masks(masks, grid, cell=cell))
+    lay = _layout(grid, 1, cell, caption=False)
+    assert img.shape == (cell + 2 * cell + cell, cell + 3 * cell + cell, 3)
+    _check_pixels(img, masks, lay, colour_groups=False)
+    start, size, _ = viz.marker_square(cell)
+    for k in range(6):
+        x, y = lay.origin(0, 0, k // 3, k % 3)
+        block = img[y : y + cell - 1, x : x + cell - 1]
+        if k in (2, 5):  # a yellow square of size^2 pixels in a dark ring
+            assert _colour_count(block, viz.DECODER) == size * size
+            assert (block[start : start + size, start : start + size] == np.array(viz.DECODER, np.uint8)).all()
+            assert _colour_count(block, viz.DECODER_EDGE) == (size + 2) ** 2 - size * size
+        else:
+            assert _colour_count(block, viz.DECODER) == _colour_count(block, viz.DECODER_EDGE) == 0
 
 
 def test_dual_strategy_marks_decoder_tokens_when_available(tmp_path: Path) -> None:
     if "dual" not in viz.available_strategies():
         pytest.skip("mim.masking.DualMasking is not there yet")
+    from mim.masking import DualMasking
+
     out = tmp_path / "dual.png"
     assert (
-        main(["masks", "--strategy", "dual", "--grid", "8x8", "--frames", "2", "--samples", "2", "--out", str(out)])
+        main(["masks", "--strategy", "dual", "--grid", "8x8", "--frames", "4", "--samples", "2", "--out", str(out)])
         == 0
     )
     img = _read(out)
-    assert (img == np.array(viz.DECODER, dtype=np.uint8)).all(-1).any()
+    grid = TokenGrid(4, 8, 8)
+    masks = _draw(DualMasking(), grid, 2, 0)
+    assert masks.decoder is not None
+    _check_pixels(img, masks, _layout(grid, 2, 12), colour_groups=False)
+    start, size, _ = viz.marker_square(12)
+    assert _colour_count(img[TOP:], viz.DECODER) == masks.decoder.numel() * size * size
+    assert _colour_count(img[:TOP], viz.DECODER) > 0  # in the legend (cut on pictures narrower than ~240 px)
 
 
 # ---------------------------------------------------------------------- scores, progress, nested strategies
@@ -223,7 +364,7 @@ def test_scores_for_needs_scores_strategies_are_a_smooth_field(tmp_path: Path) -
     out = tmp_path / "scores.png"
     path = f"{__name__}.LowestScoresVisible"
     assert main(["masks", "--strategy", path, "--grid", "16x16", "--samples", "3", "--out", str(out)]) == 0
-    _check_pixels(_read(out), _draw(LowestScoresVisible(), grid, 3, 0), grid, 12, colour_groups=False)
+    _check_pixels(_read(out), _draw(LowestScoresVisible(), grid, 3, 0), _layout(grid, 3, 12), colour_groups=False)
 
 
 def test_progress_and_nested_class_path(tmp_path: Path) -> None:
@@ -232,8 +373,7 @@ def test_progress_and_nested_class_path(tmp_path: Path) -> None:
     args = ["--strategy", f"{__name__}.ProgressCount", "--init", nested, "--grid", "12", "--progress", "0.5"]
     assert main(["masks", *args, "--samples", "2", "--out", str(out)]) == 0
     img = _read(out)
-    light = (img == np.array(viz.VISIBLE, dtype=np.uint8)).all(-1).sum()
-    assert light == 2 * (1 + 5) * 11 * 11  # K = 1 + round(0.5 * 10) = 6 per sample
+    assert _colour_count(img[TOP:], viz.VISIBLE) == 2 * (1 + 5) * 11 * 11  # K = 1 + round(0.5 * 10) = 6 per sample
     built = viz.build_strategy(f"{__name__}.ProgressCount", json.loads(nested))
     assert isinstance(built, ProgressCount) and isinstance(built.inner, RandomMasking)
     assert built.inner.mask_ratio == 0.5
@@ -308,7 +448,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert Image.open(out).format == "PNG" and [p.name for p in tmp_path.iterdir()] == ["m.png"]
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and Lightning (mim.cli): 5-12 s on 2 busy cores
+@pytest.mark.slow  # a fresh interpreter imports torch (mim.cli imports Lightning only for fit/validate)
 def test_console_script(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "mim"
     if not script.is_file():
@@ -322,4 +462,16 @@ def test_console_script(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "FeatureSubsetMasking" in run.stdout and "4 target group(s) in colour" in run.stdout
-    assert Image.open(out).size == _size(TokenGrid(1, 1, 54), 6, 12)
+    assert Image.open(out).size == _layout(TokenGrid(1, 1, 54), 6, 12).size
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch (~2-4 s on 2 busy cores)
+def test_masks_command_does_not_import_lightning(tmp_path: Path) -> None:
+    code = (
+        "import sys; from mim.cli import main; "
+        f"rc = main(['masks', '--strategy', 'random', '--samples', '2', '--out', {str(tmp_path / 'r.png')!r}]); "
+        "print('LIGHTNING', 'lightning' in sys.modules, rc)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "LIGHTNING False 0" in run.stdout
