@@ -13,6 +13,7 @@ for strategy in $($MIM masks --list); do
   case "$strategy" in
     tube | dual) args=(--grid 14x14 --frames 8 --cell 8 --samples 6) ;;
     feature_subset) args=(--grid 54 --samples 6) ;;
+    hard_patch) args=(--grid 14x14 --samples 8 --progress 1) ;;  # end of training: half the hidden budget is hard
     *) args=(--grid 14x14 --samples 8) ;;
   esac
   $MIM masks --strategy "$strategy" "${args[@]}" --seed 0 --out "$OUT/masks_$strategy.png"
