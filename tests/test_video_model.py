@@ -163,6 +163,10 @@ def test_video_debug_recipe_trains_on_real_clips(real_clips, tmp_path):
             assert batch["video"].shape == (4, 3, 4, 32, 32)  # 2 videos x 2 repeats, normalised float
             assert batch["video"].dtype == torch.float32
             losses.append(float(outputs["loss"]))
+            # tube masking: the same 4 of 16 spatial positions are visible in both time slots
+            masks = pl_module.draw_masks(batch, torch.Generator().manual_seed(batch_idx))
+            visible = masks.visible.view(4, 2, 4)  # (B, T, K_s)
+            assert torch.equal(visible[:, 1] - 16, visible[:, 0])
 
     cli.trainer.callbacks.append(Record())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
