@@ -7,23 +7,21 @@ works without it.
 import importlib
 from typing import Any
 
-from mim.data.base import ImageDataModule, TensorImageDataset, normalize_image, normalize_video
-from mim.data.fashion_mnist import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    FashionMNISTDataModule,
-    find_fashion_mnist,
-    load_fashion_mnist,
-)
-from mim.data.folder import CorruptImageWarning, ImageFolderDataModule, ImageFolderDataset
-from mim.data.shards import ShardDataModule, ShardDataset
-from mim.data.transforms import eval_transform, mae_train_transform
-from mim.data.video import CorruptVideoWarning, VideoClipDataset, VideoDataModule, collate_clips
-
-_LAZY = {
-    name: "mim.data.tables"
-    for name in (
+_MODULES = {
+    "mim.data.base": ("ImageDataModule", "TensorImageDataset", "normalize_image", "normalize_video"),
+    "mim.data.fashion_mnist": (
+        "FASHION_MNIST_CLASSES",
+        "FASHION_MNIST_MEAN",
+        "FASHION_MNIST_STD",
+        "FashionMNISTDataModule",
+        "find_fashion_mnist",
+        "load_fashion_mnist",
+    ),
+    "mim.data.folder": ("CorruptImageWarning", "ImageFolderDataModule", "ImageFolderDataset"),
+    "mim.data.shards": ("ShardDataModule", "ShardDataset"),
+    "mim.data.transforms": ("eval_transform", "mae_train_transform"),
+    "mim.data.video": ("CorruptVideoWarning", "VideoClipDataset", "VideoDataModule", "collate_clips"),
+    "mim.data.tables": (
         "TableBatch",
         "TableDataModule",
         "TableDataset",
@@ -31,8 +29,9 @@ _LAZY = {
         "infer_column_kinds",
         "read_table",
         "sklearn_table",
-    )
+    ),
 }
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
@@ -41,27 +40,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mim.data' has no attribute {name!r}")
 
 
-__all__ = [
-    *_LAZY,
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_MEAN",
-    "FASHION_MNIST_STD",
-    "CorruptImageWarning",
-    "CorruptVideoWarning",
-    "FashionMNISTDataModule",
-    "ImageDataModule",
-    "ImageFolderDataModule",
-    "ImageFolderDataset",
-    "ShardDataModule",
-    "ShardDataset",
-    "TensorImageDataset",
-    "VideoClipDataset",
-    "VideoDataModule",
-    "collate_clips",
-    "eval_transform",
-    "find_fashion_mnist",
-    "load_fashion_mnist",
-    "mae_train_transform",
-    "normalize_image",
-    "normalize_video",
-]
+__all__ = sorted(_LAZY)
