@@ -1,4 +1,5 @@
-"""Every shipped recipe parses and instantiates; production recipes state their expected result."""
+"""Every shipped recipe parses and instantiates; production recipes state their expected result; the partial
+``recipes/_base/`` pieces (strategy, precision) compose with any method recipe through stacked ``-c`` files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from PIL import Image
 from mim.cli import MimCLI, build
 from mim.module import PretrainModule
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# recipes/_base/ holds partial pieces (a strategy, a precision) meant to be stacked after a method recipe: they are
+# tested in composition below, not alone.
+RECIPES = sorted(p for p in RECIPE_DIR.rglob("*.yaml") if p.relative_to(RECIPE_DIR).parts[0] != "_base")
+BASE = sorted((RECIPE_DIR / "_base").glob("*.yaml"))
 
 
 def _image_folder(root: Path, size: int = 40) -> Path:
@@ -82,3 +87,140 @@ def test_vit_b16_recipe_matches_the_paper(tmp_path: Path):
     assert (hp.blr, hp.weight_decay, tuple(hp.betas), hp.warmup_epochs) == (1.5e-4, 0.05, (0.9, 0.95), 40)
     assert cli.trainer.max_epochs == 1600
     assert cli.datamodule.batch_size == 64
+
+
+# ------------------------------------------------------------------------------------------ recipes/_base pieces
+def _parse(args: list[str]) -> dict:
+    """The merged configuration of stacked ``-c`` files and flags, parsed but not instantiated (no DeepSpeed)."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from mim.cli import MimCLI
+
+    class ParseOnly(MimCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    cli = ParseOnly(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=False,
+        save_config_callback=None,
+    )
+    return cli.config.as_dict()
+
+
+def _piece(name: str) -> Path:
+    return RECIPE_DIR / "_base" / f"{name}.yaml"
+
+
+def _contains(merged: object, piece: object) -> bool:
+    """Every value the piece sets is in the merged config (dicts compared key by key, the rest exactly)."""
+    if isinstance(piece, dict):
+        return isinstance(merged, dict) and all(k in merged and _contains(merged[k], v) for k, v in piece.items())
+    return merged == piece
+
+
+def test_base_pieces_found():
+    names = {p.stem for p in BASE}
+    strategies = {"ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp"}
+    assert strategies | {"deepspeed_stage_2_offload", "deepspeed_stage_3_offload", "bf16"} <= names
+    assert not any(p.relative_to(RECIPE_DIR).parts[0] == "_base" for p in RECIPES)
+
+
+@pytest.mark.parametrize("method", ["debug/mae_fashion_mnist.yaml", "mae/vit_b16_in1k.yaml"])
+@pytest.mark.parametrize("piece", BASE, ids=lambda p: p.stem)
+def test_base_piece_composes_with_a_method_recipe(piece: Path, method: str):
+    """``-c METHOD -c PIECE -c bf16``: the piece's trainer settings win, the method's model and data stay."""
+    import yaml
+
+    alone = _parse(["--config", str(RECIPE_DIR / method)])
+    merged = _parse(["--config", str(RECIPE_DIR / method), "--config", str(piece), "--config", str(_piece("bf16"))])
+    spec = yaml.safe_load(piece.read_text())
+    assert set(spec) == {"trainer"}, "a _base piece sets trainer options only"
+    assert _contains(merged["trainer"], spec["trainer"])
+    assert merged["trainer"]["precision"] == "bf16-mixed"
+    assert merged["model"] == alone["model"] and merged["data"] == alone["data"]
+    if "strategy" in spec["trainer"]:
+        # a later flag still overrides the piece (jsonargparse: the last one wins), and the rest of the piece stays
+        flag = "--trainer.strategy.init_args.process_group_backend=gloo"
+        override = _parse(["--config", str(RECIPE_DIR / method), "--config", str(piece), flag])
+        assert override["trainer"]["strategy"]["init_args"]["process_group_backend"] == "gloo"
+        assert _contains(override["trainer"], spec["trainer"])
+
+
+def test_deepspeed_pieces_set_the_zero_options():
+    import yaml
+
+    def zero(name: str) -> tuple[dict, dict]:
+        init = yaml.safe_load(_piece(name).read_text())["trainer"]["strategy"]["init_args"]
+        return init, init.get("config", {}).get("zero_optimization", {"stage": init.get("stage")})
+
+    for name, stage in [("deepspeed_stage_1", 1), ("deepspeed_stage_2", 2), ("deepspeed_stage_2_offload", 2)]:
+        assert zero(name)[1]["stage"] == stage
+    for name in ("deepspeed_stage_3", "deepspeed_stage_3_offload"):
+        init, z = zero(name)
+        assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 0  # ENVIRONMENT.md pitfall 1
+        assert init["config"]["zero_allow_untested_optimizer"] is True  # a config dict replaces Lightning's defaults
+    for name in ("deepspeed_stage_2_offload", "deepspeed_stage_3_offload"):
+        init, z = zero(name)
+        assert z["offload_optimizer"]["device"] == "cpu"
+        assert init["config"]["zero_force_ds_cpu_optimizer"] is False  # mim's torch AdamW on offloaded state
+    assert zero("deepspeed_stage_3_offload")[1]["offload_param"]["device"] == "cpu"
+    assert "offload_param" not in zero("deepspeed_stage_3")[1]
+
+
+def test_ddp_fsdp_and_bf16_pieces_build_the_trainer(tmp_path: Path):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    debug = RECIPE_DIR / "debug" / "mae_fashion_mnist.yaml"
+    root = f"--trainer.default_root_dir={tmp_path}"
+    cli = build(["--config", str(debug), "--config", str(_piece("ddp")), "--config", str(_piece("bf16")), root])
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert cli.trainer.strategy._ddp_kwargs["find_unused_parameters"] is False
+    assert cli.trainer.precision == "bf16-mixed" and isinstance(cli.model, PretrainModule)
+    cli = build(["--config", str(debug), "--config", str(_piece("fsdp")), root])
+    assert isinstance(cli.trainer.strategy, ModelParallelStrategy)
+    assert (cli.trainer.strategy._data_parallel_size, cli.trainer.strategy._tensor_parallel_size) == (8, 1)
+
+
+def test_deepspeed_pieces_build_the_strategy():
+    """The strategy objects themselves (a Trainer would refuse Lightning's DeepSpeedStrategy on a CPU)."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    for name, stage in [("deepspeed_stage_1", 1), ("deepspeed_stage_2", 2), ("deepspeed_stage_3_offload", 3)]:
+        spec = yaml.safe_load(_piece(name).read_text())["trainer"]["strategy"]
+        strategy = parser.instantiate_classes(parser.parse_args(["--strategy", json.dumps(spec)])).strategy
+        assert isinstance(strategy, DeepSpeedStrategy)
+        assert strategy.config["zero_optimization"]["stage"] == stage
+        assert strategy.zero_stage_3 == (stage == 3)
+
+
+def test_printed_config_reparses_the_deepspeed_dict(tmp_path: Path, capsys):
+    """`mim print_config` dumps a DeepSpeed ``config`` dict as a quoted string; feeding that dump back in (as a
+    saved config.yaml is) must give the dict again, not a path."""
+    import yaml
+
+    from mim.cli import main
+
+    method = str(RECIPE_DIR / "debug" / "mae_fashion_mnist.yaml")
+    with pytest.raises(SystemExit):
+        main(["print_config", "-c", method, "-c", str(_piece("deepspeed_stage_3"))])
+    dumped = capsys.readouterr().out
+    saved = yaml.safe_load(dumped[dumped.index("seed_everything") :])
+    for fit_only in ("ckpt_path", "weights_only"):  # `fit` arguments; _parse has no subcommands
+        saved.pop(fit_only, None)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    again = _parse(["--config", str(path)])
+    config = again["trainer"]["strategy"]["init_args"]["config"]
+    assert isinstance(config, dict) and config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
