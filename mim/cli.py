@@ -33,6 +33,7 @@ commands:
   quickstart [--help]                                MAE on Fashion-MNIST on CPU + linear-probe table
   pack SRC OUT/ [--shard-size 1GB --resize-short 256]  pack an image folder or list file into tar shards
   masks --strategy NAME [--grid 14x14 --frames T --set k=v --out masks.png|.gif]  picture of sample masks
+  export CKPT OUT.safetensors                        the encoder as a timm state dict (+ config)
 """
 
 
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from mim.viz import main as masks
 
         return masks(argv[1:])
+    if argv[0] == "export":
+        from mim.export import main as export
+
+        return export(argv[1:])
     if argv[0] == "print_config":
         argv = ["fit", *argv[1:], "--print_config"]
     _cli(argv, save_config_kwargs={"overwrite": True})

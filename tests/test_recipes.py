@@ -46,6 +46,10 @@ def _instantiate(recipe: Path, tmp_path: Path, clips: Path | None = None) -> Mim
         args.append(f"--data.init_args.train_path={sklearn_table('wine', tmp_path / 'table')}")
     if "CSVLogger" in text:
         args.append(f"--trainer.logger.init_args.save_dir={tmp_path}")
+    if "TeacherTarget" in text:
+        from tests.test_teacher_target import teacher_overrides
+
+        args += teacher_overrides(recipe, tmp_path)  # a random-init teacher file for the small debug teachers
     return build(args, save_config_callback=None)
 
 

@@ -18,6 +18,7 @@ _LAZY = {
     "DualMasking": "mim.masking.dual",
     "RunningCellMasking": "mim.masking.dual",
     "FeatureSubsetMasking": "mim.masking.feature_subset",
+    "AttentionMasking": "mim.masking.attention",
 }
 
 __all__ = [

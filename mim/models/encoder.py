@@ -7,10 +7,13 @@ visible tokens, prepend the prefix tokens (cls, registers) and run the transform
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import timm
 import torch
+import torch.utils.checkpoint
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
@@ -169,6 +172,16 @@ class MaskedEncoder(nn.Module):
             rows = self._pos_prefix + self.grid.num_tokens
             vit.pos_embed = nn.Parameter(torch.zeros(1, rows, self.embed_dim), requires_grad=False)
         self._init_weights(init)
+        # Block outputs requested by targets (capture_blocks); empty: the plain forward below.
+        self._capture: tuple[int, ...] = ()
+        self.block_outputs: dict[int, Tensor] = {}
+        self._captured_for: weakref.ref[Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and deep copies (EMA teachers) drop the kept block outputs: activations are not state."""
+        state = self.__dict__.copy()
+        state["block_outputs"], state["_captured_for"] = {}, None
+        return state
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
@@ -251,6 +264,8 @@ class MaskedEncoder(nn.Module):
         vit = self.vit
         x = torch.cat([self.prefix_tokens(tokens.shape[0]), tokens], dim=1)  # (B, prefix+K, D)
         x = vit.norm_pre(x)
+        if self._capture:
+            return self._encode_capturing(x)
         if vit.grad_checkpointing and torch.is_grad_enabled():
             from timm.models._manipulate import checkpoint_seq
 
@@ -258,6 +273,62 @@ class MaskedEncoder(nn.Module):
         else:
             x = vit.blocks(x)
         return vit.norm(x)  # (B, prefix+K, D)
+
+    def _encode_capturing(self, x: Tensor) -> Tensor:
+        """Blocks one by one, keeping the requested block outputs (with autograd) in ``block_outputs``."""
+        vit = self.vit
+        checkpointing = vit.grad_checkpointing and torch.is_grad_enabled()
+        outputs: dict[int, Tensor] = {}
+        for i, block in enumerate(vit.blocks):
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if i in self._capture:
+                outputs[i] = x  # (B, prefix+K, D) before the final norm
+        out = vit.norm(x)  # (B, prefix+K, D)
+        self.block_outputs = outputs
+        self._captured_for = weakref.ref(out)
+        return out
+
+    def capture_blocks(self, indices: Iterable[int]) -> None:
+        """From now on, keep the outputs of these blocks (before the final norm) of every forward pass.
+
+        MaskAlign aligns every student block's output (methods/IMAGE.md §4.1 step 4); the module runs one encoder
+        pass per step and hands targets only the final latent, so a target requests the blocks it needs here (in
+        its ``bind``) and reads them with :meth:`captured_blocks`. Requests from several targets are merged.
+        Without any request the forward pass is unchanged.
+
+        Args:
+            indices: block indices, 0-based; negative ones count from the last block.
+        """
+        depth = len(self.vit.blocks)
+        wanted = set(self._capture)
+        for i in indices:
+            if not -depth <= i < depth:
+                raise ValueError(f"encoder.capture_blocks: block index {i} is out of range for {depth} blocks")
+            wanted.add(i % depth)
+        self._capture = tuple(sorted(wanted))
+
+    def captured_blocks(self, latent: Tensor) -> dict[int, Tensor]:
+        """The block outputs kept by the forward pass that returned ``latent``.
+
+        Args:
+            latent: (B, prefix + K, D), the output of that forward pass (checked by identity, so outputs of another
+                pass are never mistaken for this one's).
+
+        Returns:
+            block index -> (B, prefix + K, D) output before the final norm, for every index passed to
+            :meth:`capture_blocks`.
+        """
+        if not self._capture:
+            raise RuntimeError("encoder.captured_blocks: no blocks requested; call encoder.capture_blocks(...) first")
+        if self._captured_for is None or self._captured_for() is not latent:
+            raise RuntimeError(
+                "encoder.captured_blocks: the kept block outputs belong to another forward pass than this latent "
+                "(pass the latent the encoder returned in this step)"
+            )
+        return self.block_outputs
 
     def forward(self, images: Tensor, visible: Tensor | None = None) -> Tensor:
         """Encode the visible tokens.

@@ -1,0 +1,371 @@
+"""Frozen-teacher feature targets: MaskAlign and MR-MAE's feature mimicking.
+
+A frozen teacher (any timm ViT-family model, weights from a local file: mim/models/teacher.py) sees the **full**
+input; the student's features at the **visible** tokens are regressed onto the teacher's features at the same
+tokens (gathered with ``Masks.visible``, the order the encoder used).
+
+* MaskAlign (Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023;
+  methods/IMAGE.md §4.1): ``student_layers="blocks"``. Every student block output (before the final norm) enters
+  the dynamic alignment (mim/models/align.py: a layer-mixing matrix initialised to ``I + 0.01`` and one linear
+  adapter per aligned teacher block); the targets are the teacher's block outputs normalised by a LayerNorm
+  without affine parameters (``whiten``, eps 1e-5), CLS token included; the loss is ``2 * SmoothL1(beta=1)``
+  averaged over the aligned blocks (``top5``: the last 5 of 12, weight 1/5 each). No decoder, no mask tokens.
+  With ``attention_scores=True`` the target provides the teacher's last-block CLS-to-patch attention through
+  :meth:`TeacherTarget.token_scores` for :class:`~mim.masking.attention.AttentionMasking`.
+* MR-MAE (Gao et al., "Mimic before Reconstruct", IJCV 2023; §5.1 step 3): ``student_layers="output"``. The
+  encoder's final latent at the visible patch tokens goes through a linear head and regresses the teacher's
+  (whitened) features there, with MSE; the pixel loss on the hidden tokens is a second target in the same recipe
+  (:class:`~mim.targets.pixels.PixelTarget`), so the two losses share one encoder pass.
+
+The teacher is frozen (no ``requires_grad``), in eval mode, runs under ``torch.no_grad()`` in the step's compute
+dtype (autocast, or the dtype the module was converted to), and is **not** a registered submodule: it is never in
+``parameters()`` (optimizer, DDP, ZeRO, FSDP never see it) nor in ``state_dict()``. It follows the target in
+``.to()`` / ``.half()`` (``_apply``). The state dict carries ``_extra_state`` = ``{teacher_arch,
+teacher_checkpoint, sha256}``; loading a state dict whose hash differs from the teacher file's raises.
+
+The teacher runs once per step: :meth:`token_scores` (called before the masks are drawn) keeps its output for the
+batch (matched by the input tensor's identity and version counter, no host sync) and :meth:`forward` reuses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mim.masking.functional import gather_tokens
+from mim.models.align import DynamicAlignment, linear_adapters
+from mim.models.teacher import FrozenTeacher, TeacherOutput
+from mim.targets.base import Target
+from mim.types import Batch, Masks
+
+if TYPE_CHECKING:
+    from mim.models.encoder import MaskedEncoder
+
+__all__ = ["TeacherTarget", "feature_distance", "normalize_features"]
+
+
+def normalize_features(y: Tensor, mode: Literal["whiten", "l2", "none"], eps: float = 1e-5) -> Tensor:
+    """MaskAlign's target normalisation over the last dim.
+
+    Args:
+        y: (..., D_t).
+        mode: ``whiten`` (LayerNorm without affine parameters), ``l2`` (unit L2 norm) or ``none``.
+        eps: LayerNorm epsilon (MaskAlign: 1e-5).
+
+    Returns:
+        (..., D_t).
+    """
+    if mode == "whiten":
+        return F.layer_norm(y, y.shape[-1:], eps=eps)
+    if mode == "l2":
+        return F.normalize(y, dim=-1)
+    return y
+
+
+def feature_distance(pred: Tensor, target: Tensor, loss: Literal["smooth_l1", "l2", "l1"]) -> Tensor:
+    """Mean over all elements: ``2 * SmoothL1(beta=1)`` (MaskAlign's scale), MSE, or L1."""
+    if loss == "smooth_l1":
+        return 2.0 * F.smooth_l1_loss(pred, target, beta=1.0)
+    if loss == "l2":
+        return F.mse_loss(pred, target)
+    return F.l1_loss(pred, target)
+
+
+def _channels(name: str, value: Sequence[float] | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    out = tuple(float(v) for v in value)
+    if not out:
+        raise ValueError(f"TeacherTarget.{name} must list one value per channel, got {value!r}")
+    if name.endswith("std") and not all(v > 0 for v in out):
+        raise ValueError(f"TeacherTarget.{name} must be > 0 per channel, got {value!r}")
+    return out
+
+
+class TeacherTarget(Target):
+    """Align the student's visible-token features with a frozen teacher's features (MaskAlign / MR-MAE).
+
+    Args:
+        teacher_arch: timm model name of the teacher (e.g. ``vit_base_patch16_clip_224``); built with
+            ``pretrained=False, num_classes=0``.
+        teacher_checkpoint: path of a local weights file (timm/torch state dict, ``.safetensors``, ``mim export``
+            output). Read on first use (the first step), not at construction, so a recipe naming it can be built
+            where the file is absent; a missing file then raises ``FileNotFoundError`` naming it.
+        teacher_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``in_chans``,
+            ``depth`` ...). The teacher's patch grid must equal the student's (its input is resized bicubically to
+            the teacher's ``img_size``, MaskAlign's CLIP-L/14 at 196 px).
+        student_layers: ``blocks`` (MaskAlign: all student block outputs through the dynamic alignment) or
+            ``output`` (MR-MAE mimicking: the encoder's final latent through one linear head per teacher layer).
+        layers: aligned teacher blocks: an int n = the last n blocks, or a list of 0-based indices (negative from
+            the end). Default: 5 (MaskAlign's ``top5``) for ``blocks``, 1 (the last block) for ``output``. The loss
+            is the mean over them.
+        fusion: ``linear`` (W = I + 0.01; needs equal depths), ``sum`` (W = 1/S) or ``simple`` (no fusion);
+            ``blocks`` mode only.
+        head: adapter type; ``linear`` (MaskAlign's recommended and only implemented one).
+        target_norm: ``whiten`` (LayerNorm without affine, eps 1e-5), ``l2`` or ``none``.
+        loss: ``smooth_l1`` (x2, MaskAlign), ``l2`` (MSE) or ``l1``.
+        align_cls: include the CLS token in the loss (needs a class token in both models). Default: True for
+            ``blocks`` (MaskAlign), False for ``output`` (MR-MAE mimics patch tokens).
+        input_mean: per-channel mean the batch was normalised with (the datamodule's); with ``input_std``.
+        input_std: per-channel std the batch was normalised with.
+        teacher_mean: per-channel mean the teacher expects (e.g. CLIP's); the input is re-normalised
+            ``(x * input_std + input_mean - teacher_mean) / teacher_std``. Default (all four None): identity.
+        teacher_std: per-channel std the teacher expects.
+        attention_scores: provide the teacher's last-block CLS-to-patch attention (B, N), mean over heads, as
+            :meth:`token_scores` (for :class:`~mim.masking.attention.AttentionMasking`).
+        freeze_final_norm: ``blocks`` mode: set ``requires_grad=False`` on the student's final norm, which the
+            MaskAlign loss never reaches (IMAGE.md §4.4 pitfalls 3-4: it stays at its init either way; frozen, DDP
+            needs no ``find_unused_parameters``). Set False when another target trains on the final latent.
+        weight: factor of this loss in the total.
+    """
+
+    _teacher: FrozenTeacher | None  # set with object.__setattr__: not a registered submodule
+    _cache: tuple[Tensor, int, TeacherOutput] | None
+    input_scale: Tensor
+    input_shift: Tensor
+    alignment: DynamicAlignment | None
+    heads: nn.ModuleList | None
+
+    def __init__(
+        self,
+        *,
+        teacher_arch: str,
+        teacher_checkpoint: str,
+        teacher_kwargs: dict[str, Any] | None = None,
+        student_layers: Literal["blocks", "output"] = "blocks",
+        layers: int | list[int] | None = None,
+        fusion: Literal["linear", "sum", "simple"] = "linear",
+        head: Literal["linear"] = "linear",
+        target_norm: Literal["whiten", "l2", "none"] = "whiten",
+        loss: Literal["smooth_l1", "l2", "l1"] = "smooth_l1",
+        align_cls: bool | None = None,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
+        teacher_mean: list[float] | None = None,
+        teacher_std: list[float] | None = None,
+        attention_scores: bool = False,
+        freeze_final_norm: bool = True,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(weight=weight)
+        import timm
+
+        if not isinstance(teacher_arch, str) or not timm.is_model(teacher_arch):
+            raise ValueError(f"TeacherTarget.teacher_arch: unknown timm model {teacher_arch!r}")
+        if not str(teacher_checkpoint):
+            raise ValueError("TeacherTarget.teacher_checkpoint must be the path of a local weights file, got ''")
+        choices = {
+            "student_layers": (student_layers, ("blocks", "output")),
+            "fusion": (fusion, ("linear", "sum", "simple")),
+            "head": (head, ("linear",)),
+            "target_norm": (target_norm, ("whiten", "l2", "none")),
+            "loss": (loss, ("smooth_l1", "l2", "l1")),
+        }
+        for field, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"TeacherTarget.{field} must be one of {allowed}, got {value!r}")
+        if isinstance(layers, bool) or (isinstance(layers, int) and layers < 1):
+            raise ValueError(f"TeacherTarget.layers must be a count >= 1 or a list of block indices, got {layers!r}")
+        if isinstance(layers, list) and (not layers or not all(isinstance(i, int) for i in layers)):
+            raise ValueError(f"TeacherTarget.layers must be a non-empty list of block indices, got {layers!r}")
+        means = {n: _channels(n, v) for n, v in (("input_mean", input_mean), ("input_std", input_std))}
+        means |= {n: _channels(n, v) for n, v in (("teacher_mean", teacher_mean), ("teacher_std", teacher_std))}
+        given = [n for n, v in means.items() if v is not None]
+        if given and len(given) != 4:
+            raise ValueError(
+                "TeacherTarget.input_mean, input_std, teacher_mean and teacher_std must be set together "
+                f"(the input is re-normalised from the data's statistics to the teacher's), got only {given}"
+            )
+        lengths = {len(v) for v in means.values() if v is not None}
+        if given and len(lengths - {1}) > 1:
+            raise ValueError(
+                f"TeacherTarget: the mean/std lists must have one value per channel (or a single value), got {means}"
+            )
+        self.teacher_arch, self.teacher_checkpoint = teacher_arch, str(teacher_checkpoint)
+        self.teacher_kwargs = dict(teacher_kwargs or {})
+        self.student_layers, self.layers_spec, self.fusion, self.head = student_layers, layers, fusion, head
+        self.target_norm, self.loss, self.align_cls_spec = target_norm, loss, align_cls
+        self.attention_scores, self.freeze_final_norm = attention_scores, freeze_final_norm
+        if given:
+            mi, si = torch.tensor(means["input_mean"]), torch.tensor(means["input_std"])
+            mt, st = torch.tensor(means["teacher_mean"]), torch.tensor(means["teacher_std"])
+            scale, shift = si / st, (mi - mt) / st  # x_t = x * scale + shift
+        else:
+            scale, shift = torch.ones(0), torch.zeros(0)
+        self.register_buffer("input_scale", scale.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
+        self.register_buffer("input_shift", shift.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
+        self.layers: list[int] = []
+        self.align_cls = False
+        self.alignment: DynamicAlignment | None = None
+        self.heads: nn.ModuleList | None = None
+        self._num_student_prefix = 0
+        self._expected: dict[str, Any] | None = None
+        object.__setattr__(self, "_teacher", None)  # not a registered submodule: see the module docstring
+        object.__setattr__(self, "_cache", None)
+
+    # ------------------------------------------------------------------ construction
+    def bind(self, encoder: MaskedEncoder) -> None:
+        if getattr(encoder, "is_video", False) or not hasattr(encoder, "vit"):
+            raise ValueError("TeacherTarget needs an image encoder (mim.models.MaskedEncoder with num_frames=1)")
+        teacher = FrozenTeacher(
+            arch=self.teacher_arch, checkpoint=self.teacher_checkpoint, model_kwargs=self.teacher_kwargs
+        )
+        grid = (encoder.grid.h, encoder.grid.w)
+        if teacher.grid_size != grid:
+            raise ValueError(
+                f"TeacherTarget: the teacher's patch grid {teacher.grid_size} differs from the student's {grid}; "
+                "set teacher_kwargs (img_size / patch_size) so that both have the same tokens"
+            )
+        depth = teacher.depth
+        spec = self.layers_spec if self.layers_spec is not None else (5 if self.student_layers == "blocks" else 1)
+        if isinstance(spec, int):
+            layers = list(range(depth - min(spec, depth), depth))
+        else:
+            if not all(-depth <= i < depth for i in spec):
+                raise ValueError(f"TeacherTarget.layers: indices {spec} out of range for a {depth}-block teacher")
+            layers = sorted({i % depth for i in spec})
+        align_cls = self.align_cls_spec if self.align_cls_spec is not None else self.student_layers == "blocks"
+        if align_cls and (encoder.vit.cls_token is None or not teacher.has_class_token):
+            raise ValueError("TeacherTarget.align_cls needs a class token in both the student and the teacher")
+        if self.attention_scores:
+            teacher.check_attention()
+        if self.input_scale.numel() not in (0, 1, encoder.in_chans, teacher.in_chans):
+            raise ValueError(
+                f"TeacherTarget: the mean/std lists have {self.input_scale.numel()} channels; the student reads "
+                f"{encoder.in_chans}, the teacher {teacher.in_chans}"
+            )
+        self.layers, self.align_cls = layers, bool(align_cls)
+        self._num_student_prefix = encoder.num_prefix_tokens
+        if self.student_layers == "blocks":
+            self.alignment = DynamicAlignment(
+                student_depth=len(encoder.vit.blocks),
+                teacher_depth=depth,
+                layers=layers,
+                in_dim=encoder.embed_dim,
+                out_dim=teacher.embed_dim,
+                fusion=self.fusion,
+            )
+            encoder.capture_blocks(self.alignment.student_blocks)
+            if self.freeze_final_norm:
+                encoder.vit.norm.requires_grad_(False)
+        else:
+            self.heads = linear_adapters(len(layers), encoder.embed_dim, teacher.embed_dim)
+        object.__setattr__(self, "_teacher", teacher)
+        if self._expected is not None:
+            self._verify(self._expected)
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        """The frozen teacher (weights loaded on first use)."""
+        teacher = self._teacher
+        if teacher is None:
+            raise RuntimeError("TeacherTarget is not bound to an encoder: call target.bind(encoder) first")
+        return teacher
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Move / cast the unregistered teacher with the target (``.to(device)``, ``.half()``, ...)."""
+        super()._apply(fn, recurse)
+        if self._teacher is not None:
+            self._teacher._apply(fn, recurse)
+        return self
+
+    # ------------------------------------------------------------------ teacher pass
+    def teacher_output(self, batch: Batch, encoder: MaskedEncoder) -> TeacherOutput:
+        """The teacher's features (and CLS attention) of the full input, computed once per batch.
+
+        A result is reused while the batch's input is the same tensor object, unmodified (``_version``): the
+        module calls :meth:`token_scores` before drawing masks and :meth:`forward` after the encoder pass.
+        """
+        images = encoder.inputs(batch)
+        cache = self._cache
+        if cache is not None and cache[0] is images and cache[1] == images._version:
+            return cache[2]
+        x = images
+        if self.input_scale.numel():
+            x = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)  # (B, C, H, W)
+        out = self.teacher(x, self.layers, attention=self.attention_scores)
+        object.__setattr__(self, "_cache", (images, images._version, out))
+        return out
+
+    @torch.no_grad()
+    def token_scores(self, batch: Batch, encoder: MaskedEncoder) -> Tensor | None:  # type: ignore[override]
+        """(B, N) the teacher's last-block CLS-to-patch attention, mean over heads; None unless ``attention_scores``.
+
+        The same teacher pass then serves :meth:`forward` (one teacher forward per step).
+        """
+        if not self.attention_scores:
+            return None
+        scores = self.teacher_output(batch, encoder).cls_attention
+        assert scores is not None
+        return scores.float()  # (B, N)
+
+    # ------------------------------------------------------------------ loss
+    def _tokens(self, x: Tensor, num_prefix: int) -> Tensor:
+        """(B, prefix + K, D) -> (B, [1 +] K, D): the CLS token (when aligned) and the patch tokens."""
+        patches = x[:, num_prefix:]
+        return torch.cat([x[:, :1], patches], dim=1) if self.align_cls else patches
+
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:
+        out = self.teacher_output(batch, encoder)
+        object.__setattr__(self, "_cache", None)  # consumed: the next batch computes its own
+        teacher = self.teacher
+        targets = []
+        for i in self.layers:
+            y = normalize_features(out.features[i].float(), self.target_norm)  # (B, prefix_t+N, D_t)
+            patches = gather_tokens(y[:, teacher.num_prefix_tokens :], masks.visible)  # (B, K, D_t)
+            targets.append(torch.cat([y[:, :1], patches], dim=1) if self.align_cls else patches)  # (B, [1+]K, D_t)
+        if self.alignment is not None:
+            captured = encoder.captured_blocks(latent)
+            blocks = [self._tokens(captured[j], self._num_student_prefix) for j in self.alignment.student_blocks]
+            preds = self.alignment(blocks)  # A x (B, [1+]K, D_t)
+        else:
+            assert self.heads is not None
+            z = self._tokens(latent, self._num_student_prefix)  # (B, [1+]K, D)
+            preds = [head(z) for head in self.heads]  # A x (B, [1+]K, D_t)
+        per_layer = [feature_distance(p.float(), t, self.loss) for p, t in zip(preds, targets)]
+        loss = torch.stack(per_layer).mean()
+        result = {"loss": loss}
+        if len(per_layer) > 1:
+            result |= {f"block{i}": v.detach() for i, v in zip(self.layers, per_layer)}
+        return result
+
+    def no_weight_decay(self) -> set[str]:
+        """MaskAlign excludes the layer-mixing matrix from weight decay (IMAGE.md §4.2)."""
+        if self.alignment is not None and self.alignment.layer_weights is not None:
+            return {"alignment.layer_weights"}
+        return set()
+
+    # ------------------------------------------------------------------ provenance
+    def get_extra_state(self) -> dict[str, Any]:
+        """Where the teacher came from and the SHA-256 of its weights (loads the weights if not yet loaded)."""
+        sha = self._teacher.load() if self._teacher is not None else None
+        return {"teacher_arch": self.teacher_arch, "teacher_checkpoint": self.teacher_checkpoint, "sha256": sha}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Check that this run's teacher is the one the state dict was written with (arch and weights hash)."""
+        self._expected = dict(state)
+        if self._teacher is not None:
+            self._verify(self._expected)
+
+    def _verify(self, state: dict[str, Any]) -> None:
+        if state.get("teacher_arch") not in (None, self.teacher_arch):
+            raise ValueError(
+                f"TeacherTarget: this checkpoint was written with teacher_arch {state['teacher_arch']!r}, "
+                f"this run builds {self.teacher_arch!r}"
+            )
+        recorded = state.get("sha256")
+        if recorded is None:
+            return
+        current = self.teacher.load()
+        if current != recorded:
+            raise ValueError(
+                f"TeacherTarget: the teacher file changed since this checkpoint was written: "
+                f"{Path(self.teacher_checkpoint)} has weights sha256 {current[:16]}..., the checkpoint recorded "
+                f"{recorded[:16]}... (from {state.get('teacher_checkpoint')}). Restore the original teacher file "
+                "or start a new run"
+            )
