@@ -344,3 +344,16 @@ def test_decoder_on_3d_grid_uses_the_3d_table() -> None:
     table = dec.decoder_pos_embed[0]
     torch.testing.assert_close(table[0], torch.zeros(16))
     torch.testing.assert_close(table[1:], torch.from_numpy(sincos_3d_uniform(16, 2, 3, 4)))
+
+
+def test_half_precision_encoder_takes_fp32_images():
+    """DeepSpeed bf16 casts the model, while the datamodule normalises images to fp32 on the device."""
+    encoder = MaskedEncoder(
+        arch="vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
+    ).to(torch.bfloat16)
+    images = torch.randn(2, 3, 16, 16)
+    out = encoder(images, torch.arange(4).expand(2, 4))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 32)

@@ -237,6 +237,11 @@ class MaskedEncoder(nn.Module):
         if tuple(images.shape[2:]) != expected:
             kind = "clips of (T, H, W)" if self.is_video else "images of size"
             raise ValueError(f"encoder expects {kind} {expected}, got {tuple(images.shape[2:])}")
+        weight = self.vit.patch_embed.proj.weight
+        if weight.dtype in (torch.bfloat16, torch.float16) and images.dtype != weight.dtype:
+            # A model cast to half precision (DeepSpeed bf16, Lightning's "bf16-true") gets images normalised in fp32
+            # on the device: cast them like the weights. Under autocast the weights stay fp32 and nothing changes.
+            images = images.to(weight.dtype)
         x = self.vit.patch_embed(images)  # (B, N, D)
         return x + self.pos_embed[:, self._pos_prefix :]  # (B, N, D)
 
