@@ -38,26 +38,32 @@ def warmup_cosine(
 
 
 def param_groups(
-    module: nn.Module, *, weight_decay: float, special_tokens: Iterable[str] = (), decay_special_tokens: bool = True
+    module: nn.Module,
+    *,
+    weight_decay: float,
+    special_tokens: Iterable[str] = (),
+    decay_special_tokens: bool = True,
+    never_decay: Iterable[str] = (),
 ) -> list[dict]:
     """Split trainable parameters into a decay and a no-decay group.
 
     No decay: every parameter with ``ndim <= 1`` (norms, biases of any shape) and every name ending in
     ``.bias``. ``special_tokens`` (cls / register / mask tokens, learned position embeddings) are decayed
     when ``decay_special_tokens`` is True (official MAE) and not decayed otherwise (mmpretrain, ColorMAE).
+    ``never_decay`` names are never decayed (MaskAlign's layer-mixing matrix).
     Parameters with ``requires_grad=False`` are left out.
 
     Returns:
         Two param-group dicts: ``{"params", "weight_decay", "names", "decay"}`` (``decay`` marks the group whose
         weight decay a schedule updates).
     """
-    special = set(special_tokens)
+    special, never = set(special_tokens), set(never_decay)
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or (not decay_special_tokens and name in special)
+        skip = p.ndim <= 1 or name.endswith(".bias") or name in never or (not decay_special_tokens and name in special)
         (no_decay if skip else decay).append((name, p))
     return [
         {"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay], "decay": True},

@@ -168,3 +168,12 @@ def test_ijepa_schedule_check_values() -> None:
     assert cosine_anneal(warm, **wd) == pytest.approx(0.05556, abs=1e-5)
     assert cosine_anneal(100_000, **wd) == pytest.approx(0.23882, abs=1e-5)
     assert cosine_anneal(total, **wd) == pytest.approx(0.4)
+
+
+def test_never_decay_wins_over_decay_special_tokens() -> None:
+    """MaskAlign: the layer-mixing matrix is never decayed, while the cls token still is (decay_special_tokens)."""
+    model = nn.ModuleDict({"mix": nn.Linear(4, 4, bias=False), "cls": nn.Linear(4, 4, bias=False)})
+    decay, no_decay = param_groups(
+        model, weight_decay=0.05, special_tokens={"cls.weight"}, decay_special_tokens=True, never_decay={"mix.weight"}
+    )
+    assert decay["names"] == ["cls.weight"] and no_decay["names"] == ["mix.weight"]

@@ -226,7 +226,7 @@ def test_maskalign_unit_pieces():
     torch.testing.assert_close(feature_distance(p, t, "smooth_l1"), _smooth_l1_x2(p, t))
     torch.testing.assert_close(feature_distance(p, t, "l2"), (p - t).pow(2).mean())
     torch.testing.assert_close(feature_distance(p, t, "l1"), (p - t).abs().mean())
-    assert target.no_weight_decay() == {"alignment.layer_weights"}
+    assert target.never_decay() == {"alignment.layer_weights"} and target.no_weight_decay() == set()
     assert not enc.vit.norm.weight.requires_grad  # the final norm MaskAlign never reaches is frozen
 
 

@@ -61,5 +61,9 @@ class Target(nn.Module, ABC):
         """Called after each optimizer step (EMA updates and the like); no-op by default."""
 
     def no_weight_decay(self) -> set[str]:
-        """Names (relative to this module) of parameters that special-token rules exclude from decay."""
+        """Names (relative to this module) of special tokens: decayed only with ``decay_special_tokens``."""
+        return set()
+
+    def never_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters never weight-decayed (e.g. MaskAlign's layer mixing)."""
         return set()

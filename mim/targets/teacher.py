@@ -334,7 +334,7 @@ class TeacherTarget(Target):
             result |= {f"block{i}": v.detach() for i, v in zip(self.layers, per_layer)}
         return result
 
-    def no_weight_decay(self) -> set[str]:
+    def never_decay(self) -> set[str]:
         """MaskAlign excludes the layer-mixing matrix from weight decay (IMAGE.md §4.2)."""
         if self.alignment is not None and self.alignment.layer_weights is not None:
             return {"alignment.layer_weights"}
