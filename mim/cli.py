@@ -45,6 +45,13 @@ def _mim_cli_class() -> type[MimCLI]:
     class MimCLI(LightningCLI):
         """LightningCLI with mim's defaults: any LightningModule / LightningDataModule by ``class_path``."""
 
+        def before_fit(self) -> None:
+            """Refuse a sharded checkpoint written at another world size before any process touches it."""
+            from mim.distributed import check_resume
+
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            check_resume(ckpt_path, self.trainer.world_size, strategy=self.trainer.strategy)
+
     MimCLI.__module__, MimCLI.__qualname__ = __name__, "MimCLI"
     globals()["MimCLI"] = MimCLI  # later look-ups (and pickling by reference) find it without __getattr__
     cls: Any = MimCLI  # for type checkers, the TYPE_CHECKING declaration above

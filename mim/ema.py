@@ -7,17 +7,43 @@ of the student scores every token) and, later, by JEPA target encoders. One upda
 
 done as one fused ``torch._foreach_lerp_`` call over all parameters (``lerp(ema, online, 1 - m)`` is the same
 convex combination), after the optimizer step, with no host synchronisation.
+
+Sharded training (DESIGN.md §5: the update runs on the local shards, with no gather). The EMA copy is made before
+DeepSpeed or FSDP sees the model and is registered in the module, so it is sharded exactly like the student: a
+parameter and its EMA copy have the same shape, hence the same shard layout. :meth:`EMA.update` pairs
+
+* DeepSpeed ZeRO-3 parameters by their local partitions ``p.ds_tensor`` (a flat shard of ``numel / world``
+  elements). Parameters that ZeRO-3 keeps whole on every rank (``stage3_param_persistence_threshold``) are updated
+  in their full ``p.data`` as well, since DeepSpeed refreshes those only at the next step and the teacher's next
+  forward reads them;
+* FSDP2 parameters (DTensors) by their local shards ``p.to_local()``; any FSDP2 unit left gathered after a no-grad
+  forward is resharded first (no communication);
+* everything else (single device, DDP, ZeRO-1/2, whose parameters are whole on every rank) as plain tensors.
+
+Low precision (pitfall: DeepSpeed's bf16/fp16 modes and ``bf16-true`` cast the EMA copy to 16 bits too, where an
+update ``(1 - m) * (online - ema)`` with m = 0.999 is far below the spacing of representable values, so a 16-bit
+EMA barely moves). When a local shard is 16-bit, the EMA keeps a float32 master of it, lerps the master and copies it
+into the shard (which the teacher's forward reads). The masters are the module's ``_extra_state`` (saved and restored
+with every checkpoint; under ZeRO-3 each rank's file holds its own shards) together with the world size and shard
+shapes they belong to; masters that do not match the current layout (another world size, a consolidated
+checkpoint) are rebuilt from the 16-bit weights. Under fp32 parameters (DDP, FSDP2 and DeepSpeed in fp32, mixed
+precision by autocast) there is no master.
+
+Buffers are not averaged. Nothing here imports DeepSpeed or Lightning: ZeRO-3 parameters are recognised by their
+``ds_tensor`` attribute.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["EMA", "ema_momentum"]
+__all__ = ["EMA", "ema_momentum", "local_shards"]
 
 
 def ema_momentum(progress: float, *, start: float, end: float, ramp: float = 1.0) -> float:
@@ -53,6 +79,16 @@ class EMA(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = copy.deepcopy(module).requires_grad_(False).eval()
+        self._master: list[Tensor] | None = None  # float32 copies of the 16-bit local shards (see the module doc)
+        self._master_layout: list[Any] | None = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The float32 masters of 16-bit shards (None without any) and the layout they belong to."""
+        return {"fp32_master": self._master, "layout": self._master_layout}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self._master, self._master_layout = state.get("fp32_master"), state.get("layout")
 
     def train(self, mode: bool = True) -> EMA:
         """The EMA copy always stays in eval mode (no dropout or drop-path in the teacher)."""
@@ -73,6 +109,10 @@ class EMA(nn.Module):
         """
         if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum!r}")
+        sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if sharded:  # (FSDP2 needs a process group; without one, skip its import)
+            _reshard(self.module)
+            _reshard(online)
         ema_params = list(self.module.parameters())
         online_params = list(online.parameters())
         if len(ema_params) != len(online_params):
@@ -82,7 +122,97 @@ class EMA(nn.Module):
             )
         if momentum == 1.0:
             return
-        sources = [
-            o.detach().to(e.dtype) if o.dtype != e.dtype else o.detach() for e, o in zip(ema_params, online_params)
-        ]
-        torch._foreach_lerp_(ema_params, sources, 1.0 - momentum)
+        targets, sources = local_shards(ema_params, online_params, sharded=sharded)
+        low = [i for i, t in enumerate(targets) if t.dtype in (torch.bfloat16, torch.float16)]
+        if low:  # 16-bit shards: lerp float32 masters, then copy them into the shards
+            masters = self._masters([targets[i] for i in low])
+            torch._foreach_lerp_(masters, [sources[i].float() for i in low], 1.0 - momentum)
+            torch._foreach_copy_([targets[i] for i in low], masters)
+            keep = set(low)
+            targets = [t for i, t in enumerate(targets) if i not in keep]
+            sources = [t for i, t in enumerate(sources) if i not in keep]
+        if targets:
+            torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+
+    def _masters(self, shards: list[Tensor]) -> list[Tensor]:
+        """The float32 masters of ``shards``, (re)built from them when missing or made for another layout."""
+        import torch.distributed as dist
+
+        # Not the rank: ZeRO-1/2 ranks all restore rank 0's (whole, identical) masters; ZeRO-3 ranks their own file's.
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        layout = [world, *(list(t.shape) for t in shards)]
+        master = self._master
+        if master is None or self._master_layout != layout:
+            master = [t.detach().float().clone() for t in shards]
+        elif any(m.device != t.device for m, t in zip(master, shards)):  # restored on the CPU
+            master = [m.to(t.device) for m, t in zip(master, shards)]
+        self._master, self._master_layout = master, layout
+        return master
+
+
+def _reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit in ``module`` (no communication; a no-op without FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def local_shards(
+    ema_params: Sequence[Tensor], online_params: Sequence[Tensor], *, sharded: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Pair each EMA parameter with its online parameter as the tensors this rank holds (no communication).
+
+    Args:
+        ema_params: the EMA copy's parameters.
+        online_params: the online module's parameters, in the same order.
+        sharded: whether DTensors may occur (False skips importing ``torch.distributed.tensor``, ~3 s, when no
+            process group exists).
+
+    Returns:
+        ``(targets, sources)``: the EMA tensors to update in place and the online tensors (detached, cast to the
+        EMA's dtype) of the same shapes: ZeRO-3 partitions ``ds_tensor`` (plus the full ``data`` of parameters ZeRO-3
+        keeps whole), FSDP2 local shards, or the parameters themselves.
+
+    Raises:
+        RuntimeError: when a pair is sharded differently (one partitioned and the other not, or different local
+            shapes), which means the EMA copy was made after the model was sharded.
+    """
+    if sharded:
+        from torch.distributed.tensor import DTensor
+    else:  # no process group: no DTensor parameters
+        DTensor = type(None)  # type: ignore[assignment,misc]  # noqa: N806
+    targets: list[Tensor] = []
+    sources: list[Tensor] = []
+
+    def add(e: Tensor, o: Tensor, what: str) -> None:
+        if e.shape != o.shape:
+            raise RuntimeError(
+                f"EMA.update: {what} shapes differ ({tuple(e.shape)} vs {tuple(o.shape)}); build the EMA copy before "
+                "DeepSpeed / FSDP shards the model (in the target's bind, at module construction)"
+            )
+        targets.append(e)
+        sources.append(o.detach() if o.dtype == e.dtype else o.detach().to(e.dtype))
+
+    for i, (e, o) in enumerate(zip(ema_params, online_params)):
+        zero_e, zero_o = hasattr(e, "ds_tensor"), hasattr(o, "ds_tensor")
+        dt_e, dt_o = isinstance(e, DTensor), isinstance(o, DTensor)
+        if zero_e != zero_o or dt_e != dt_o:
+            raise RuntimeError(
+                f"EMA.update: parameter {i} is sharded in one module and not in the other (ZeRO-3: {zero_e} vs "
+                f"{zero_o}, FSDP2: {dt_e} vs {dt_o}); shard the EMA copy together with the student"
+            )
+        if zero_e:  # DeepSpeed ZeRO-3: the local partition, (numel / world,) padded on the last rank
+            add(e.ds_tensor, o.ds_tensor, f"ZeRO-3 partitions of parameter {i}")  # type: ignore[attr-defined]
+            if e.data.numel() > 0 and e.data.numel() == e.ds_numel:  # type: ignore[attr-defined]
+                # Kept whole (persistent, or gathered): ZeRO-3 refreshes it only at the next step.
+                add(e.data, o.data, f"whole ZeRO-3 parameter {i}")
+        elif dt_e:  # FSDP2: the local shard of a DTensor (same placements for equal shapes)
+            de, do = cast(DTensor, e), cast(DTensor, o)
+            if de.placements != do.placements:
+                raise RuntimeError(f"EMA.update: parameter {i} has placements {de.placements} vs {do.placements}")
+            add(de.to_local(), do.to_local(), f"FSDP2 local shards of parameter {i}")
+        else:
+            add(e, o, f"parameter {i}")
+    return targets, sources

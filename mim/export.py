@@ -68,9 +68,14 @@ def export_encoder(checkpoint_path: str | Path, out_path: str | Path) -> Path:
 def _export(src: Path, out: Path) -> tuple[Path, dict[str, Any]]:
     import timm
 
-    if not src.is_file():
+    if src.is_dir():  # a sharded DeepSpeed or FSDP2 checkpoint directory: consolidate to fp32 first
+        from mim.distributed import consolidate_checkpoint
+
+        checkpoint = consolidate_checkpoint(src)
+    elif src.is_file():
+        checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    else:
         raise FileNotFoundError(f"mim export: checkpoint not found: {src}")
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     state, config = _encoder_state(checkpoint, src)
     kwargs = encoder_timm_kwargs(config)
     model = timm.create_model(config["arch"], pretrained=False, num_classes=0, **kwargs)

@@ -123,8 +123,17 @@ class PretrainModule(L.LightningModule):
         self._bound = True
 
     def configure_model(self) -> None:
-        """Lightning hook: finish data-dependent construction before optimizers and distributed wrappers."""
+        """Lightning hook: finish data-dependent construction before optimizers and distributed wrappers.
+
+        Under FSDP2 (``ModelParallelStrategy``, which sets a device mesh) the module is then sharded in place,
+        EMA copies included (:func:`mim.distributed.apply_fsdp2`).
+        """
         self.configure_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            from mim.distributed import apply_fsdp2, data_parallel_mesh
+
+            apply_fsdp2(self, data_parallel_mesh(mesh))
 
     def configure_data(self, datamodule: Any) -> None:
         """Build what depends on the data (a table encoder's tokenizer), then the targets' heads (once)."""
@@ -286,7 +295,11 @@ class PretrainModule(L.LightningModule):
         named = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         named |= {f"targets.{i}.{n}" for i, t in enumerate(self.target_list) for n in t.no_weight_decay()}
         groups = param_groups(
-            self, weight_decay=hp.weight_decay, special_tokens=named, decay_special_tokens=hp.decay_special_tokens
+            self,
+            weight_decay=hp.weight_decay,
+            special_tokens=named,
+            decay_special_tokens=hp.decay_special_tokens,
+            never_decay={f"targets.{i}.{n}" for i, t in enumerate(self.target_list) for n in t.never_decay()},
         )
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
 
