@@ -359,6 +359,13 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     strategy_name = "mim_fsdp2"
 
+    def __init__(self, *args: Any, reshard_after_forward: bool = True, **kwargs: Any) -> None:
+        """Args as ``ModelParallelStrategy``, plus ``reshard_after_forward``: True = full shard (each block's weights
+        are freed after its forward and gathered again for the backward), False = shard-grad-op (weights stay
+        gathered from forward to backward: less communication, more memory), as FSDP2's ``fully_shard`` takes it."""
+        super().__init__(*args, **kwargs)
+        self.reshard_after_forward = bool(reshard_after_forward)
+
     def setup_environment(self) -> None:
         if self._tensor_parallel_size == "auto":
             self._tensor_parallel_size = 1

@@ -133,7 +133,8 @@ class PretrainModule(L.LightningModule):
         if mesh is not None:
             from mim.distributed import apply_fsdp2, data_parallel_mesh
 
-            apply_fsdp2(self, data_parallel_mesh(mesh))
+            reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
+            apply_fsdp2(self, data_parallel_mesh(mesh), reshard_after_forward=reshard)
 
     def configure_data(self, datamodule: Any) -> None:
         """Build what depends on the data (a table encoder's tokenizer), then the targets' heads (once)."""

@@ -511,3 +511,30 @@ def test_ema_keeps_fp32_master_for_16_bit_weights():
     assert [t.shape for t in other._master] == [torch.Size([8, 32]), torch.Size([8])]
     # float32 weights need no master
     assert reference.get_extra_state()["fp32_master"] is None
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp2_strategy_full_shard_or_shard_grad_op(reshard: bool, tmp_path: Path):
+    """recipes/_base/fsdp.yaml (full shard) frees each block's gathered weights after its forward;
+    fsdp_shard_grad_op.yaml keeps them until the backward. One gloo process is enough to see the difference."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from mim.distributed import apply_fsdp2
+
+    assert FSDP2Strategy(reshard_after_forward=reshard).reshard_after_forward is reshard
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(2))
+        model.head = nn.Linear(8, 1)
+        model.forward = lambda x: model.head(model.blocks[1](model.blocks[0](x)))
+        apply_fsdp2(model, init_device_mesh("cpu", (1,)), reshard_after_forward=reshard)
+        assert isinstance(model.blocks[0][0].weight, DTensor)  # sharded before the step
+        model(torch.randn(4, 8)).sum()
+        gathered = not isinstance(model.blocks[0][0].weight, DTensor)
+        assert gathered is (not reshard)
+    finally:
+        dist.destroy_process_group()

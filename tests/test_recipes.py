@@ -130,7 +130,9 @@ def _contains(merged: object, piece: object) -> bool:
 def test_base_pieces_found():
     names = {p.stem for p in BASE}
     strategies = {"ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp"}
-    assert strategies | {"deepspeed_stage_2_offload", "deepspeed_stage_3_offload", "bf16"} <= names
+    assert (
+        strategies | {"deepspeed_stage_2_offload", "deepspeed_stage_3_offload", "fsdp_shard_grad_op", "bf16"} <= names
+    )
     assert not any(p.relative_to(RECIPE_DIR).parts[0] == "_base" for p in RECIPES)
 
 
