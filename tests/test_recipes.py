@@ -187,9 +187,11 @@ def test_ddp_fsdp_and_bf16_pieces_build_the_trainer(tmp_path: Path):
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert cli.trainer.strategy._ddp_kwargs["find_unused_parameters"] is False
     assert cli.trainer.precision == "bf16-mixed" and isinstance(cli.model, PretrainModule)
-    cli = build(["--config", str(debug), "--config", str(_piece("fsdp")), root])
-    assert isinstance(cli.trainer.strategy, ModelParallelStrategy)
-    assert (cli.trainer.strategy._data_parallel_size, cli.trainer.strategy._tensor_parallel_size) == (8, 1)
+    for piece, reshard in (("fsdp", True), ("fsdp_shard_grad_op", False)):
+        cli = build(["--config", str(debug), "--config", str(_piece(piece)), root])
+        strategy = cli.trainer.strategy
+        assert isinstance(strategy, ModelParallelStrategy) and strategy.reshard_after_forward is reshard
+        assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == ("auto", "auto")  # = world size, 1
 
 
 def test_deepspeed_pieces_build_the_strategy():
