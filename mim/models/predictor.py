@@ -1,0 +1,159 @@
+"""The JEPA predictor: a narrow transformer that predicts target-encoder features at target positions.
+
+Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture" (I-JEPA),
+CVPR 2023; Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video" (V-JEPA),
+2024; Thimonier et al., "T-JEPA: Augmentation-Free Self-Supervised Learning for Tabular Data", ICLR 2025.
+See methods/JEPA_VIDEO.md §1(a) step 5, §2(a) step 4 and §4(a) step 7.
+
+The context latents are projected to the predictor width P and get the predictor's own fixed sin-cos position
+rows at their token indices; each target token becomes a query, one shared learnable mask token plus the position
+row at its index. The predictor runs transformer blocks over ``[prefix; context; queries]``, normalises and
+projects the query outputs back to the encoder width D.
+
+Sequences (``groups``):
+
+* ``separate`` (I-JEPA, T-JEPA): each of the M target groups of a sample gets its own sequence
+  ``[prefix; context; queries of group m]``, so groups never attend to each other. The B * M sequences are laid out
+  **sample-major** (row ``b * M + m``), and the outputs are returned as (B, M, T, D): callers compare them with
+  targets of the same (B, M, T, D) layout and never see the flat order.
+* ``joint`` (V-JEPA): one sequence per sample with the queries of all M groups, ``[prefix; context; M*T
+  queries]``: V-JEPA predicts the union of its target blocks in one pass. A token in two groups is queried twice
+  (identical queries, identical outputs).
+
+Prefix tokens (cls / registers of the encoder; T-JEPA's [REG] token) are part of the context: they are projected
+like the other latents and get no position row (MAE's zero rows). I-JEPA and V-JEPA encoders have none.
+
+Position table: MAE's 2-D sin-cos table for images, V-JEPA's 3-D table for video grids, and a 1-D table over the
+feature index for tables (grid (1, 1, F); T-JEPA uses a 1-D table too, with frequency base 100 instead of 10 000).
+
+Initialisation (I-JEPA): truncated normal (std 0.02) for every Linear weight and the mask token, zero biases,
+LayerNorm weight 1 and bias 0.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from mim.masking.functional import gather_tokens
+from mim.models.embed import sincos_1d, sincos_for_grid
+from mim.types import TokenGrid
+
+__all__ = ["JEPAPredictor", "predictor_pos_table"]
+
+Groups = Literal["separate", "joint"]
+
+
+def predictor_pos_table(dim: int, grid: TokenGrid) -> Tensor:
+    """The predictor's fixed position table over the N grid tokens (no prefix rows).
+
+    Args:
+        dim: P, the predictor width.
+        grid: the token grid; ``t == h == 1`` (a table's (1, 1, F)) gives a 1-D table over the token index.
+
+    Returns:
+        (N, P) float32.
+    """
+    if grid.t == 1 and grid.h == 1:
+        return sincos_1d(dim, torch.arange(grid.w)).float()  # (N, P)
+    return sincos_for_grid(dim, grid)  # (N, P)
+
+
+class JEPAPredictor(nn.Module):
+    """Predicts D-wide target features at the target tokens from the context latents.
+
+    Args:
+        grid: the encoder's token grid.
+        in_dim: D, the encoder width (input and output width).
+        num_prefix_tokens: prefix tokens at the front of the latents (cls / registers / [REG]); passed as context.
+        dim: P, the predictor width (I-JEPA: 384); divisible by 4 and by ``num_heads``.
+        depth: transformer blocks (I-JEPA ViT-H: 12).
+        num_heads: attention heads (I-JEPA: the encoder's, 16 for ViT-H: head width 24).
+        mlp_ratio: MLP expansion (4).
+        groups: ``separate`` (one sequence per target group, I-JEPA) or ``joint`` (one per sample, V-JEPA).
+    """
+
+    def __init__(
+        self,
+        *,
+        grid: TokenGrid,
+        in_dim: int,
+        num_prefix_tokens: int = 0,
+        dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        groups: Groups = "separate",
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"JEPAPredictor.depth must be >= 1, got {depth}")
+        if num_heads < 1 or dim % num_heads or dim % 4:
+            raise ValueError(f"JEPAPredictor.dim ({dim}) must be divisible by 4 and by num_heads ({num_heads})")
+        if groups not in ("separate", "joint"):
+            raise ValueError(f"JEPAPredictor.groups must be 'separate' or 'joint', got {groups!r}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"JEPAPredictor.num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        self.grid, self.num_prefix_tokens, self.groups = grid, num_prefix_tokens, groups
+        self.predictor_embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        table = predictor_pos_table(dim, grid)  # (N, P)
+        self.predictor_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # (1, N, P), fixed
+        self.predictor_blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
+            )
+            for _ in range(depth)
+        )
+        self.predictor_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.predictor_proj = nn.Linear(dim, in_dim)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: Tensor, visible: Tensor, targets: Tensor) -> Tensor:
+        """Predict the target features.
+
+        Args:
+            latent: (B, prefix + K, D) context-encoder output.
+            visible: (B, K) int64 grid positions of the latent's patch tokens.
+            targets: (B, M, T) int64 grid positions to predict, M groups of T tokens.
+
+        Returns:
+            (B, M, T, D) predictions, in the order of ``targets``.
+        """
+        b, m, t = targets.shape
+        c = self.num_prefix_tokens
+        x = self.predictor_embed(latent)  # (B, prefix+K, P)
+        pos = self.predictor_pos_embed.to(x.dtype).expand(b, -1, -1)  # (B, N, P)
+        context = torch.cat([x[:, :c], x[:, c:] + gather_tokens(pos, visible)], dim=1)  # (B, prefix+K, P)
+        queries = self.mask_token.to(x.dtype) + gather_tokens(pos, targets.reshape(b, m * t))  # (B, M*T, P)
+        if self.groups == "joint":
+            seq = torch.cat([context, queries], dim=1)  # (B, prefix+K+M*T, P)
+        else:
+            ctx = context.unsqueeze(1).expand(-1, m, -1, -1).reshape(b * m, context.shape[1], -1)  # (B*M, prefix+K, P)
+            seq = torch.cat([ctx, queries.reshape(b * m, t, -1)], dim=1)  # (B*M, prefix+K+T, P) sample-major
+        for block in self.predictor_blocks:
+            seq = block(seq)
+        num_queries = m * t if self.groups == "joint" else t
+        out = seq[:, seq.shape[1] - num_queries :]  # (B, M*T, P) joint, (B*M, T, P) separate
+        out = self.predictor_proj(self.predictor_norm(out))  # (B, M*T, D) or (B*M, T, D)
+        return out.reshape(b, m, t, -1)  # (B, M, T, D)

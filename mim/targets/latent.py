@@ -1,0 +1,237 @@
+"""Latent-prediction target (JEPA): predict an EMA target encoder's features of the hidden tokens.
+
+Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture" (I-JEPA),
+CVPR 2023; Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video" (V-JEPA),
+2024; Thimonier et al., "T-JEPA: Augmentation-Free Self-Supervised Learning for Tabular Data", ICLR 2025.
+See methods/JEPA_VIDEO.md §1(a) steps 3-8, §2(a), §4(a) steps 6-9 and §5.
+
+One step, in the module's terms (the context encoder is the module's shared encoder pass on ``Masks.visible``):
+
+1. **Target branch**, no gradient: the target encoder (an :class:`~mim.ema.EMA` copy of the encoder, always in eval
+   mode) encodes the **full** input (all N tokens, from its own ``inputs(batch)``: for tables its own tokenizer),
+   its prefix rows are dropped, and with ``target_norm`` a parameter-free layer norm over the D features is applied
+   after the encoder's own final LayerNorm (I-JEPA's double normalisation, §1(d) pitfall 1). The features of every
+   target group are gathered: (B, M, T, D).
+2. **Predictor** (:class:`~mim.models.predictor.JEPAPredictor`): the context latents, including the encoder's
+   prefix tokens (T-JEPA's [REG] token; I-JEPA / V-JEPA encoders have none), plus one query per target token;
+   every group in its own sequence (``predictor_groups="separate"``, I-JEPA) or all groups of a sample in one
+   (``"joint"``, V-JEPA's union-of-blocks target). Output (B, M, T, D), the same layout as the targets.
+3. **Loss** over every predicted element (a token in two groups counts twice): ``smooth_l1`` (Huber, beta 1,
+   I-JEPA), ``l1`` (V-JEPA: ``mean |pred - target|^p / p`` with p = 1) or ``mse`` (T-JEPA). Computed in float32.
+4. **After each optimizer step**: ``target <- m target + (1 - m) encoder`` over the encoder's parameters (not its
+   buffers), one fused ``torch._foreach_lerp_`` (:meth:`mim.ema.EMA.update`), with ``m`` moving linearly from
+   ``momentum[0]`` to ``momentum[1]`` over the first ``momentum_ramp`` of training (I-JEPA: 0.996 -> 1.0 over all).
+
+Collapse monitor: every ``monitor_every``-th training forward call (the first one included) also returns
+``std_target`` / ``std_pred`` (the mean over the D dimensions of each dimension's std across the B*M*T target
+tokens) and ``rankme_target`` / ``rankme_pred`` (RankMe effective rank of the same token features; see
+:mod:`mim.metrics`). Other calls cost nothing extra and make no host sync; a monitor call may synchronise
+(the SVD's error check). Calls are counted per process in a Python int, which restarts at 0 on resume.
+
+The paper evaluates the **target encoder** (``target_encoder.module``, saved with checkpoints under
+``targets.<i>.target_encoder.module.``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mim.ema import EMA, ema_momentum
+from mim.masking.functional import gather_tokens
+from mim.metrics import per_dimension_std, rankme
+from mim.models.predictor import JEPAPredictor
+from mim.targets.base import Target
+from mim.types import Batch, Masks
+
+if TYPE_CHECKING:
+    from mim.targets.base import Encoder
+
+__all__ = ["LatentTarget", "latent_loss"]
+
+LossKind = Literal["smooth_l1", "l1", "mse"]
+
+
+def latent_loss(pred: Tensor, target: Tensor, kind: LossKind) -> Tensor:
+    """Mean elementwise loss between predicted and target features.
+
+    Args:
+        pred: (..., D) predictions.
+        target: (..., D) targets (no gradient).
+        kind: ``smooth_l1`` (Huber with beta 1: ``0.5 x^2`` for ``|x| < 1``, else ``|x| - 0.5``), ``l1`` (``|x|``)
+            or ``mse`` (``x^2``), x = pred - target, averaged over every element.
+
+    Returns:
+        Scalar float32.
+    """
+    pred, target = pred.float(), target.float()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=1.0)
+    if kind == "l1":
+        return (pred - target).abs().mean()
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    raise ValueError(f"LatentTarget.loss must be 'smooth_l1', 'l1' or 'mse', got {kind!r}")
+
+
+def _encoder_heads(encoder: Encoder) -> int:
+    blocks = getattr(getattr(encoder, "vit", None), "blocks", None)
+    if not blocks:
+        raise ValueError("LatentTarget: set predictor_num_heads (the encoder exposes no transformer blocks)")
+    return int(blocks[0].attn.num_heads)
+
+
+class LatentTarget(Target):
+    """JEPA: an EMA target encoder on the full input, a narrow predictor from the context to the target tokens.
+
+    Args:
+        predictor_dim: P, predictor width (I-JEPA / V-JEPA: 384; T-JEPA: 16).
+        predictor_depth: predictor blocks (I-JEPA ViT-H: 12; T-JEPA: 16).
+        predictor_num_heads: predictor heads; None = the encoder's (I-JEPA / V-JEPA, §1(d) pitfall 8).
+        predictor_mlp_ratio: MLP expansion in the predictor (4).
+        predictor_groups: ``separate`` (each target group in its own predictor sequence; I-JEPA, T-JEPA) or
+            ``joint`` (all groups of a sample in one sequence; V-JEPA's union-of-blocks target).
+        loss: ``smooth_l1`` (I-JEPA), ``l1`` (V-JEPA) or ``mse`` (T-JEPA).
+        momentum: (start, end) EMA momentum of the target encoder (I-JEPA: 0.996 -> 1.0; V-JEPA: 0.998 -> 1.0).
+        momentum_ramp: fraction of training over which the momentum moves from start to end (1.0: all of it).
+        target_norm: parameter-free layer norm of the target features (I-JEPA, V-JEPA: True; T-JEPA: False).
+        monitor_every: return the collapse statistics every this many training forward calls; 0 never.
+        weight: factor of this loss in the total.
+    """
+
+    def __init__(
+        self,
+        *,
+        predictor_dim: int = 384,
+        predictor_depth: int = 12,
+        predictor_num_heads: int | None = None,
+        predictor_mlp_ratio: float = 4.0,
+        predictor_groups: Literal["separate", "joint"] = "separate",
+        loss: LossKind = "smooth_l1",
+        momentum: tuple[float, float] = (0.996, 1.0),
+        momentum_ramp: float = 1.0,
+        target_norm: bool = True,
+        monitor_every: int = 100,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(weight=weight)
+        if isinstance(predictor_dim, bool) or predictor_dim < 4 or predictor_dim % 4:
+            raise ValueError(f"LatentTarget.predictor_dim must be a positive multiple of 4, got {predictor_dim}")
+        if predictor_depth < 1:
+            raise ValueError(f"LatentTarget.predictor_depth must be >= 1, got {predictor_depth}")
+        if predictor_num_heads is not None and (predictor_num_heads < 1 or predictor_dim % predictor_num_heads):
+            raise ValueError(
+                f"LatentTarget.predictor_num_heads must divide predictor_dim ({predictor_dim}), got {predictor_num_heads}"
+            )
+        if not (math.isfinite(predictor_mlp_ratio) and predictor_mlp_ratio > 0):
+            raise ValueError(f"LatentTarget.predictor_mlp_ratio must be > 0, got {predictor_mlp_ratio}")
+        if predictor_groups not in ("separate", "joint"):
+            raise ValueError(f"LatentTarget.predictor_groups must be 'separate' or 'joint', got {predictor_groups!r}")
+        if loss not in ("smooth_l1", "l1", "mse"):
+            raise ValueError(f"LatentTarget.loss must be 'smooth_l1', 'l1' or 'mse', got {loss!r}")
+        start_end = tuple(float(m) for m in momentum)
+        if len(start_end) != 2 or not all(0.0 <= m <= 1.0 for m in start_end):
+            raise ValueError(f"LatentTarget.momentum must be two numbers in [0, 1] (start, end), got {momentum}")
+        if not 0.0 <= momentum_ramp <= 1.0:
+            raise ValueError(
+                f"LatentTarget.momentum_ramp must be in [0, 1] (a fraction of training), got {momentum_ramp}"
+            )
+        if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 0:
+            raise ValueError(f"LatentTarget.monitor_every must be an int >= 0 (0: never), got {monitor_every!r}")
+        self.predictor_dim, self.predictor_depth = predictor_dim, predictor_depth
+        self.predictor_num_heads, self.predictor_mlp_ratio = predictor_num_heads, predictor_mlp_ratio
+        self.predictor_groups: Literal["separate", "joint"] = predictor_groups
+        self.loss: LossKind = loss
+        self.momentum: tuple[float, float] = (start_end[0], start_end[1])
+        self.momentum_ramp, self.target_norm, self.monitor_every = momentum_ramp, target_norm, monitor_every
+        self.predictor: JEPAPredictor | None = None
+        self.target_encoder: EMA | None = None
+        self._calls = 0  # training forward calls, for the collapse monitor (host side)
+
+    def bind(self, encoder: Encoder) -> None:  # type: ignore[override]
+        heads = self.predictor_num_heads or _encoder_heads(encoder)
+        if self.predictor_dim % heads:
+            raise ValueError(
+                f"LatentTarget.predictor_dim ({self.predictor_dim}) must be divisible by the predictor heads ({heads}, "
+                "the encoder's unless predictor_num_heads is set)"
+            )
+        self.predictor = JEPAPredictor(
+            grid=encoder.grid,
+            in_dim=encoder.embed_dim,
+            num_prefix_tokens=encoder.num_prefix_tokens,
+            dim=self.predictor_dim,
+            depth=self.predictor_depth,
+            num_heads=heads,
+            mlp_ratio=self.predictor_mlp_ratio,
+            groups=self.predictor_groups,
+        )
+        self.target_encoder = EMA(encoder)
+
+    def _parts(self) -> tuple[JEPAPredictor, EMA]:
+        if self.predictor is None or self.target_encoder is None:
+            raise RuntimeError("LatentTarget is not bound to an encoder: call target.bind(encoder) first")
+        return self.predictor, self.target_encoder
+
+    @torch.no_grad()
+    def target_features(self, batch: Batch, targets: Tensor) -> Tensor:
+        """The target encoder's (layer-normed) features at the target tokens.
+
+        Args:
+            batch: the normalised batch (the target encoder reads it with its own ``inputs``).
+            targets: (B, M, T) int64 token indices.
+
+        Returns:
+            (B, M, T, D), without gradient.
+        """
+        teacher = self._parts()[1].module
+        h = teacher(teacher.inputs(batch))[:, teacher.num_prefix_tokens :]  # (B, N, D) all tokens, prefix dropped
+        if self.target_norm:
+            h = F.layer_norm(h, h.shape[-1:])  # (B, N, D), parameter-free
+        b, m, t = targets.shape
+        return gather_tokens(h, targets.reshape(b, m * t)).reshape(b, m, t, -1)  # (B, M, T, D)
+
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: Encoder) -> dict[str, Tensor]:  # type: ignore[override]
+        predictor = self._parts()[0]
+        target = self.target_features(batch, masks.targets)  # (B, M, T, D)
+        pred = predictor(latent, masks.visible, masks.targets)  # (B, M, T, D)
+        out = {"loss": latent_loss(pred, target, self.loss)}
+        if self.training:
+            if self.monitor_every and self._calls % self.monitor_every == 0:
+                out.update(self.collapse_stats(pred, target))
+            self._calls += 1
+        return out
+
+    @staticmethod
+    @torch.no_grad()
+    def collapse_stats(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Per-dimension std (mean over D) and RankMe of target and predicted token features.
+
+        Args:
+            pred: (B, M, T, D).
+            target: (B, M, T, D).
+
+        Returns:
+            ``std_target``, ``std_pred``, ``rankme_target``, ``rankme_pred``: scalar float32 tensors.
+        """
+        return {
+            "std_target": per_dimension_std(target).mean(),
+            "std_pred": per_dimension_std(pred).mean(),
+            "rankme_target": rankme(target),
+            "rankme_pred": rankme(pred),
+        }
+
+    def after_step(self, encoder: Encoder, progress: float) -> None:
+        """EMA update of the target encoder with the scheduled momentum."""
+        self._parts()[1].update(encoder, self.momentum_at(progress))
+
+    def momentum_at(self, progress: float) -> float:
+        """The EMA momentum at ``progress`` (fraction of training done)."""
+        start, end = self.momentum
+        return ema_momentum(progress, start=start, end=end, ramp=self.momentum_ramp)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"predictor.mask_token", "predictor.predictor_pos_embed"}
