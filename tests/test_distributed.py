@@ -376,7 +376,7 @@ def test_consolidated_checkpoint_exports_to_timm(fitted: Run, tmp_path: Path):
     from mim.export import export_encoder
 
     consolidated = consolidate_checkpoint(fitted.ckpt(STEPS))
-    torch.save(consolidated, tmp_path / "consolidated.ckpt")  # a plain checkpoint, as `mim export` reads today
+    torch.save(consolidated, tmp_path / "consolidated.ckpt")  # a plain checkpoint file
 
     def check(out: Path) -> None:
         model = timm.create_model(
@@ -393,11 +393,8 @@ def test_consolidated_checkpoint_exports_to_timm(fitted: Run, tmp_path: Path):
             torch.testing.assert_close(value, consolidated["state_dict"][f"encoder.vit.{name}"], msg=name)
 
     check(export_encoder(tmp_path / "consolidated.ckpt", tmp_path / "from_file.safetensors"))
-    try:  # the sharded directory directly
-        out = export_encoder(fitted.ckpt(STEPS), tmp_path / "from_dir.safetensors")
-    except FileNotFoundError as e:
-        pytest.skip(f"mim export does not read sharded checkpoint directories yet (consolidate_checkpoint): {e}")
-    check(out)
+    assert fitted.ckpt(STEPS).is_dir()  # `mim export` reads the sharded directory directly
+    check(export_encoder(fitted.ckpt(STEPS), tmp_path / "from_dir.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------- no processes
