@@ -453,6 +453,10 @@ def test_validation_errors():
             LatentTarget(**kwargs)
     with pytest.raises(ValueError, match="predictor_dim"):  # 36 is not divisible by the encoder's 8 heads
         LatentTarget(predictor_dim=36).bind(_image_encoder(num_heads=8))
+    grid = TokenGrid(1, 4, 4)
+    for kwargs, field in (({"depth": 0}, "depth"), ({"dim": 30}, "dim"), ({"groups": "all"}, "groups")):
+        with pytest.raises(ValueError, match=f"JEPAPredictor.{field}"):
+            JEPAPredictor(grid=grid, in_dim=8, num_heads=2, **kwargs)
     with pytest.raises(RuntimeError, match="bind"):
         _target().after_step(_image_encoder(), 0.0)
 

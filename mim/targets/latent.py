@@ -35,7 +35,7 @@ The paper evaluates the **target encoder** (``target_encoder.module``, saved wit
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,8 @@ class LatentTarget(Target):
         momentum: (start, end) EMA momentum of the target encoder (I-JEPA: 0.996 -> 1.0; V-JEPA: 0.998 -> 1.0).
         momentum_ramp: fraction of training over which the momentum moves from start to end (1.0: all of it).
         target_norm: parameter-free layer norm of the target features (I-JEPA, V-JEPA: True; T-JEPA: False).
-        monitor_every: return the collapse statistics every this many training forward calls; 0 never.
+        monitor_every: return the collapse statistics every this many training forward calls (micro-batches
+            under gradient accumulation), the first call included; 0 never.
         weight: factor of this loss in the total.
     """
 
@@ -187,7 +188,7 @@ class LatentTarget(Target):
         Returns:
             (B, M, T, D), without gradient.
         """
-        teacher = self._parts()[1].module
+        teacher = cast("Encoder", self._parts()[1].module)  # the EMA copy of the encoder
         h = teacher(teacher.inputs(batch))[:, teacher.num_prefix_tokens :]  # (B, N, D) all tokens, prefix dropped
         if self.target_norm:
             h = F.layer_norm(h, h.shape[-1:])  # (B, N, D), parameter-free
