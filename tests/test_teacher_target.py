@@ -665,3 +665,33 @@ def test_teacher_overrides_reach_the_debug_recipes(name, tmp_path: Path):
     target = next(t for t in cli.model.target_list if isinstance(t, TeacherTarget))
     assert target.teacher_checkpoint == str(tmp_path / "teacher.safetensors")
     target.teacher.load()  # the generated file fits the recipe's teacher_arch / teacher_kwargs
+
+
+@pytest.mark.usefixtures("fashion_mnist")
+@pytest.mark.parametrize("name", ["maskalign_fashion_mnist.yaml", "mr_mae_fashion_mnist.yaml"])
+def test_teacher_debug_recipes_train_end_to_end(name, tmp_path: Path):
+    """The MaskAlign and MR-MAE debug recipes fit a few steps; the checkpoint has the teacher's provenance only."""
+    import math
+
+    from mim.cli import build
+
+    recipe = RECIPES / "debug" / name
+    cli = build(
+        [
+            "--config",
+            str(recipe),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            *teacher_overrides(recipe, tmp_path),
+        ],
+        save_config_callback=None,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), map_location="cpu", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert any(k.endswith("_extra_state") for k in keys)
+    assert not any(".teacher." in k for k in keys), "teacher weights were saved"
