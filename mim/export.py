@@ -29,7 +29,9 @@ from mim.models.teacher import MIM_EXPORT_FORMAT, encoder_timm_kwargs
 __all__ = ["encoder_timm_kwargs", "export_encoder", "main"]
 
 
-def _encoder_state(checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _encoder_state(
+    checkpoint: dict[str, Any], path: Path, encoder: str = "encoder"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     mim = checkpoint.get("mim") if isinstance(checkpoint, dict) else None
     if not isinstance(mim, dict) or "encoder" not in mim or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a mim pretraining checkpoint (no 'mim' encoder config or 'state_dict')")
@@ -38,22 +40,26 @@ def _encoder_state(checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Te
         raise ValueError(f"{path}: a video encoder (3-D tubelet embedding) has no timm image-model equivalent")
     if "arch" not in config:
         raise ValueError(f"{path}: the encoder config has no 'arch' (a table encoder?); only ViT encoders export")
+    prefix = f"{encoder.rstrip('.')}.vit."
     state = {
-        k.removeprefix("encoder.vit."): v.detach().clone().contiguous()
+        k.removeprefix(prefix): v.detach().clone().contiguous()
         for k, v in checkpoint["state_dict"].items()
-        if k.startswith("encoder.vit.")
+        if k.startswith(prefix)
     }
     if not state:
-        raise ValueError(f"{path}: no 'encoder.vit.*' weights in the checkpoint's state_dict")
+        found = sorted({k.split(".vit.")[0] for k in checkpoint["state_dict"] if ".vit." in k})
+        raise ValueError(f"{path}: no '{prefix}*' weights in the checkpoint's state_dict; encoders found: {found}")
     return state, config
 
 
-def export_encoder(checkpoint_path: str | Path, out_path: str | Path) -> Path:
+def export_encoder(checkpoint_path: str | Path, out_path: str | Path, *, encoder: str = "encoder") -> Path:
     """Write the encoder of a mim checkpoint as a timm state dict plus its config, atomically.
 
     Args:
         checkpoint_path: a Lightning checkpoint written by ``mim fit`` (PretrainModule).
         out_path: ``*.safetensors`` or a torch file (``*.pt``, ``*.pth``, ``*.bin``).
+        encoder: which encoder of the checkpoint: ``encoder`` (the student, default) or the state-dict path of
+            another copy, e.g. ``targets.0.target_encoder.module`` for a JEPA target encoder (what I-JEPA evaluates).
 
     Returns:
         ``out_path``.
@@ -62,10 +68,10 @@ def export_encoder(checkpoint_path: str | Path, out_path: str | Path) -> Path:
         FileNotFoundError: no such checkpoint.
         ValueError: not a mim image-encoder checkpoint, or the weights do not load strictly into timm.
     """
-    return _export(Path(checkpoint_path), Path(out_path))[0]
+    return _export(Path(checkpoint_path), Path(out_path), encoder)[0]
 
 
-def _export(src: Path, out: Path) -> tuple[Path, dict[str, Any]]:
+def _export(src: Path, out: Path, encoder: str = "encoder") -> tuple[Path, dict[str, Any]]:
     import timm
 
     if src.is_dir():  # a sharded DeepSpeed or FSDP2 checkpoint directory: consolidate to fp32 first
@@ -76,7 +82,7 @@ def _export(src: Path, out: Path) -> tuple[Path, dict[str, Any]]:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"mim export: checkpoint not found: {src}")
-    state, config = _encoder_state(checkpoint, src)
+    state, config = _encoder_state(checkpoint, src, encoder)
     kwargs = encoder_timm_kwargs(config)
     model = timm.create_model(config["arch"], pretrained=False, num_classes=0, **kwargs)
     try:
@@ -115,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("checkpoint", type=Path, help="a .ckpt written by `mim fit`")
     p.add_argument("out", type=Path, help="output file: .safetensors, or .pt / .pth / .bin for a torch file")
+    p.add_argument(
+        "--encoder",
+        default="encoder",
+        help="which encoder: 'encoder' (the student, default) or a state-dict path such as "
+        "'targets.0.target_encoder.module' (a JEPA target encoder)",
+    )
     args = p.parse_args(argv)
     try:
-        out, meta = _export(args.checkpoint, args.out)
+        out, meta = _export(args.checkpoint, args.out, args.encoder)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     arch, kwargs = meta["arch"], meta["timm_kwargs"]

@@ -137,3 +137,41 @@ def test_export_rejects_what_it_cannot_export(tmp_path: Path):
     with pytest.raises(ValueError, match="video encoder"):
         export_encoder(video, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_export_the_jepa_target_encoder(tmp_path: Path):
+    """`--encoder targets.0.target_encoder.module` exports the EMA target encoder (what I-JEPA evaluates)."""
+    from mim.targets import LatentTarget
+
+    module = PretrainModule(
+        encoder=_encoder(),
+        masking=RandomMasking(),
+        targets=[LatentTarget(predictor_dim=16, predictor_depth=1, predictor_num_heads=2)],
+    )
+    with torch.no_grad():  # student and target encoder differ, so a mix-up cannot pass
+        for p in module.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    checkpoint = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 1}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "jepa.ckpt")
+    assert (
+        cli_main(
+            [
+                "export",
+                str(tmp_path / "jepa.ckpt"),
+                str(tmp_path / "target.pt"),
+                "--encoder",
+                "targets.0.target_encoder.module",
+            ]
+        )
+        == 0
+    )
+    exported = read_weights(tmp_path / "target.pt")[0]
+    target = module.target_list[0].target_encoder.module.vit.state_dict()
+    assert exported.keys() == target.keys()
+    for name, value in target.items():
+        torch.testing.assert_close(exported[name], value, msg=name)
+    student = export_encoder(tmp_path / "jepa.ckpt", tmp_path / "student.pt")
+    assert not torch.equal(read_weights(student)[0]["blocks.0.attn.qkv.weight"], target["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="encoders found"):
+        export_encoder(tmp_path / "jepa.ckpt", tmp_path / "x.pt", encoder="targets.3.nothing")
