@@ -67,8 +67,6 @@ class AttentionMasking(ScoreMasking):
         progress: float,
     ) -> Tensor:
         n = grid.num_tokens
-        if scores is None or scores.shape != (batch_size, n):
-            got = None if scores is None else tuple(scores.shape)
-            raise ValueError(f"AttentionMasking needs scores of shape (B, N) = ({batch_size}, {n}), got {got}")
+        assert scores is not None  # (B, N), checked by ScoreMasking.__call__
         uniform = torch.rand(batch_size, n, generator=generator, device=device)  # (B, N)
         return gumbel_topk_scores(scores.detach().to(device), uniform)  # (B, N)

@@ -117,5 +117,10 @@ class ScoreMasking(MaskingStrategy):
     ) -> Masks:
         if self.needs_scores and scores is None:
             raise ValueError(f"{type(self).__name__} needs per-token scores (B, N); got scores=None")
+        if self.needs_scores and scores is not None and scores.shape != (batch_size, grid.num_tokens):
+            raise ValueError(
+                f"{type(self).__name__} needs scores of shape (B, N) = ({batch_size}, {grid.num_tokens}), "
+                f"got {tuple(scores.shape)}"
+            )
         s = self.scores(batch_size, grid, generator=generator, device=device, scores=scores, progress=progress)
         return scores_to_masks(s, self.num_visible(grid.num_tokens))

@@ -86,9 +86,7 @@ class HardPatchMasking(ScoreMasking):
         progress: float,
     ) -> Tensor:
         n = grid.num_tokens
-        if scores is None or scores.shape != (batch_size, n):
-            got = None if scores is None else tuple(scores.shape)
-            raise ValueError(f"HardPatchMasking needs scores of shape (B, N) = ({batch_size}, {n}), got {got}")
+        assert scores is not None  # (B, N), checked by ScoreMasking.__call__
         noise = torch.rand(batch_size, n, generator=generator, device=device)  # (B, N)
         k = num_hard(n, self.num_visible(n), self.alpha(progress))
         return hard_patch_scores(scores.detach().to(device), noise, k)  # (B, N)

@@ -21,7 +21,17 @@ from mim.masking.functional import gather_tokens, scatter_tokens
 from mim.models.embed import sincos_for_grid
 from mim.types import TokenGrid
 
-__all__ = ["MAEDecoder"]
+__all__ = ["MAEDecoder", "transformer_blocks"]
+
+
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
+    """``depth`` timm ViT blocks of width ``dim`` (qkv bias, LayerNorm eps 1e-6): the stack of MAE's decoder,
+    HPM's loss predictor and the JEPA predictor."""
+    norm = partial(nn.LayerNorm, eps=1e-6)
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
+        for _ in range(depth)
+    )
 
 
 class MAEDecoder(nn.Module):
@@ -57,16 +67,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         table = sincos_for_grid(dim, grid, num_prefix_tokens)  # (prefix+N, Dd): 2-D for images, 3-D for video
         self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # fixed
-        self.decoder_blocks = nn.ModuleList(
-            Block(
-                dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=True,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
-            )
-            for _ in range(depth)
-        )
+        self.decoder_blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, out_dim)
         self._init_weights()

@@ -32,14 +32,13 @@ LayerNorm weight 1 and bias 0.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Literal
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mim.masking.functional import gather_tokens
+from mim.models.decoder import transformer_blocks
 from mim.models.embed import sincos_1d, sincos_for_grid
 from mim.types import TokenGrid
 
@@ -103,16 +102,7 @@ class JEPAPredictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         table = predictor_pos_table(dim, grid)  # (N, P)
         self.predictor_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # (1, N, P), fixed
-        self.predictor_blocks = nn.ModuleList(
-            Block(
-                dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=True,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
-            )
-            for _ in range(depth)
-        )
+        self.predictor_blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio)
         self.predictor_norm = nn.LayerNorm(dim, eps=1e-6)
         self.predictor_proj = nn.Linear(dim, in_dim)
         self._init_weights()

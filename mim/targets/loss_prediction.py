@@ -13,11 +13,10 @@ It is trained on the hidden tokens against the *detached* per-token reconstructi
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from mim.models.decoder import transformer_blocks
 
 __all__ = ["LossPredictor", "relative_loss", "standardized_mse_loss"]
 
@@ -81,10 +80,7 @@ class LossPredictor(nn.Module):
     ) -> None:
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]
-            for _ in range(depth)
-        )
+        self.blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
         from mim.models.encoder import init_mae_weights_
