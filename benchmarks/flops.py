@@ -27,8 +27,8 @@ MLP hidden width H = mlp_ratio * D):
   prediction head         2*T*Dd*P                         (T = N - K hidden tokens here; N + 1 in models_mae.py)
   backward                2 x forward, less the input gradient of the patch embedding (images need no grad)
 
-Video section (VideoMAE V2 dual masking, methods/JEPA_VIDEO.md §3(a) and 3(c); PERF.md "Dual masking, analytic"
-and C2): ViT-B/16 on 16 frames at 224 px, tubelet 2 (grid 8 x 14 x 14, N = 1568, P = 1536), no cls token
+Video section (VideoMAE V2 dual masking: Wang et al., CVPR 2023, OpenGVLab/VideoMAEv2; PERF.md "Dual masking,
+analytic" and C2): ViT-B/16 on 16 frames at 224 px, tubelet 2 (grid 8 x 14 x 14, N = 1568, P = 1536), no cls token
 (VideoMAE has none), tube masking 0.9 (K = 8 * int(196 * 0.1) = 152 in mim), decoder 4 blocks x 384 (6 heads),
 per-channel norm-pix. The decoder of ``PixelTarget`` is counted on the V1 masks (every hidden token decoded,
 N + prefix decoder tokens) and on ``DualMasking`` masks with the same encoder mask plus running cell 0.5
@@ -184,6 +184,7 @@ def measure(
     from mim.masking.random import RandomMasking
     from mim.models.encoder import MaskedEncoder
     from mim.module import PretrainModule
+    from mim.targets.hard_patch import HardPatchTarget
     from mim.targets.pixels import PixelTarget
 
     encoder = MaskedEncoder(arch=arch)
@@ -407,6 +408,7 @@ def measure_video(*, backward: bool) -> VideoResult:
     from mim.masking.dual import DualMasking
     from mim.masking.tube import TubeMasking
     from mim.models.encoder import MaskedEncoder
+    from mim.targets.hard_patch import HardPatchTarget
     from mim.targets.pixels import PixelTarget
 
     encoder = MaskedEncoder(
@@ -551,25 +553,26 @@ def measure_hpm(*, batch_size: int = 1) -> dict[str, float]:
     """Training FLOPs per image of one MAE step and one HPM step (ViT-B/16, decoder 8 x 512), forward + backward.
 
     HPM = the student (encoder on visible tokens, reconstructor + loss-predictor decoder stacks) trained on both
-    losses, plus the EMA teacher's scoring pass on the full image (``PixelTarget.token_scores``: encoder on all
+    losses, plus the EMA teacher's scoring pass on the full image (``HardPatchTarget.token_scores``: encoder on all
     tokens, decoder embedding and loss predictor; no reconstructor). The EMA update itself has no matrix products.
     """
     from mim.masking.hard_patch import HardPatchMasking
     from mim.masking.random import RandomMasking
     from mim.models.encoder import MaskedEncoder
     from mim.module import PretrainModule
+    from mim.targets.hard_patch import HardPatchTarget
     from mim.targets.pixels import PixelTarget
 
     out: dict[str, float] = {}
     images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     batch = {"image": images}
-    for name, masking, kwargs in (
-        ("mae", RandomMasking(mask_ratio=0.75), {}),
-        ("hpm", HardPatchMasking(mask_ratio=0.75), {"loss_predictor": True, "norm_pix": False}),
+    for name, masking, target in (
+        ("mae", RandomMasking(mask_ratio=0.75), PixelTarget()),
+        ("hpm", HardPatchMasking(mask_ratio=0.75), HardPatchTarget(norm_pix=False)),
     ):
         torch.manual_seed(0)
         module = PretrainModule(
-            encoder=MaskedEncoder(arch="vit_base_patch16_224"), masking=masking, targets=[PixelTarget(**kwargs)]
+            encoder=MaskedEncoder(arch="vit_base_patch16_224"), masking=masking, targets=[target]
         )
         gen = module.generator(torch.device("cpu"), 0, 0, 0)
         with torch.no_grad():

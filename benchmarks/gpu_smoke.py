@@ -12,8 +12,9 @@ bilinearly upsampled, so the loss has structure to learn and falls), normalised 
 datamodule does. :class:`SmokeTimer` times the steps after ``--warmup`` (one device synchronisation at each end,
 none per step), reads ``torch.cuda.max_memory_allocated`` and the first and last loss, and writes a JSON record.
 The script prints one row per strategy: images/s, achieved TFLOP/s and MFU (58.7 GFLOP per image for a MAE
-ViT-B/16 training step, PERF.md §0, against the H100/H200 dense bf16 peak of 989.4 TFLOP/s), peak memory,
-first and last loss, wall time. All runs start from the same seed, so their first losses agree (to bf16 noise).
+ViT-B/16 training step, 3 x the 19.56 GFLOP forward of the official models_mae.py (BENCHMARKS.md, "FLOPs per
+image"), against the H100/H200 dense bf16 peak of 989.4 TFLOP/s), peak memory, first and last loss, wall time.
+All runs start from the same seed, so their first losses agree (to bf16 noise).
 
 ``--cpu-dry-run`` runs the same code path on the CPU in seconds: a tiny encoder and decoder, 32 px images,
 3 steps, ``ddp`` (tests/test_launch.py runs it). Lightning's DeepSpeedStrategy refuses a CPU accelerator; with a
@@ -50,7 +51,7 @@ from mim.data.base import ImageDataModule
 from mim.types import Batch
 
 ROOT = Path(__file__).resolve().parent.parent
-MAE_VIT_B_GFLOP_PER_IMAGE = 58.7  # forward + backward, 224 px, mask 0.75, decoder 8 x 512 (PERF.md §0)
+MAE_VIT_B_GFLOP_PER_IMAGE = 58.7  # forward + backward, 224 px, mask 0.75, decoder 8 x 512 (3 x forward; BENCHMARKS.md)
 PEAK_BF16_TFLOPS = 989.4  # H100 / H200 SXM dense bf16 spec
 
 

@@ -1,4 +1,4 @@
-"""C5 (PERF.md §5a): mask-generation cost per image for every masking strategy, and its share of a training step.
+"""C5: mask-generation cost per image for every masking strategy, and its share of a training step.
 
 For every strategy in ``mim.masking`` (those added later — hard-patch, dual / running-cell, feature subsets — are
 timed when they import, and listed as absent otherwise) the script times one call at batch 256 on one thread,
@@ -12,16 +12,16 @@ In the same process and in the same interleaved rounds (the order shuffled every
 ViT-B/16 training step (``MaskedEncoder`` + ``PixelTarget`` decoder 8 x 512, forward + backward, 224 px,
 default batch 4, also one thread) and reports, per strategy, the median and minimum microseconds per image,
 the ratio to random masking, and the share of the step per image: ``t_mask / t_step``. Interference from other
-jobs only adds time, so the minima are the robust figures on a shared machine (PERF.md §5a).
+jobs only adds time, so the minima are the robust figures on a shared machine (see BENCHMARKS.md).
 
-One CPU thread is the wrong yardstick for a GPU step, so the script also prints the GPU budget: at PERF.md's
-target for MAE ViT-B on one H100 (6,742 img/s, 40 % MFU; §0), a step costs 148 µs per image and 1 % of it is
-1.48 µs per image. The last column divides each strategy's time per image by those 148 µs: the share of an H100
-step the masks would take if drawn at the measured speed in the step's critical path (with ``--device cpu``: on
-one host thread; it is also the fraction of one host core needed to keep up, e.g. in a DataLoader worker). In
-training, mim draws the masks on the step's device (the generator lives there), so for a GPU run the relevant
-figure is that column with ``--device cuda`` (masks timed on the GPU, synchronised; the step stays on the CPU,
-``--step-batch 0`` skips it).
+One CPU thread is the wrong yardstick for a GPU step, so the script also prints the GPU budget: at a target
+of 40 % MFU for MAE ViT-B on one H100 (58.7 GFLOP per image against 989.4 TFLOP/s dense bf16: 6,742 img/s), a
+step costs 148 µs per image and 1 % of it is 1.48 µs per image. The last column divides each strategy's time per
+image by those 148 µs: the share of an H100 step the masks would take if drawn at the measured speed in the step's
+critical path (with ``--device cpu``: on one host thread; it is also the fraction of one host core needed to keep
+up, e.g. in a DataLoader worker). In training, mim draws the masks on the step's device (the generator lives
+there), so for a GPU run the relevant figure is that column with ``--device cuda`` (masks timed on the GPU,
+synchronised; the step stays on the CPU, ``--step-batch 0`` skips it).
 
     .venv/bin/python benchmarks/masking.py [--batch-size 256] [--rounds 15] [--step-batch 4] [--device cpu]
 """
@@ -48,7 +48,7 @@ from mim.types import Masks, TokenGrid  # noqa: E402
 IMAGE = TokenGrid(1, 14, 14)
 VIDEO = TokenGrid(8, 14, 14)
 TABLE = TokenGrid(1, 1, 54)
-H100_VIT_B_IMG_S = 6742.0  # PERF.md §0: MAE ViT-B/16 at 40 % MFU on one H100 (989.4 TFLOP/s bf16 dense)
+H100_VIT_B_IMG_S = 6742.0  # MAE ViT-B/16 at 40 % MFU on one H100: 0.4 x 989.4 TFLOP/s (bf16 dense) / 58.7 GFLOP
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """mim: masked image (and video and table) pretraining, from one CPU to a cluster.
 
 Heavy members are imported lazily so that ``mim.masking``, ``mim.targets`` and ``mim.models`` stay free of
-Lightning imports (DESIGN.md §2).
+Lightning imports (docs/design.md, "Interfaces").
 """
 
 from __future__ import annotations

@@ -1,36 +1,19 @@
 """Exponential moving averages of parameters (EMA teachers and target encoders).
 
 Used by hard-patch mining (Wang et al., "Hard Patches Mining for Masked Image Modeling", CVPR 2023: an EMA copy
-of the student scores every token) and, later, by JEPA target encoders. One update is
+of the student scores every token) and by JEPA target encoders (mim/targets/latent.py). One update is
 
     ema <- m * ema + (1 - m) * online        (for parameters only; buffers are left alone)
 
 done as one fused ``torch._foreach_lerp_`` call over all parameters (``lerp(ema, online, 1 - m)`` is the same
 convex combination), after the optimizer step, with no host synchronisation.
 
-Sharded training (DESIGN.md §5: the update runs on the local shards, with no gather). The EMA copy is made before
-DeepSpeed or FSDP sees the model and is registered in the module, so it is sharded exactly like the student: a
-parameter and its EMA copy have the same shape, hence the same shard layout. :meth:`EMA.update` pairs
-
-* DeepSpeed ZeRO-3 parameters by their local partitions ``p.ds_tensor`` (a flat shard of ``numel / world``
-  elements). Parameters that ZeRO-3 keeps whole on every rank (``stage3_param_persistence_threshold``) are updated
-  in their full ``p.data`` as well, since DeepSpeed refreshes those only at the next step and the teacher's next
-  forward reads them;
-* FSDP2 parameters (DTensors) by their local shards ``p.to_local()``; any FSDP2 unit left gathered after a no-grad
-  forward is resharded first (no communication);
-* everything else (single device, DDP, ZeRO-1/2, whose parameters are whole on every rank) as plain tensors.
-
-Low precision (pitfall: DeepSpeed's bf16/fp16 modes and ``bf16-true`` cast the EMA copy to 16 bits too, where an
-update ``(1 - m) * (online - ema)`` with m = 0.999 is far below the spacing of representable values, so a 16-bit
-EMA barely moves). When a local shard is 16-bit, the EMA keeps a float32 master of it, lerps the master and copies it
-into the shard (which the teacher's forward reads). The masters are the module's ``_extra_state`` (saved and restored
-with every checkpoint; under ZeRO-3 each rank's file holds its own shards) together with the world size and shard
-shapes they belong to; masters that do not match the current layout (another world size, a consolidated
-checkpoint) are rebuilt from the 16-bit weights. Under fp32 parameters (DDP, FSDP2 and DeepSpeed in fp32, mixed
-precision by autocast) there is no master.
-
-Buffers are not averaged. Nothing here imports DeepSpeed or Lightning: ZeRO-3 parameters are recognised by their
-``ds_tensor`` attribute.
+Sharded training: the EMA copy is sharded exactly like the student, and the update runs on each rank's local
+shards with no gather and no collective (DeepSpeed ZeRO-3 partitions ``p.ds_tensor``, FSDP2 shards
+``p.to_local()``, plain tensors otherwise); a 16-bit shard is updated through a float32 master saved with the
+checkpoint. How parameters are paired, which ZeRO-3 parameters are also updated in full and when masters are
+rebuilt: docs/design.md, "EMA". Nothing here imports DeepSpeed or Lightning: ZeRO-3 parameters are recognised by
+their ``ds_tensor`` attribute.
 """
 
 from __future__ import annotations
@@ -49,8 +32,8 @@ __all__ = ["EMA", "ema_momentum", "local_shards"]
 def ema_momentum(progress: float, *, start: float, end: float, ramp: float = 1.0) -> float:
     """Momentum that moves linearly from ``start`` to ``end`` over the first ``ramp`` fraction of training.
 
-    HPM (methods/IMAGE.md §3.2 step 8): ``0.999 -> 0.9999`` over the first 100 of 800 epochs (``ramp = 0.125``),
-    then constant. I-JEPA-style schedules are ``ramp = 1``.
+    HPM (official code Haochen-Wang409/HPM engine_pretrain.py, which sets it per epoch): ``0.999 -> 0.9999``
+    over the first 100 of 800 epochs (``ramp = 0.125``), then constant. I-JEPA-style schedules are ``ramp = 1``.
 
     Args:
         progress: fraction of training done, in [0, 1].
@@ -79,7 +62,7 @@ class EMA(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = copy.deepcopy(module).requires_grad_(False).eval()
-        self._master: list[Tensor] | None = None  # float32 copies of the 16-bit local shards (see the module doc)
+        self._master: list[Tensor] | None = None  # float32 copies of the 16-bit local shards (docs/design.md, "EMA")
         self._master_layout: list[Any] | None = None
 
     def get_extra_state(self) -> dict[str, Any]:

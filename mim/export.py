@@ -75,7 +75,7 @@ def _export(src: Path, out: Path, encoder: str = "encoder") -> tuple[Path, dict[
     import timm
 
     if src.is_dir():  # a sharded DeepSpeed or FSDP2 checkpoint directory: consolidate to fp32 first
-        from mim.distributed import consolidate_checkpoint
+        from mim.checkpoint import consolidate_checkpoint
 
         checkpoint = consolidate_checkpoint(src)
     elif src.is_file():

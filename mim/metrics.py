@@ -1,7 +1,7 @@
 """Collapse statistics of learned features (pure functions, no state).
 
 Representation collapse (every input mapped to the same point, or to a low-dimensional subspace) is the failure
-joint-embedding methods such as I-JEPA / V-JEPA / T-JEPA (methods/JEPA_VIDEO.md §1-§5) are most feared for. Two
+joint-embedding methods such as I-JEPA / V-JEPA / T-JEPA (papers: mim/targets/latent.py) are most feared for. Two
 cheap monitors of a batch of features ``x`` (R rows of width D):
 
 * **per-dimension standard deviation** across rows: a collapsed dimension has std 0; a complete collapse has every

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from typing import Any
 
 import lightning as L
@@ -16,8 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mim.masking.base import MaskingStrategy
-from mim.models.encoder import MaskedEncoder
-from mim.models.table_encoder import MaskedTableEncoder
+from mim.models.base import Encoder
 from mim.optim import cosine_anneal, param_groups, scaled_lr, warmup_cosine
 from mim.targets.base import Target
 from mim.types import Batch, Masks
@@ -34,7 +34,7 @@ def step_seed(*parts: int) -> int:
 def _target_names(targets: list[Target]) -> list[str]:
     names: list[str] = []
     for t in targets:
-        base = type(t).__name__.removesuffix("Target").lower() or "target"
+        base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(t).__name__.removesuffix("Target")).lower() or "target"
         name, i = base, 1
         while name in names:
             name, i = f"{base}_{i}", i + 1
@@ -67,7 +67,7 @@ class PretrainModule(L.LightningModule):
     def __init__(
         self,
         *,
-        encoder: MaskedEncoder | MaskedTableEncoder,
+        encoder: Encoder,
         masking: MaskingStrategy,
         targets: list[Target],
         blr: float = 1.5e-4,
@@ -112,14 +112,14 @@ class PretrainModule(L.LightningModule):
         self.targets = nn.ModuleList(targets)
         self.target_names = _target_names(targets)
         self._bound = False
-        if getattr(encoder, "is_configured", True):  # a table encoder may wait for the datamodule's schema
+        if encoder.is_configured:  # a table encoder may wait for the datamodule's schema
             self._bind_targets()
         self._generator: torch.Generator | None = None
         self._total_steps = 1
 
     def _bind_targets(self) -> None:
         for target in self.target_list:
-            target.bind(self.encoder)  # type: ignore[arg-type]
+            target.bind(self.encoder)
         self._bound = True
 
     def configure_model(self) -> None:
@@ -140,9 +140,7 @@ class PretrainModule(L.LightningModule):
         """Build what depends on the data (a table encoder's tokenizer), then the targets' heads (once)."""
         if self._bound:
             return
-        configure = getattr(self.encoder, "configure_data", None)
-        if configure is not None:
-            configure(datamodule)
+        self.encoder.configure_data(datamodule)
         self._bind_targets()
 
     # ------------------------------------------------------------------ helpers

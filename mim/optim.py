@@ -1,9 +1,9 @@
 """Optimizer parameter groups and the per-iteration warmup + cosine schedule of MAE.
 
-He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (methods/IMAGE.md §1.0, §1.4,
-§1.7 pitfall 7): AdamW with betas (0.9, 0.95); no weight decay on 1-D parameters (norms) and biases;
-frozen parameters (the sin-cos tables) are in no group; base lr = blr * effective batch / 256; linear
-warmup from 0 then half-cosine to ``min_lr``, updated every optimizer step.
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (Appendix A.1; official
+facebookresearch/mae main_pretrain.py and util/lr_sched.py): AdamW with betas (0.9, 0.95); no weight decay on
+1-D parameters (norms) and biases; frozen parameters (the sin-cos tables) are in no group; base lr = blr *
+effective batch / 256; linear warmup from 0 then half-cosine to ``min_lr``, updated every optimizer step.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def cosine_anneal(step: int, *, total_steps: int, start: float, end: float) -> f
     """Half-cosine from ``start`` (step 0) to ``end`` (step ``total_steps`` and later).
 
     ``end + (start - end) * (1 + cos(pi * min(1, step / total))) / 2``. I-JEPA's weight decay *increases* this way
-    from 0.04 to 0.4 over training (methods/JEPA_VIDEO.md §1(b)).
+    from 0.04 to 0.4 over training (facebookresearch/ijepa configs/in1k_vith14_ep300.yaml).
     """
     progress = min(1.0, max(step, 0) / max(total_steps, 1))
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,8 +1,8 @@
 """Frozen-feature evaluation: feature extraction and a linear probe.
 
 A deterministic multinomial logistic regression on standardised frozen features (the role of MAE's
-BatchNorm(affine=False) + Linear head, He et al., CVPR 2022, §1.3 of methods/IMAGE.md), fitted full-batch
-with L-BFGS so that the same features always give the same accuracy.
+BatchNorm(affine=False) + Linear head, He et al., CVPR 2022, Appendix A.1; facebookresearch/mae
+main_linprobe.py), fitted full-batch with L-BFGS so that the same features always give the same accuracy.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _build(args: argparse.Namespace):
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     out = args.out.resolve()
     cli_args = ["--config", str(args.recipe), f"--trainer.default_root_dir={out}"]

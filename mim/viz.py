@@ -1,89 +1,32 @@
-"""Pictures of masks: ``mim masks`` draws sample masks of any strategy so users can see what they configure.
+"""Pictures of masks: :class:`~mim.types.Masks` drawn on their token grid, as a PNG or the frames of a GIF.
 
-    mim masks --strategy multiblock --grid 14x14 --samples 8 --out masks.png
-    mim masks --strategy tube --grid 14x14 --frames 8 --set mask_ratio=0.9 --out tube.gif
-    mim masks --strategy feature_subset --grid 54 --out tjepa.png           # a table of 54 features
-    mim masks --strategy mim.masking.RandomMasking --init '{"mask_ratio": 0.6}' --columns 2 --no-caption
-
-Layout (``cell`` pixels per token, ``gap = cell``; every cell's last pixel column and row are grid lines). On top,
-a caption band of ``top = CAPTION_HEIGHT`` (36) pixels: the grid, the sample count and the strategy's repr (cut
-with "..." to the picture's width), then a legend of swatches: visible, hidden, and the target groups, overlaps and
-decoder marker when the masks have them (``--no-caption``: ``top = 0``). Below it:
-
-* T = 1 grids (images, tables): samples side by side, C per row (``--columns``; default 1 for tables, whose sample
-  is a long 1 x F strip, else at most 4 balanced over the fewest rows, ``C = ceil(S / ceil(S / 4))``: 8 samples
-  4 x 2, 6 samples 3 x 2), R = ceil(S / C) rows. The picture is ``gap + C (W cell + gap)`` pixels wide and
-  ``top + gap + R (H cell + gap)`` high; token ``(h, w)`` of sample ``s`` starts at
-  ``x = gap + (s mod C)(W cell + gap) + w cell``, ``y = top + gap + (s div C)(H cell + gap) + h cell``.
-* Video (T > 1): a frame strip per sample, one row per sample with its T time slots side by side, and twice the
-  gap (with a grey separator line of ``max(1, cell div 6)`` pixels in its middle) between samples. The picture is
-  ``gap + T (W cell + gap)`` wide and ``top + S (H cell + 2 gap)`` high; token ``(t, h, w)`` of sample ``s``
-  starts at ``x = gap + t (W cell + gap) + w cell``, ``y = top + gap + s (H cell + 2 gap) + h cell``.
-* An animated GIF (``--out *.gif``) has one frame per time slot: the T = 1 layout of slot t, with a band of ``gap``
-  pixels under the caption (so ``top = CAPTION_HEIGHT + gap``) whose blue bar, from ``x = gap``, is
-  ``round((width - 2 gap)(t + 1) / T)`` pixels long (the last frame's spans the panels).
-
-Colours (the caption's legend repeats them): light grey = visible (the encoder sees it); dark grey = hidden; for
-strategies with several target groups (or targets that are not exactly the hidden tokens), target group m has
-colour ``TARGET_COLOURS[m % 8]`` (blue, red, green, purple, brown, pink, cyan, olive), and a token in several groups
-has the first group's colour with a centre square in the last one's. A yellow centre square with a dark ring marks
-the tokens a decoder keeps (``Masks.decoder``, dual masking); the square is about 45 % of the cell
-(:func:`marker_square`). White is background.
-
-Strategies that need per-token scores (hard-patch mining) get a smooth random field: white Gaussian noise from the
-same generator, blurred with a Gaussian of sigma = 15 % of each grid side (at least 0.5 tokens) and standardised per
-sample, so "hard" tokens come in blobs as in a real loss map.
+Pure functions of the masks (no strategy, no command line), shared by ``mim masks`` (:mod:`mim.masks_cli`) and
+any other picture of masks. Light grey = visible, dark grey = hidden, one colour per target group, a yellow
+centre square for the tokens a decoder keeps; :func:`render_masks` states the layout and colours exactly.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
-import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-import yaml
 from PIL import Image, ImageDraw, ImageFont
-from torch import Tensor
 
-from mim.masking.base import MaskingStrategy
 from mim.types import Masks, TokenGrid
 
 __all__ = [
-    "STRATEGIES",
+    "CAPTION_HEIGHT",
     "TARGET_COLOURS",
-    "available_strategies",
-    "build_strategy",
     "default_columns",
-    "main",
     "marker_square",
-    "parse_grid",
     "render_masks",
-    "resolve_strategy",
     "save_images",
-    "smooth_scores",
     "token_states",
 ]
-
-STRATEGIES: dict[str, str] = {
-    "random": "RandomMasking",
-    "tube": "TubeMasking",
-    "multiblock": "MultiBlockMasking",
-    "colored_noise": "ColoredNoiseMasking",
-    "hard_patch": "HardPatchMasking",
-    "dual": "DualMasking",
-    "feature_subset": "FeatureSubsetMasking",
-}
-"""Short names of ``--strategy`` -> class names in :mod:`mim.masking` (resolved lazily)."""
 
 BACKGROUND = (255, 255, 255)
 LINE = (200, 200, 200)
@@ -114,104 +57,6 @@ TARGET_COLOURS: tuple[tuple[int, int, int], ...] = (
 )
 
 
-# ------------------------------------------------------------------------------------------------ strategies
-def resolve_strategy(name: str) -> type[MaskingStrategy]:
-    """A short name (:data:`STRATEGIES`) or a dotted class path -> a concrete MaskingStrategy class.
-
-    Raises:
-        ValueError: naming ``--strategy`` and listing the available short names.
-    """
-    if name in STRATEGIES:
-        try:
-            cls = getattr(importlib.import_module("mim.masking"), STRATEGIES[name])
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"--strategy {name}: mim.masking.{STRATEGIES[name]} is not available ({err}); "
-                f"available: {', '.join(available_strategies())}"
-            ) from None
-    elif "." in name:
-        module, _, attr = name.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"--strategy {name}: cannot import it ({err})") from None
-    else:
-        raise ValueError(
-            f"--strategy {name!r} is unknown; available: {', '.join(available_strategies())}, "
-            "or a class path such as mim.masking.RandomMasking"
-        )
-    if not (isinstance(cls, type) and issubclass(cls, MaskingStrategy)) or inspect.isabstract(cls):
-        raise ValueError(f"--strategy {name}: {cls!r} is not a concrete mim.masking.MaskingStrategy")
-    return cls
-
-
-def available_strategies() -> list[str]:
-    """The short names whose class can be imported now."""
-    found = []
-    for short, cls_name in STRATEGIES.items():
-        try:
-            getattr(importlib.import_module("mim.masking"), cls_name)
-        except Exception:  # a module that does not exist yet, or fails to import
-            continue
-        found.append(short)
-    return found
-
-
-def _instantiate(value: Any) -> Any:
-    """Build nested ``{"class_path": ..., "init_args": {...}}`` values (LightningCLI style), e.g. a wrapped strategy."""
-    if isinstance(value, dict) and "class_path" in value:
-        extra = set(value) - {"class_path", "init_args"}
-        if extra:
-            raise ValueError(f"unexpected keys {sorted(extra)} next to class_path {value['class_path']!r}")
-        return build_strategy(str(value["class_path"]), dict(value.get("init_args") or {}))
-    if isinstance(value, list):
-        return [_instantiate(v) for v in value]
-    return value
-
-
-def build_strategy(name: str, kwargs: dict[str, Any]) -> MaskingStrategy:
-    """Construct ``name`` (short name or class path) with keyword arguments (nested class_path dicts are built).
-
-    Raises:
-        ValueError: for an unknown strategy or arguments it rejects (the message names the flags).
-    """
-    cls = resolve_strategy(name)
-    try:
-        return cls(**{k: _instantiate(v) for k, v in kwargs.items()})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"--set/--init: {cls.__name__}({_kwargs_text(kwargs)}): {err}") from None
-
-
-def _kwargs_text(kwargs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-
-
-def smooth_scores(batch_size: int, grid: TokenGrid, generator: torch.Generator) -> Tensor:
-    """A smooth random score field per sample (for strategies with ``needs_scores``).
-
-    Gaussian-blurred white noise, sigma = max(0.5, 0.15 * side) tokens along each of T, H, W, standardised per sample.
-
-    Returns:
-        (B, N) float32.
-    """
-    x = torch.randn(batch_size, grid.t, grid.h, grid.w, generator=generator)  # (B, T, H, W)
-    for dim, size in ((1, grid.t), (2, grid.h), (3, grid.w)):
-        if size == 1:
-            continue
-        sigma = max(0.5, 0.15 * size)
-        radius = max(1, math.ceil(3 * sigma))
-        taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-        kernel = (kernel / kernel.sum()).view(1, 1, -1)  # (1, 1, 2r+1)
-        moved = x.movedim(dim, -1)  # (..., size)
-        shape = moved.shape
-        rows = F.pad(moved.reshape(-1, 1, size), (radius, radius), mode="replicate")  # (B*rest, 1, size + 2r)
-        x = F.conv1d(rows, kernel).reshape(shape).movedim(-1, dim)  # (B, T, H, W)
-    x = x.reshape(batch_size, -1)  # (B, N)
-    return (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True).clamp_min(1e-6)
-
-
-# ------------------------------------------------------------------------------------------------ rendering
 def token_states(masks: Masks) -> tuple[np.ndarray, np.ndarray, bool]:
     """Per-token drawing state of each sample.
 
@@ -313,7 +158,32 @@ def render_masks(
     columns: int | None = None,
     title: str | None = None,
 ) -> Image.Image:
-    """Draw masks (see the module docstring for layout and colours).
+    """Draw masks: a picture of S samples, with an optional caption band on top.
+
+    Layout (``cell`` pixels per token, ``gap = cell``; every cell's last pixel column and row are grid lines). On
+    top, when ``title`` is given, a caption band of ``top = CAPTION_HEIGHT`` (36) pixels: ``title`` (cut with "..."
+    to the picture's width), then a legend of swatches: visible, hidden, and the target groups, overlaps and decoder
+    marker when the masks have them (no title: ``top = 0``). Below it:
+
+    * T = 1 grids (images, tables): samples side by side, C per row (``columns``, default :func:`default_columns`),
+      R = ceil(S / C) rows. The picture is ``gap + C (W cell + gap)`` pixels wide and ``top + gap + R (H cell +
+      gap)`` high; token ``(h, w)`` of sample ``s`` starts at ``x = gap + (s mod C)(W cell + gap) + w cell``,
+      ``y = top + gap + (s div C)(H cell + gap) + h cell``.
+    * Video (T > 1, ``frame`` None): a frame strip per sample, one row per sample with its T time slots side by
+      side, and twice the gap (with a grey separator line of ``max(1, cell div 6)`` pixels in its middle) between
+      samples. The picture is ``gap + T (W cell + gap)`` wide and ``top + S (H cell + 2 gap)`` high; token
+      ``(t, h, w)`` of sample ``s`` starts at ``x = gap + t (W cell + gap) + w cell``,
+      ``y = top + gap + s (H cell + 2 gap) + h cell``.
+    * A GIF frame (``frame = t``): the T = 1 layout of slot t, with a band of ``gap`` pixels under the caption (so
+      ``top = CAPTION_HEIGHT + gap``) whose blue bar, from ``x = gap``, is ``round((width - 2 gap)(t + 1) / T)``
+      pixels long (the last frame's spans the panels).
+
+    Colours (the caption's legend repeats them): light grey = visible (the encoder sees it); dark grey = hidden;
+    when target groups are coloured (M > 1, or targets that are not exactly the hidden tokens), target group m has
+    colour ``TARGET_COLOURS[m % 8]`` (blue, red, green, purple, brown, pink, cyan, olive), and a token in several
+    groups has the first group's colour with a centre square in the last one's. A yellow centre square with a dark
+    ring marks the tokens a decoder keeps (``Masks.decoder``, dual masking); the square is about 45 % of the cell
+    (:func:`marker_square`). White is background.
 
     Args:
         masks: masks of S samples on ``grid`` (N = grid.num_tokens).
@@ -444,7 +314,7 @@ def save_images(images: Sequence[Image.Image], path: str | Path, *, duration_ms:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".gif"):
-        raise ValueError(f"--out must end with .png or .gif, got {str(path)!r}")
+        raise ValueError(f"save_images: path must end with .png or .gif, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -457,155 +327,3 @@ def save_images(images: Sequence[Image.Image], path: str | Path, *, duration_ms:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def parse_grid(text: str, frames: int | None) -> TokenGrid:
-    """``"F"`` (a table: (1, 1, F)), ``"HxW"`` (with ``frames`` time slots) or ``"TxHxW"`` -> TokenGrid.
-
-    Raises:
-        ValueError: naming ``--grid`` / ``--frames``.
-    """
-    if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){0,2}", text.strip().lower()):
-        raise ValueError(f"--grid must be F (table features), HxW or TxHxW with positive integers, got {text!r}")
-    sides = [int(v) for v in text.strip().lower().split("x")]
-    if len(sides) == 1:
-        if frames not in (None, 1):
-            raise ValueError(f"--frames {frames} needs an HxW --grid, got the table grid {text!r}")
-        return TokenGrid(1, 1, sides[0])
-    if len(sides) == 3:
-        if frames not in (None, sides[0]):
-            raise ValueError(f"--frames {frames} contradicts --grid {text!r} ({sides[0]} time slots)")
-        return TokenGrid(*sides)
-    return TokenGrid(1 if frames is None else frames, sides[0], sides[1])
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mim masks",
-        description="Draw sample masks of a masking strategy (images side by side, videos one frame strip per "
-        "sample; light = visible, dark = hidden, colours = target groups, yellow square = kept by the decoder).",
-    )
-    p.add_argument("--strategy", help=f"short name ({', '.join(STRATEGIES)}) or a class path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="strategy argument (YAML value)")
-    p.add_argument("--init", default=None, metavar="JSON", help="strategy arguments as a JSON object")
-    p.add_argument("--grid", default="14x14", help="HxW token grid, TxHxW, or F for a table (default 14x14)")
-    p.add_argument("--frames", type=int, default=None, help="time slots T of a video grid (default 1)")
-    p.add_argument("--samples", type=int, default=8, help="samples drawn (default 8)")
-    p.add_argument(
-        "--columns",
-        type=int,
-        default=None,
-        help="samples side by side for T = 1 grids and GIF frames (default: 1 for tables, else up to 4, balanced)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--progress", type=float, default=0.0, help="training progress in [0, 1] for schedules")
-    p.add_argument("--cell", type=int, default=12, help="pixels per token (default 12)")
-    p.add_argument(
-        "--caption",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a caption band on top: grid, strategy and a colour legend (default on)",
-    )
-    p.add_argument(
-        "--out", default="masks.png", help="output .png (frame strips for video) or .gif (one frame per slot)"
-    )
-    p.add_argument("--list", action="store_true", help="print the available short names and exit")
-    return p
-
-
-def _title(strategy: MaskingStrategy, grid: TokenGrid, samples: int, gif: bool) -> str:
-    """Caption line: the grid and layout first (so a narrow picture cuts the strategy's repr, not them)."""
-    if grid.t == 1 and grid.h == 1:
-        where = f"table of {grid.w} features"
-    else:
-        where = "grid " + "x".join(map(str, grid.shape if grid.t > 1 else grid.shape[1:]))
-    if grid.t > 1:
-        where += " (T x H x W)"
-    layout = "one time slot per frame" if gif else "rows = samples, columns = time slots"
-    return f"{where} \u00b7 {samples} samples" + (f" \u00b7 {layout}" if grid.t > 1 else "") + f"  |  {strategy!r}"
-
-
-def _strategy_kwargs(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if args.init is not None:
-        try:
-            init = json.loads(args.init)
-        except json.JSONDecodeError as err:
-            p.error(f"--init is not valid JSON ({err}): {args.init!r}")
-        if not isinstance(init, dict):
-            p.error(f"--init must be a JSON object of strategy arguments, got {args.init!r}")
-        kwargs.update(init)
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            p.error(f"--set expects KEY=VALUE with a Python identifier as KEY, got {item!r}")
-        try:
-            kwargs[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            p.error(f"--set {key}: cannot parse the value {raw!r} as YAML ({err})")
-    return kwargs
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``mim masks``: draw masks and write a PNG (video: frame strips) or an animated GIF. Returns 0; bad input exits 2."""
-    p = _parser()
-    args = p.parse_args(argv)
-    if args.list:
-        print("\n".join(available_strategies()))
-        return 0
-    if not args.strategy:
-        p.error(f"--strategy is required: one of {', '.join(available_strategies())}, or a class path")
-    for flag, value, lo, hi in (("samples", args.samples, 1, 256), ("cell", args.cell, 3, 64)):
-        if not lo <= value <= hi:
-            p.error(f"--{flag} must be in [{lo}, {hi}], got {value}")
-    if args.columns is not None and not 1 <= args.columns <= 256:
-        p.error(f"--columns must be in [1, 256], got {args.columns}")
-    if args.frames is not None and args.frames < 1:
-        p.error(f"--frames must be >= 1, got {args.frames}")
-    if not 0.0 <= args.progress <= 1.0:
-        p.error(f"--progress must be in [0, 1], got {args.progress}")
-    if Path(args.out).suffix.lower() not in (".png", ".gif"):
-        p.error(f"--out must end with .png or .gif, got {args.out!r}")
-    try:
-        grid = parse_grid(args.grid, args.frames)
-        strategy = build_strategy(args.strategy, _strategy_kwargs(p, args))
-    except ValueError as err:
-        p.error(str(err))
-    gif = Path(args.out).suffix.lower() == ".gif"
-    if args.columns is not None and grid.t > 1 and not gif:
-        p.error(
-            f"--columns applies to T = 1 grids and GIF frames; a video PNG (--grid {args.grid}, T={grid.t}) has one "
-            "frame strip per sample"
-        )
-    generator = torch.Generator().manual_seed(args.seed)
-    scores = smooth_scores(args.samples, grid, generator) if strategy.needs_scores else None
-    try:
-        masks = strategy(
-            args.samples, grid, generator=generator, device=torch.device("cpu"), scores=scores, progress=args.progress
-        )
-    except ValueError as err:
-        p.error(f"--grid {args.grid} (T={grid.t}): {strategy!r} cannot mask it: {err}")
-    draw = {
-        "cell": args.cell,
-        "columns": args.columns,
-        "title": _title(strategy, grid, args.samples, gif) if args.caption else None,
-    }
-    if gif:
-        images = [render_masks(masks, grid, frame=t, **draw) for t in range(grid.t)]
-    else:
-        images = [render_masks(masks, grid, **draw)]
-    out = save_images(images, args.out)
-    m, groups = masks.targets.shape[1], token_states(masks)[2]
-    decoder = "" if masks.decoder is None else f", decoder keeps {masks.decoder.shape[1]} (yellow squares)"
-    colours = f"{m} target group(s) in colour" if groups else "targets = hidden"
-    print(
-        f"wrote {out} ({images[0].width}x{images[0].height} px, {len(images)} frame(s)): {strategy!r} on grid "
-        f"{'x'.join(map(str, grid.shape))}, {args.samples} samples; {masks.visible.shape[1]} of {grid.num_tokens} "
-        f"visible (light), hidden dark, {colours}{decoder}"
-    )
-    return 0
-
-
-if __name__ == "__main__":  # `python -m mim.viz ...` is `mim masks ...` without importing Lightning
-    raise SystemExit(main())

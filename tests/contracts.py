@@ -1,4 +1,4 @@
-"""Contract tests every MaskingStrategy and Target implementation opts into (STYLE.md rule 9).
+"""Contract tests every MaskingStrategy, Target and Encoder implementation opts into.
 
 Subclass a contract in a ``Test*`` class, declare the class under test and how to build it::
 
@@ -8,7 +8,7 @@ Subclass a contract in a ``Test*`` class, declare the class under test and how t
         def make_strategy(self):
             return RandomMasking(mask_ratio=0.75)
 
-``tests/test_contracts_meta.py`` fails when a concrete strategy or target in ``mim`` has no such class.
+``tests/test_contracts_meta.py`` fails when a concrete strategy, target or encoder in ``mim`` has no such class.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import torch
 from torch import Tensor
 
 from mim.masking.base import MaskingStrategy, ScoreMasking
+from mim.models.base import Encoder
 from mim.models.encoder import MaskedEncoder
 from mim.targets.base import Target
 from mim.types import Masks, TokenGrid
+from tests.factories import tiny_encoder
 
-__all__ = ["MaskingStrategyContract", "TargetContract"]
+__all__ = ["EncoderContract", "MaskingStrategyContract", "TargetContract"]
 
 CPU = torch.device("cpu")
 
@@ -222,14 +224,7 @@ class TargetContract:
         raise NotImplementedError
 
     def make_encoder(self) -> MaskedEncoder:
-        torch.manual_seed(0)
-        return MaskedEncoder(
-            arch="vit_tiny_patch16_224",
-            img_size=16,
-            patch_size=4,
-            in_chans=3,
-            model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 4},
-        )
+        return tiny_encoder()
 
     def make_batch(self, encoder: MaskedEncoder) -> dict[str, Tensor]:
         g = _gen(1)
@@ -317,3 +312,145 @@ class TargetContract:
             assert scores.shape == (self.batch_size, encoder.grid.num_tokens)
         target.after_step(encoder, 0.5)  # must not raise
         assert isinstance(target.no_weight_decay(), set)
+
+
+class EncoderContract:
+    """Invariants of every :class:`~mim.models.base.Encoder`: what the module, the targets and export rely on.
+
+    Class attributes a subclass sets:
+        encoder_cls: the class under test (the meta-test matches on it).
+        batch_size: B of the test batch.
+        mask_ratio: share of hidden tokens in the visible-token checks.
+    """
+
+    encoder_cls: ClassVar[type[Encoder]]
+    batch_size: ClassVar[int] = 3
+    mask_ratio: ClassVar[float] = 0.5
+
+    # ------------------------------------------------------------------ hooks
+    def make_encoder(self) -> Encoder:
+        raise NotImplementedError
+
+    def make_batch(self, encoder: Encoder) -> dict[str, Tensor]:
+        """A batch holding what the encoder reads."""
+        raise NotImplementedError
+
+    def perturb(self, batch: dict[str, Tensor], encoder: Encoder, tokens: Tensor) -> dict[str, Tensor]:
+        """A copy of ``batch`` whose input differs from ``batch``'s only inside the tokens ``tokens`` (B, H)."""
+        raise NotImplementedError
+
+    def rebuild(self, config: dict) -> Encoder:
+        """A new encoder from ``encoder.config`` (the checkpoint's record)."""
+        return self.encoder_cls(**config)
+
+    # ------------------------------------------------------------------ helpers
+    def visible(self, encoder: Encoder) -> tuple[Tensor, Tensor]:
+        """(visible (B, K), hidden (B, N - K)) index tensors of a fixed random mask."""
+        from mim.masking.random import RandomMasking
+
+        masks = RandomMasking(mask_ratio=self.mask_ratio)(self.batch_size, encoder.grid, generator=_gen(3), device=CPU)
+        return masks.visible, masks.targets[:, 0]
+
+    # ------------------------------------------------------------------ tests
+    def test_encoder_cls_matches(self) -> None:
+        encoder = self.make_encoder()
+        assert type(encoder) is self.encoder_cls
+        assert isinstance(encoder, Encoder)
+
+    def test_declared_attributes(self) -> None:
+        encoder = self.make_encoder()
+        assert encoder.is_configured
+        assert isinstance(encoder.grid, TokenGrid) and encoder.grid.num_tokens >= 1
+        for name in ("embed_dim", "num_heads", "depth"):
+            value = getattr(encoder, name)
+            assert isinstance(value, int) and value >= 1, f"{name} = {value!r}"
+        assert isinstance(encoder.num_prefix_tokens, int) and encoder.num_prefix_tokens >= 0
+        assert isinstance(encoder.has_class_token, bool)
+        assert encoder.num_prefix_tokens >= int(encoder.has_class_token)
+        assert encoder.embed_dim % encoder.num_heads == 0
+        assert encoder.modality in ("image", "video", "table")
+
+    def test_output_shapes(self) -> None:
+        encoder = self.make_encoder()
+        inputs = encoder.inputs(self.make_batch(encoder))
+        prefix, d, n = encoder.num_prefix_tokens, encoder.embed_dim, encoder.grid.num_tokens
+        assert encoder(inputs).shape == (self.batch_size, prefix + n, d)
+        visible, _ = self.visible(encoder)
+        out = encoder(inputs, visible)
+        assert out.shape == (self.batch_size, prefix + visible.shape[1], d)
+        assert out.dtype.is_floating_point and bool(torch.isfinite(out).all())
+
+    def test_hidden_tokens_do_not_reach_the_output(self) -> None:
+        encoder = self.make_encoder().eval()
+        batch = self.make_batch(encoder)
+        visible, hidden = self.visible(encoder)
+        changed = self.perturb(batch, encoder, hidden)
+        with torch.no_grad():
+            a = encoder(encoder.inputs(batch), visible)
+            b = encoder(encoder.inputs(changed), visible)
+            torch.testing.assert_close(a, b)
+            # ... while a change to a visible token does reach it (so the check above can fail)
+            c = encoder(encoder.inputs(self.perturb(batch, encoder, visible[:, :1])), visible)
+        assert not torch.allclose(a, c)
+
+    def test_visible_order_is_the_output_order(self) -> None:
+        """Encoding a subset gives the rows of those tokens; prefix rows come first (no position mix-up)."""
+        encoder = self.make_encoder().eval()
+        inputs = encoder.inputs(self.make_batch(encoder))
+        visible, _ = self.visible(encoder)
+        with torch.no_grad():
+            out = encoder(inputs, visible)
+            flipped = encoder(inputs, visible.flip(1))
+        p = encoder.num_prefix_tokens
+        torch.testing.assert_close(flipped[:, p:], out[:, p:].flip(1), atol=1e-5, rtol=1e-5)
+
+    def test_gradients_reach_trainable_parameters(self) -> None:
+        encoder = self.make_encoder()
+        visible, _ = self.visible(encoder)
+        encoder(encoder.inputs(self.make_batch(encoder)), visible).square().mean().backward()
+        for name, p in encoder.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and bool(torch.isfinite(p.grad).all()), f"{name} got no finite gradient"
+            else:
+                assert p.grad is None, f"frozen {name} received a gradient"
+
+    def test_pool(self) -> None:
+        encoder = self.make_encoder()
+        latent = torch.randn(self.batch_size, encoder.num_prefix_tokens + 5, encoder.embed_dim, generator=_gen(4))
+        torch.testing.assert_close(encoder.pool(latent, "avg"), latent[:, encoder.num_prefix_tokens :].mean(1))
+        if encoder.has_class_token:
+            assert torch.equal(encoder.pool(latent, "cls"), latent[:, 0])
+        else:
+            with pytest.raises(ValueError, match="class token"):
+                encoder.pool(latent, "cls")
+
+    def test_no_weight_decay_names_exist(self) -> None:
+        encoder = self.make_encoder()
+        names = {n for n, _ in encoder.named_parameters()}
+        special = encoder.no_weight_decay()
+        assert isinstance(special, set)
+        assert special & names, "no_weight_decay names none of the encoder's parameters"
+
+    def test_config_rebuilds_the_encoder(self) -> None:
+        """``config`` is plain JSON and rebuilds an encoder whose state dict the original loads into strictly."""
+        import json
+
+        encoder = self.make_encoder()
+        config = json.loads(json.dumps(encoder.config))
+        assert config == encoder.config, "encoder.config is not plain JSON (tuples, tensors or objects inside)"
+        twin = self.rebuild(config)
+        twin.load_state_dict(encoder.state_dict(), strict=True)
+        batch = self.make_batch(encoder)
+        with torch.no_grad():
+            torch.testing.assert_close(twin.eval()(twin.inputs(batch)), encoder.eval()(encoder.inputs(batch)))
+
+    def test_deepcopy_and_pickle(self) -> None:
+        """EMA teachers deep-copy the encoder; spawned workers pickle it."""
+        import copy
+
+        encoder = self.make_encoder().eval()
+        batch = self.make_batch(encoder)
+        with torch.no_grad():
+            expected = encoder(encoder.inputs(batch))
+            for twin in (copy.deepcopy(encoder), pickle.loads(pickle.dumps(encoder))):
+                torch.testing.assert_close(twin(twin.inputs(batch)), expected)

@@ -1,4 +1,4 @@
-"""Every concrete MaskingStrategy and Target in ``mim`` must have a contract test (STYLE.md rule 9)."""
+"""Every concrete MaskingStrategy, Target and Encoder in ``mim`` must have a contract test."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 import mim.masking
+import mim.models
 import mim.targets
 from mim.masking.base import MaskingStrategy
+from mim.models.base import Encoder
 from mim.targets.base import Target
-from tests.contracts import MaskingStrategyContract, TargetContract
+from tests.contracts import EncoderContract, MaskingStrategyContract, TargetContract
 
 TESTS = Path(__file__).parent
 
@@ -62,6 +64,7 @@ def contract_tests(contract: type, attr: str) -> dict[type, list[type]]:
 def _import_packages() -> None:
     _import_all(mim.masking)
     _import_all(mim.targets)
+    _import_all(mim.models)
 
 
 def test_masking_strategies_have_contract_tests() -> None:
@@ -80,17 +83,29 @@ def test_targets_have_contract_tests() -> None:
     assert not missing, f"Target classes without a TargetContract test: {missing}"
 
 
+def test_encoders_have_contract_tests() -> None:
+    encoders = concrete_in_mim(Encoder)
+    assert encoders, "found no concrete Encoder in mim (discovery is broken)"
+    covered = contract_tests(EncoderContract, "encoder_cls")
+    missing = sorted(c.__qualname__ for c in encoders if c not in covered)
+    assert not missing, f"Encoder classes without an EncoderContract test: {missing}"
+
+
 def test_discovery_sees_known_classes() -> None:
     from mim.masking.random import RandomMasking
     from mim.targets.pixels import PixelTarget
 
     assert RandomMasking in concrete_in_mim(MaskingStrategy)
     assert PixelTarget in concrete_in_mim(Target)
+    from mim.models import MaskedEncoder, MaskedTableEncoder
+
+    assert {MaskedEncoder, MaskedTableEncoder} <= concrete_in_mim(Encoder)
     # abstract bases are never required to have a contract test
     from mim.masking.base import ScoreMasking
 
     assert ScoreMasking not in concrete_in_mim(MaskingStrategy)
     assert Target not in concrete_in_mim(Target)
+    assert Encoder not in concrete_in_mim(Encoder)
 
 
 def test_meta_test_can_fail() -> None:

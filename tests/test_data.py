@@ -25,6 +25,7 @@ from mim.data import (
     normalize_image,
 )
 from mim.data.fashion_mnist import read_idx
+from tests.factories import cpu_trainer
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -181,9 +182,7 @@ def test_image_folder_feeds_lightning_normalised_floats(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     probe = Probe()
-    trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
+    trainer = cpu_trainer(max_steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice about workers and the missing validation loop
         trainer.fit(probe, datamodule=dm)
@@ -243,11 +242,11 @@ def test_image_folder_empty_or_flat_folder_names_it(tmp_path):
 
 def test_image_folder_validates_arguments(tmp_path):
     _write_folder(tmp_path, {"a": ["1.png"]})
-    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
         ImageFolderDataModule(root=tmp_path, batch_size=0)
-    with pytest.raises(ValueError, match=r"in_chans must be 1 or 3, got 2"):
+    with pytest.raises(ValueError, match=r"in_chans must be one of \(1, 3\), got 2"):
         ImageFolderDataModule(root=tmp_path, in_chans=2)
-    with pytest.raises(ValueError, match=r"num_workers must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"num_workers must be an integer >= 0, got -1"):
         ImageFolderDataModule(root=tmp_path, num_workers=-1)
     with pytest.raises(ValueError, match=r"mean and .std must have in_chans=3"):
         ImageFolderDataModule(root=tmp_path, mean=(0.5,), std=(0.5,))
@@ -387,9 +386,9 @@ def test_fashion_mnist_datamodule_resizes_and_validates(fashion_mnist_dir):
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["image"].shape == (16, 1, 32, 32)
     assert next(iter(dm.val_dataloader()))["image"].shape == (16, 1, 32, 32)
-    with pytest.raises(ValueError, match=r"num_train must be in \[1, 60000\], got 60001"):
+    with pytest.raises(ValueError, match=r"num_train must be an integer in \[1, 60000\], got 60001"):
         FashionMNISTDataModule(num_train=60_001)
-    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
         FashionMNISTDataModule(batch_size=0)
 
 

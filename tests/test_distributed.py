@@ -1,7 +1,7 @@
 """Sharded training on CPU (gloo, 2 processes): DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 through `mim fit`.
 
 One tiny model carries every kind of target at once, so each strategy needs one fit: hard-patch masking driven by
-``PixelTarget(loss_predictor=True)`` (MAE pixels + HPM's EMA teacher), a JEPA ``LatentTarget`` (EMA target encoder)
+``HardPatchTarget`` (MAE pixels + HPM's EMA teacher), a JEPA ``LatentTarget`` (EMA target encoder)
 and a ``TeacherTarget`` (frozen teacher read from a file, outside the state dict). Each fit runs 4 steps (2 epochs
 of 2 batches per process) and saves a checkpoint after every step. The tests then check
 
@@ -35,15 +35,14 @@ import torch
 import yaml
 from torch import nn
 
-from mim.distributed import (
-    DeepSpeedStrategy,
-    FSDP2Strategy,
+from mim.checkpoint import (
     WorldSizeMismatchError,
     check_resume,
     checkpoint_kind,
     checkpoint_world_size,
     consolidate_checkpoint,
 )
+from mim.distributed import DeepSpeedStrategy, FSDP2Strategy
 from mim.ema import EMA, local_shards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,12 +110,11 @@ def _config(root: Path, strategy: str, teacher: Path, *, devices: int = 2, callb
                 },
                 "targets": [
                     {
-                        "class_path": "mim.targets.PixelTarget",
+                        "class_path": "mim.targets.HardPatchTarget",
                         "init_args": {
                             "decoder_dim": 32,
                             "decoder_depth": 1,
                             "decoder_num_heads": 2,
-                            "loss_predictor": True,
                             "ema_momentum": [0.9, 0.9],
                         },
                     },
@@ -206,7 +204,7 @@ def fitted(request, tmp_path_factory, teacher_file) -> Run:
 
 def _reference_module(run: Run) -> nn.Module:
     """The run's PretrainModule built on one process (no strategy), for key sets and strict loading."""
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     cli = build(
         ["--config", str(run.config), "--trainer.strategy=auto", "--trainer.devices=1", "--trainer.callbacks=[]"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,21 +18,13 @@ from mim.models import MaskedEncoder
 from mim.models.teacher import MIM_EXPORT_FORMAT, FrozenTeacher, read_weights
 from mim.module import PretrainModule
 from mim.targets import PixelTarget
+from tests.factories import TINY_ARCH, tiny_encoder
 
-ARCH = "vit_tiny_patch16_224"
-
-
-def _encoder(**overrides) -> MaskedEncoder:
-    kwargs = dict(
-        arch=ARCH,
-        img_size=(16, 20),
-        patch_size=4,
-        in_chans=1,
-        model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2},
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return MaskedEncoder(**kwargs)
+ARCH = TINY_ARCH
+# one channel, a non-square 4 x 5 grid
+_encoder = partial(
+    tiny_encoder, img_size=(16, 20), in_chans=1, model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}
+)
 
 
 def _checkpoint(tmp_path: Path, encoder: MaskedEncoder | None = None) -> tuple[Path, MaskedEncoder]:

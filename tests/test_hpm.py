@@ -1,58 +1,46 @@
-"""HPM end to end: PixelTarget's loss predictor, its EMA teacher, token scores and HardPatchMasking in a real run."""
+"""HPM end to end: HardPatchTarget's loss predictor, its EMA teacher, token scores and HardPatchMasking in a real run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from mim.masking import HardPatchMasking
 from mim.masking.hard_patch import num_hard
-from mim.models import MaskedEncoder
 from mim.module import PretrainModule
-from mim.targets import PixelTarget
+from mim.targets import HardPatchTarget
 from mim.targets.loss_prediction import relative_loss, standardized_mse_loss
 from tests.contracts import TargetContract
+from tests.factories import TrainMetricsRecorder, tiny_encoder
 from tests.syncs import count_host_syncs
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _target(**overrides) -> PixelTarget:
-    kwargs = dict(decoder_dim=32, decoder_depth=1, decoder_num_heads=4, loss_predictor=True, ema_ramp=0.5)
+def _target(**overrides) -> HardPatchTarget:
+    kwargs = dict(decoder_dim=32, decoder_depth=1, decoder_num_heads=4, ema_ramp=0.5)
     kwargs.update(overrides)
-    return PixelTarget(**kwargs)
+    return HardPatchTarget(**kwargs)
 
 
-class TestPixelTargetLossPredictorContract(TargetContract):
-    target_cls = PixelTarget
+class TestHardPatchTargetContract(TargetContract):
+    target_cls = HardPatchTarget
 
-    def make_target(self, **overrides) -> PixelTarget:
+    def make_target(self, **overrides) -> HardPatchTarget:
         return _target(**overrides)
 
 
-class TestPixelTargetLossPredictorMSEContract(TargetContract):
-    target_cls = PixelTarget
+class TestHardPatchTargetMSEContract(TargetContract):
+    target_cls = HardPatchTarget
 
-    def make_target(self, **overrides) -> PixelTarget:
+    def make_target(self, **overrides) -> HardPatchTarget:
         return _target(loss_predictor_loss="mse", **overrides)
 
 
-def _encoder() -> MaskedEncoder:
-    torch.manual_seed(0)
-    return MaskedEncoder(
-        arch="vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        in_chans=3,
-        model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 4},
-    )
-
-
 def _parts(**overrides):
-    encoder = _encoder()
+    encoder = tiny_encoder()
     target = _target(**overrides)
     target.bind(encoder)
     batch = {"image": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
@@ -150,7 +138,7 @@ def test_after_step_is_the_ema_formula_with_the_momentum_schedule():
 
 
 def test_teacher_is_saved_and_not_optimised(tmp_path: Path):
-    encoder = _encoder()
+    encoder = tiny_encoder()
     module = PretrainModule(encoder=encoder, masking=HardPatchMasking(), targets=[_target()])
     keys = module.state_dict().keys()
     assert any(k.startswith("targets.0.teacher.module.encoder.vit.blocks") for k in keys)
@@ -161,7 +149,7 @@ def test_teacher_is_saved_and_not_optimised(tmp_path: Path):
 
 def test_hpm_step_has_no_host_syncs():
     """Scores, masks, both losses, backward and the EMA update: no .item()/.cpu()/nonzero/boolean indexing."""
-    encoder = _encoder()
+    encoder = tiny_encoder()
     module = PretrainModule(encoder=encoder, masking=HardPatchMasking(), targets=[_target()])
     batch = {"image": torch.randn(4, 3, 16, 16)}
     gen = torch.Generator().manual_seed(0)
@@ -174,7 +162,7 @@ def test_hpm_step_has_no_host_syncs():
 
 
 def test_hard_tokens_follow_teacher_scores_in_the_module():
-    encoder = _encoder()
+    encoder = tiny_encoder()
     module = PretrainModule(encoder=encoder, masking=HardPatchMasking(), targets=[_target()])
     batch = {"image": torch.randn(8, 3, 16, 16)}
     scores = module.target_list[0].token_scores(batch, module.encoder)
@@ -195,19 +183,19 @@ def test_hard_tokens_follow_teacher_scores_in_the_module():
 
 def test_validation_errors():
     with pytest.raises(ValueError, match="loss_predictor_loss"):
-        PixelTarget(loss_predictor=True, loss_predictor_loss="l1")
+        HardPatchTarget(loss_predictor_loss="l1")
     with pytest.raises(ValueError, match="ema_momentum"):
-        PixelTarget(loss_predictor=True, ema_momentum=(0.9, 1.5))
+        HardPatchTarget(ema_momentum=(0.9, 1.5))
     with pytest.raises(ValueError, match="ema_ramp"):
-        PixelTarget(loss_predictor=True, ema_ramp=2.0)
+        HardPatchTarget(ema_ramp=2.0)
     with pytest.raises(ValueError, match="loss_predictor_weight"):
-        PixelTarget(loss_predictor=True, loss_predictor_weight=-1.0)
+        HardPatchTarget(loss_predictor_weight=-1.0)
 
 
 @pytest.mark.usefixtures("fashion_mnist")
 def test_hpm_debug_recipe_trains(tmp_path: Path):
     """recipes/debug/hpm_fashion_mnist.yaml end to end: finite losses, the teacher moves, masks follow its scores."""
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     cli = build(
         [
@@ -222,17 +210,13 @@ def test_hpm_debug_recipe_trains(tmp_path: Path):
     )
     target = cli.model.target_list[0]
     teacher0 = [p.clone() for p in target.teacher.parameters()]
-    seen: list[dict[str, float]] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
-
-    cli.trainer.callbacks.append(Record())
+    record = TrainMetricsRecorder()
+    cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    seen = record.seen
     assert len(seen) == 6
     assert all(torch.isfinite(torch.tensor(list(s.values()))).all() for s in seen)
-    assert "train/pixel/loss_prediction" in seen[-1] and "train/pixel/reconstruction" in seen[-1]
+    assert "train/hard_patch/loss_prediction" in seen[-1] and "train/hard_patch/reconstruction" in seen[-1]
     moved = sum(float((p - p0).abs().sum()) for p, p0 in zip(target.teacher.parameters(), teacher0))
     assert moved > 0, "the EMA teacher never moved"
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), map_location="cpu", weights_only=True)

@@ -30,6 +30,7 @@ from mim.masking import MultiBlockMasking
 from mim.models import MaskedEncoder
 from mim.module import PretrainModule
 from mim.targets.latent import LatentTarget
+from tests.factories import cpu_trainer
 
 PROBE_IMAGES = 4000
 MARGIN = 0.015
@@ -83,17 +84,7 @@ def test_ijepa_beats_random_init_on_the_linear_probe():
             if batch_idx % 128 == 0 and value is not None:
                 ranks.append(float(value))
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        log_every_n_steps=16,
-        callbacks=[Record()],
-    )
+    trainer = cpu_trainer(max_epochs=4, limit_val_batches=0, log_every_n_steps=16, callbacks=[Record()])
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 1024
     assert ranks and min(ranks) > 4.0, f"the target features collapsed (RankMe {ranks})"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,11 +19,13 @@ from mim.module import PretrainModule
 from mim.targets.latent import LatentTarget, latent_loss
 from mim.types import Masks, TokenGrid
 from tests.contracts import TargetContract
+from tests.factories import TINY_VIT, TrainMetricsRecorder, tiny_encoder, tiny_table_encoder, tiny_video_encoder
 from tests.syncs import count_host_syncs
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CPU = torch.device("cpu")
 NO_CLS = {"class_token": False, "global_pool": "avg", "fc_norm": False}
+NO_CLS_VIT = {**TINY_VIT, **NO_CLS}  # I-JEPA's encoder: no class token, average pooling
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -37,33 +38,7 @@ def _target(**overrides) -> LatentTarget:
     return LatentTarget(**kwargs)
 
 
-def _image_encoder(**model_kwargs) -> MaskedEncoder:
-    torch.manual_seed(0)
-    kwargs = {"depth": 1, "embed_dim": 64, "num_heads": 4, **model_kwargs}
-    return MaskedEncoder(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=3, model_kwargs=kwargs)
-
-
-def _video_encoder() -> MaskedEncoder:
-    torch.manual_seed(0)
-    return MaskedEncoder(
-        arch="vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        in_chans=3,
-        num_frames=4,
-        tubelet_size=2,
-        model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 4, **NO_CLS},
-    )
-
-
 TABLE_SCHEMA = {"num_numeric": 6, "category_cardinalities": [4, 3]}
-
-
-def _table_encoder() -> MaskedTableEncoder:
-    torch.manual_seed(0)
-    return MaskedTableEncoder(
-        arch="vit_tiny_patch16_224", model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, **TABLE_SCHEMA
-    )
 
 
 def _table_batch(b: int) -> dict[str, torch.Tensor]:
@@ -101,7 +76,7 @@ class TestLatentTargetMultiBlockContract(TargetContract):
         return _target(predictor_groups="joint", loss="l1", **overrides)
 
     def make_encoder(self) -> MaskedEncoder:
-        return _image_encoder(**NO_CLS)
+        return tiny_encoder(model_kwargs=NO_CLS_VIT)
 
     def make_masks(self, encoder) -> Masks:
         return _multiblock(encoder.grid, self.batch_size, num_targets=2, target_scale=(0.2, 0.3))
@@ -116,7 +91,7 @@ class TestLatentTargetVideoContract(TargetContract):
         return _target(**overrides)
 
     def make_encoder(self) -> MaskedEncoder:
-        return _video_encoder()
+        return tiny_video_encoder(model_kwargs=NO_CLS_VIT)
 
     def make_batch(self, encoder) -> dict[str, torch.Tensor]:
         return {"video": torch.randn(self.batch_size, 3, 4, 16, 16, generator=_gen(1))}
@@ -135,7 +110,7 @@ class TestLatentTargetTableContract(TargetContract):
         return _target(predictor_dim=16, predictor_num_heads=4, loss="mse", target_norm=False, **overrides)
 
     def make_encoder(self) -> MaskedTableEncoder:  # type: ignore[override]
-        return _table_encoder()
+        return tiny_table_encoder(**TABLE_SCHEMA)
 
     def make_batch(self, encoder) -> dict[str, torch.Tensor]:
         return _table_batch(self.batch_size)
@@ -150,7 +125,7 @@ class TestLatentTargetTableContract(TargetContract):
 
 
 def test_after_step_is_the_ema_formula_on_parameters_only():
-    encoder = _table_encoder()  # has a buffer (the tokenizer's category offsets)
+    encoder = tiny_table_encoder(**TABLE_SCHEMA)  # has a buffer (the tokenizer's category offsets)
     target = _target(predictor_dim=16, predictor_num_heads=4, momentum=(0.9, 0.99), momentum_ramp=0.5)
     target.bind(encoder)
     teacher_before = [p.clone() for p in target.target_encoder.parameters()]
@@ -171,7 +146,7 @@ def test_after_step_is_the_ema_formula_on_parameters_only():
 
 
 def test_after_step_is_one_fused_foreach_call(monkeypatch):
-    encoder = _image_encoder(**NO_CLS)
+    encoder = tiny_encoder(model_kwargs=NO_CLS_VIT)
     target = _target(momentum=(0.9, 0.9))
     target.bind(encoder)
     calls = []
@@ -189,7 +164,7 @@ def test_after_step_is_one_fused_foreach_call(monkeypatch):
 def test_momentum_schedule_endpoints():
     target = _target(momentum=(0.996, 1.0))
     assert [target.momentum_at(p) for p in (0.0, 0.5, 1.0)] == pytest.approx([0.996, 0.998, 1.0])
-    encoder = _image_encoder()
+    encoder = tiny_encoder()
     target.bind(encoder)
     kept = [p.clone() for p in target.target_encoder.parameters()]
     with torch.no_grad():
@@ -212,7 +187,7 @@ def _patch_perturbed(images: torch.Tensor, token: int, grid_w: int, patch: int =
 def test_predictions_see_only_the_context():
     """Perturbing a token outside the context (a target token or one in neither) leaves predictions unchanged;
     perturbing a context token changes them. The targets change in every case (the target encoder sees all)."""
-    encoder = _image_encoder(**NO_CLS)
+    encoder = tiny_encoder(model_kwargs=NO_CLS_VIT)
     target = _target(predictor_depth=2)
     target.bind(encoder)
     images = torch.randn(1, 3, 16, 16, generator=_gen(0))
@@ -235,7 +210,7 @@ def test_predictions_see_only_the_context():
 
 
 def test_separate_groups_do_not_attend_to_each_other_joint_ones_do():
-    encoder = _image_encoder(**NO_CLS)
+    encoder = tiny_encoder(model_kwargs=NO_CLS_VIT)
     latent = torch.randn(2, 5, 64, generator=_gen(1))
     visible = torch.tensor([[0, 1, 2, 3, 4]] * 2)
     a = torch.tensor([[[8, 9], [12, 13]]] * 2)
@@ -252,7 +227,7 @@ def test_separate_groups_do_not_attend_to_each_other_joint_ones_do():
 
 
 def test_joint_equals_separate_for_one_group_and_samples_stay_in_place():
-    encoder = _image_encoder(**NO_CLS)
+    encoder = tiny_encoder(model_kwargs=NO_CLS_VIT)
     latent = torch.randn(3, 4, 64, generator=_gen(1))
     visible = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [0, 5, 10, 15]])
     targets = torch.tensor([[[8, 9, 10]], [[0, 1, 2]], [[3, 6, 9]]])  # (3, 1, 3)
@@ -276,7 +251,7 @@ def test_joint_equals_separate_for_one_group_and_samples_stay_in_place():
 
 
 def test_targets_are_layer_normed_target_encoder_features_at_the_target_tokens():
-    encoder = _image_encoder(**NO_CLS)
+    encoder = tiny_encoder(model_kwargs=NO_CLS_VIT)
     target = _target()
     target.bind(encoder)
     with torch.no_grad():  # the online encoder moves on; the targets come from the target encoder only
@@ -296,7 +271,7 @@ def test_targets_are_layer_normed_target_encoder_features_at_the_target_tokens()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not got.requires_grad
     # without target_norm (T-JEPA) and with a prefix token: the raw features of the patch tokens
-    encoder = _image_encoder()
+    encoder = tiny_encoder()
     raw = _target(target_norm=False)
     raw.bind(encoder)
     h = raw.target_encoder.module(images)[:, 1:]  # (B, N, D) cls row dropped
@@ -305,7 +280,7 @@ def test_targets_are_layer_normed_target_encoder_features_at_the_target_tokens()
 
 
 def test_video_and_table_targets_use_the_target_encoders_own_inputs():
-    encoder = _table_encoder()
+    encoder = tiny_table_encoder(**TABLE_SCHEMA)
     target = _target(predictor_dim=16, predictor_num_heads=4, target_norm=False)
     target.bind(encoder)
     batch = _table_batch(2)
@@ -315,7 +290,7 @@ def test_video_and_table_targets_use_the_target_encoders_own_inputs():
     teacher = target.target_encoder.module
     h = teacher(teacher.tokenizer(batch))[:, 1:]  # (B, F, D)
     torch.testing.assert_close(target.target_features(batch, idx), torch.stack([h[0, [0, 7]], h[1, [3, 5]]])[:, None])
-    video = _video_encoder()
+    video = tiny_video_encoder(model_kwargs=NO_CLS_VIT)
     vt = _target()
     vt.bind(video)
     clips = torch.randn(2, 3, 4, 16, 16, generator=_gen(5))
@@ -340,7 +315,7 @@ def test_losses_match_their_formulas():
 
 @pytest.mark.parametrize("loss", ["smooth_l1", "l1", "mse"])
 def test_forward_loss_is_the_loss_of_predictor_and_targets(loss: str):
-    encoder = _image_encoder(**NO_CLS)
+    encoder = tiny_encoder(model_kwargs=NO_CLS_VIT)
     target = _target(loss=loss, monitor_every=0)
     target.bind(encoder)
     images = torch.randn(2, 3, 16, 16, generator=_gen(8))
@@ -372,7 +347,7 @@ def test_rankme_and_std_match_their_formulas():
 
 
 def test_collapse_stats_every_monitor_every_training_calls():
-    encoder = _image_encoder(**NO_CLS)
+    encoder = tiny_encoder(model_kwargs=NO_CLS_VIT)
     target = _target(monitor_every=3)
     target.bind(encoder)
     images = torch.randn(2, 3, 16, 16, generator=_gen(9))
@@ -401,7 +376,7 @@ def test_collapse_stats_every_monitor_every_training_calls():
 
 def _module(monitor_every: int = 100, **target_kwargs) -> PretrainModule:
     return PretrainModule(
-        encoder=_image_encoder(**NO_CLS),
+        encoder=tiny_encoder(model_kwargs=NO_CLS_VIT),
         masking=RandomMasking(mask_ratio=0.75),
         targets=[_target(monitor_every=monitor_every, **target_kwargs)],
     )
@@ -452,13 +427,13 @@ def test_validation_errors():
         with pytest.raises(ValueError, match=field):
             LatentTarget(**kwargs)
     with pytest.raises(ValueError, match="predictor_dim"):  # 36 is not divisible by the encoder's 8 heads
-        LatentTarget(predictor_dim=36).bind(_image_encoder(num_heads=8))
+        LatentTarget(predictor_dim=36).bind(tiny_encoder(model_kwargs={**TINY_VIT, "num_heads": 8}))
     grid = TokenGrid(1, 4, 4)
     for kwargs, field in (({"depth": 0}, "depth"), ({"dim": 30}, "dim"), ({"groups": "all"}, "groups")):
         with pytest.raises(ValueError, match=f"JEPAPredictor.{field}"):
             JEPAPredictor(grid=grid, in_dim=8, num_heads=2, **kwargs)
     with pytest.raises(RuntimeError, match="bind"):
-        _target().after_step(_image_encoder(), 0.0)
+        _target().after_step(tiny_encoder(), 0.0)
 
 
 def test_predictor_position_tables():
@@ -472,7 +447,7 @@ def test_predictor_position_tables():
 
 
 def _run_recipe(name: str, tmp_path: Path, steps: int, *extra: str) -> tuple[list[dict[str, float]], LatentTarget]:
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     cli = build(
         [
@@ -490,14 +465,10 @@ def _run_recipe(name: str, tmp_path: Path, steps: int, *extra: str) -> tuple[lis
     target = cli.model.target_list[0]
     assert isinstance(target, LatentTarget)
     teacher0 = [p.clone() for p in target.target_encoder.parameters()]
-    seen: list[dict[str, float]] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
-
-    cli.trainer.callbacks.append(Record())
+    record = TrainMetricsRecorder()
+    cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    seen = record.seen
     assert len(seen) == steps
     assert all(math.isfinite(v) for s in seen for v in s.values())
     assert {"train/latent/std_target", "train/latent/rankme_pred"} <= set(seen[0])

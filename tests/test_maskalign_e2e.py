@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mim.cli import build
+from mim.lightning_cli import build
 from mim.export import export_encoder
 from mim.models.teacher import read_weights
 from mim.probe import encoder_features, linear_probe

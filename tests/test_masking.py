@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mim.masking import RandomMasking, gather_tokens, scatter_tokens, scores_to_masks
+from mim.masking import RandomMasking, scores_to_masks
+from mim.tokens import gather_tokens, scatter_tokens
 from mim.types import Masks, TokenGrid, num_visible
 from tests.contracts import MaskingStrategyContract
 from tests.reference import hypergeometric_pmf

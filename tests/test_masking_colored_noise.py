@@ -18,6 +18,7 @@ from mim.masking import ColoredNoiseMasking
 from mim.masking.base import MaskingStrategy
 from mim.types import TokenGrid
 from tests.contracts import MaskingStrategyContract
+from tests.factories import LossRecorder
 
 CPU = torch.device("cpu")
 COLORS = ("red", "blue", "green", "purple")
@@ -489,9 +490,7 @@ def test_default_sigmas_are_the_documented_ones() -> None:
 
 # ---------------------------------------------------------------------------------------------- debug recipe
 def test_debug_recipe_trains_with_colored_noise_masks(fashion_mnist, monkeypatch, tmp_path: Path) -> None:
-    import lightning as L
-
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     monkeypatch.setenv("MIM_CACHE", str(tmp_path / "cache"))
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "debug" / "colormae_fashion_mnist.yaml"
@@ -512,14 +511,10 @@ def test_debug_recipe_trains_with_colored_noise_masks(fashion_mnist, monkeypatch
     drawn: list[Tensor] = []
     scores = strategy.scores
     strategy.scores = lambda *a, **k: drawn.append(scores(*a, **k)) or drawn[-1]  # spy (instance attribute)
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    cli.trainer.callbacks.append(Record())
+    record = LossRecorder()
+    cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    losses = record.losses
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert len(drawn) == 4 and all(d.shape == (64, 49) for d in drawn)  # 7 x 7 grid, batch 64
     bank = strategy.bank()

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from mim.masking import DualMasking, MultiBlockMasking, RandomMasking, RunningCellMasking, TubeMasking
 from mim.masking.base import MaskingStrategy
@@ -21,6 +21,7 @@ from mim.module import PretrainModule
 from mim.targets.pixels import PixelTarget, norm_pix_channel
 from mim.types import Masks, TokenGrid
 from tests.contracts import MaskingStrategyContract, TargetContract
+from tests.factories import ClipDataset, LossRecorder, cpu_trainer, tiny_video_encoder
 from tests.reference import norm_pix_reference, tubelets_loop
 
 CPU = torch.device("cpu")
@@ -365,23 +366,9 @@ def test_pixel_target_channel_mode_validation() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the dual loss
-def _video_encoder(**kw) -> MaskedEncoder:
-    args = dict(
-        arch="vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        in_chans=3,
-        num_frames=4,
-        tubelet_size=2,
-        model_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2},
-    )
-    args.update(kw)
-    return MaskedEncoder(**args)
-
-
 def _dual_setup(norm_pix: bool = True, mode: str = "channel", seed: int = 0):
-    torch.manual_seed(seed)
-    encoder = _video_encoder()  # grid (2, 4, 4)
+    vit = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    encoder = tiny_video_encoder(seed=seed, model_kwargs=vit)  # grid (2, 4, 4)
     target = PixelTarget(decoder_dim=32, decoder_depth=2, decoder_num_heads=2, norm_pix=norm_pix, norm_pix_mode=mode)
     target.bind(encoder)
     g = _gen(seed + 1)
@@ -494,8 +481,7 @@ class TestPixelTargetDualMaskingContract(TargetContract):
         return PixelTarget(**kwargs)
 
     def make_encoder(self) -> MaskedEncoder:
-        torch.manual_seed(0)
-        return _video_encoder(model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 4})
+        return tiny_video_encoder()
 
     def make_batch(self, encoder: MaskedEncoder) -> dict[str, torch.Tensor]:
         return {"video": torch.randn(self.batch_size, 3, 4, 16, 16, generator=_gen(1))}
@@ -517,55 +503,25 @@ def test_reconstruct_with_channel_norm_pix_denormalises() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
-class _Clips(Dataset):
-    def __init__(self) -> None:
-        g = _gen(0)
-        base = torch.rand(1, 3, 1, 16, 16, generator=g)
-        self.x = (base + 0.03 * torch.randn(16, 3, 4, 16, 16, generator=g)).float()  # correlated clips
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"video": self.x[i]}
-
-
-def _trainer(steps: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-
-
 def test_dual_masking_trains() -> None:
-    torch.manual_seed(0)
     module = PretrainModule(
-        encoder=_video_encoder(model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 2}),
+        encoder=tiny_video_encoder(model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 2}),
         masking=DualMasking(encoder=TubeMasking(mask_ratio=0.75)),
         targets=[PixelTarget(decoder_dim=32, decoder_depth=1, decoder_num_heads=2, norm_pix_mode="channel")],
         blr=3e-2,
         warmup_steps=2,
         batch_size=4,
     )
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    _trainer(40, [Record()]).fit(module, DataLoader(_Clips(), batch_size=4))
+    record = LossRecorder()
+    cpu_trainer(max_steps=40, callbacks=[record]).fit(module, DataLoader(ClipDataset(noise=0.03), batch_size=4))
+    losses = record.losses
     assert len(losses) == 40
     assert sum(losses[-8:]) / 8 < 0.85 * sum(losses[:8]) / 8
 
 
 def test_dual_debug_recipe_trains_on_real_clips(real_clips, tmp_path) -> None:
     """`recipes/debug/videomae_v2_video.yaml` end to end on real H.264 clips; the decoder runs on K + Kd tokens."""
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     cli = build(
         [
@@ -607,7 +563,7 @@ def test_dual_debug_recipe_trains_on_real_clips(real_clips, tmp_path) -> None:
 
 # ---------------------------------------------------------------------------------------------- production recipe
 def test_videomae_v2_recipe_matches_the_paper(tmp_path, real_clips) -> None:
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     recipe = RECIPES / "videomae_v2" / "vit_b16_k400.yaml"
     header = recipe.read_text().split("seed_everything")[0]

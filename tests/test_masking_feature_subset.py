@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,7 @@ from mim.masking.feature_subset import feasible_count_pairs
 from mim.models import MaskedTableEncoder
 from mim.types import Masks, TokenGrid
 from tests.contracts import MaskingStrategyContract
+from tests.factories import LossRecorder
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,7 +274,7 @@ def test_grid_too_small_raises() -> None:
 
 # ---------------------------------------------------------------------- the debug recipe on a real table
 def test_debug_recipe_trains_on_a_real_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mim.cli import build
+    from mim.lightning_cli import build
     from mim.data.tables import sklearn_table
 
     drawn: list[Masks] = []
@@ -302,14 +302,10 @@ def test_debug_recipe_trains_on_a_real_table(tmp_path: Path, monkeypatch: pytest
         ],
         save_config_callback=None,
     )
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    cli.trainer.callbacks.append(Record())
+    record = LossRecorder()
+    cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    losses = record.losses
     assert isinstance(cli.model.masking, FeatureSubsetMasking)
     assert cli.model.encoder.grid == TokenGrid(1, 1, 30)
     assert len(losses) == 45 and all(math.isfinite(x) for x in losses)

@@ -1,8 +1,12 @@
-"""`mim masks`: the picture's size follows the documented layout and its pixels decode back to the masks drawn."""
+"""`mim masks` (mim/masks_cli.py) and its pictures (mim/viz.py): the picture's size follows the documented layout,
+its pixels decode back to the masks drawn, and every strategy mim.masking exports can be drawn."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import pkgutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,9 +18,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mim import viz
+import mim.masking
+from mim import masks_cli, viz
 from mim.cli import main
-from mim.masking import MultiBlockMasking, RandomMasking, TubeMasking
+from mim.masking import (
+    AttentionMasking,
+    ColoredNoiseMasking,
+    DualMasking,
+    FeatureSubsetMasking,
+    HardPatchMasking,
+    MultiBlockMasking,
+    RandomMasking,
+    TubeMasking,
+)
 from mim.masking.base import MaskingStrategy, ScoreMasking
 from mim.types import Masks, TokenGrid
 
@@ -29,7 +43,7 @@ TOP = viz.CAPTION_HEIGHT  # the caption band on top (on by default)
 
 @dataclass(frozen=True)
 class Layout:
-    """The module docstring's layout: a T = 1 grid (or a GIF frame) in ``columns``, or a video frame strip."""
+    """The layout of render_masks' docstring: a T = 1 grid (or a GIF frame) in ``columns``, or a video frame strip."""
 
     grid: TokenGrid
     samples: int
@@ -77,7 +91,7 @@ def _colour_count(img: np.ndarray, colour: tuple[int, int, int]) -> int:
 def _draw(strategy: MaskingStrategy, grid: TokenGrid, samples: int, seed: int, progress: float = 0.0) -> Masks:
     """What the command draws: one generator seeded with --seed (scores first, for needs_scores strategies)."""
     gen = torch.Generator().manual_seed(seed)
-    scores = viz.smooth_scores(samples, grid, gen) if strategy.needs_scores else None
+    scores = masks_cli.smooth_scores(samples, grid, gen) if strategy.needs_scores else None
     return strategy(samples, grid, generator=gen, device=CPU, scores=scores, progress=progress)
 
 
@@ -304,11 +318,7 @@ def test_decoder_tokens_are_marked(cell: int) -> None:
             assert _colour_count(block, viz.DECODER) == _colour_count(block, viz.DECODER_EDGE) == 0
 
 
-def test_dual_strategy_marks_decoder_tokens_when_available(tmp_path: Path) -> None:
-    if "dual" not in viz.available_strategies():
-        pytest.skip("mim.masking.DualMasking is not there yet")
-    from mim.masking import DualMasking
-
+def test_dual_strategy_marks_decoder_tokens(tmp_path: Path) -> None:
     out = tmp_path / "dual.png"
     assert (
         main(["masks", "--strategy", "dual", "--grid", "8x8", "--frames", "4", "--samples", "2", "--out", str(out)])
@@ -322,6 +332,54 @@ def test_dual_strategy_marks_decoder_tokens_when_available(tmp_path: Path) -> No
     start, size, _ = viz.marker_square(12)
     assert _colour_count(img[TOP:], viz.DECODER) == masks.decoder.numel() * size * size
     assert _colour_count(img[:TOP], viz.DECODER) > 0  # in the legend (cut on pictures narrower than ~240 px)
+
+
+# ---------------------------------------------------------------------- every strategy mim.masking exports
+NAMES = {
+    "attention": AttentionMasking,
+    "colored_noise": ColoredNoiseMasking,
+    "dual": DualMasking,
+    "feature_subset": FeatureSubsetMasking,
+    "hard_patch": HardPatchMasking,
+    "multiblock": MultiBlockMasking,
+    "random": RandomMasking,
+    "tube": TubeMasking,
+}
+"""--strategy names in use (README, scripts/mask_pictures.sh, docs/img/masks_<name>.png): they must not change."""
+
+
+def _concrete_strategies() -> set[type]:
+    """Every concrete MaskingStrategy defined in a mim.masking module (each module imported first)."""
+    for info in pkgutil.iter_modules(mim.masking.__path__, "mim.masking."):
+        importlib.import_module(info.name)
+    found, todo = set(), [MaskingStrategy]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__.startswith("mim.masking.") and not inspect.isabstract(sub):
+                found.add(sub)
+    return found
+
+
+def test_short_names_are_the_snake_case_class_names() -> None:
+    for name, cls in NAMES.items():
+        assert masks_cli.short_name(cls) == name and masks_cli.STRATEGIES[name] is cls
+    assert masks_cli.short_name(type("RunningCellMasking", (), {})) == "running_cell"  # any new class alike
+
+
+def test_every_strategy_of_mim_masking_has_a_short_name() -> None:
+    """A strategy added to mim.masking (and exported) is drawable without touching the command."""
+    assert set(masks_cli.STRATEGIES.values()) == _concrete_strategies()
+
+
+@pytest.mark.parametrize("name", list(masks_cli.STRATEGIES))
+def test_every_strategy_draws_a_picture(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.png"
+    args = ["--strategy", name, "--grid", "2x8x8", "--samples", "2", "--cell", "6", "--seed", "5"]
+    assert main(["masks", *args, "--out", str(out)]) == 0
+    grid = TokenGrid(2, 8, 8)
+    masks = _draw(masks_cli.STRATEGIES[name](), grid, 2, 5)  # needs_scores strategies: the smooth field
+    _check_pixels(_read(out), masks, _layout(grid, 2, 6), colour_groups=viz.token_states(masks)[2])
 
 
 # ---------------------------------------------------------------------- scores, progress, nested strategies
@@ -350,15 +408,15 @@ class ProgressCount(MaskingStrategy):
 
 def test_scores_for_needs_scores_strategies_are_a_smooth_field(tmp_path: Path) -> None:
     grid = TokenGrid(1, 16, 16)
-    a = viz.smooth_scores(3, grid, torch.Generator().manual_seed(0))
+    a = masks_cli.smooth_scores(3, grid, torch.Generator().manual_seed(0))
     assert a.shape == (3, 256)
     torch.testing.assert_close(a.mean(dim=1), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(a.std(dim=1), torch.ones(3), atol=1e-5, rtol=0)
-    assert torch.equal(a, viz.smooth_scores(3, grid, torch.Generator().manual_seed(0)))
+    assert torch.equal(a, masks_cli.smooth_scores(3, grid, torch.Generator().manual_seed(0)))
     field = a.view(3, 16, 16)
     neighbour = torch.corrcoef(torch.stack([field[:, :, :-1].flatten(), field[:, :, 1:].flatten()]))[0, 1]
     assert neighbour > 0.8, f"neighbour correlation {neighbour:.2f}: not smooth"  # white noise: ~0
-    video = viz.smooth_scores(2, TokenGrid(4, 6, 6), torch.Generator().manual_seed(1))
+    video = masks_cli.smooth_scores(2, TokenGrid(4, 6, 6), torch.Generator().manual_seed(1))
     assert video.shape == (2, 144) and bool(torch.isfinite(video).all())
     # through the command: the visible tokens are the lowest of that field
     out = tmp_path / "scores.png"
@@ -374,7 +432,7 @@ def test_progress_and_nested_class_path(tmp_path: Path) -> None:
     assert main(["masks", *args, "--samples", "2", "--out", str(out)]) == 0
     img = _read(out)
     assert _colour_count(img[TOP:], viz.VISIBLE) == 2 * (1 + 5) * 11 * 11  # K = 1 + round(0.5 * 10) = 6 per sample
-    built = viz.build_strategy(f"{__name__}.ProgressCount", json.loads(nested))
+    built = masks_cli.build_strategy(f"{__name__}.ProgressCount", json.loads(nested))
     assert isinstance(built, ProgressCount) and isinstance(built.inner, RandomMasking)
     assert built.inner.mask_ratio == 0.5
 
@@ -383,7 +441,7 @@ def test_progress_and_nested_class_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--strategy", "nope"], "--strategy 'nope' is unknown; available: random, tube, multiblock"),
+        (["--strategy", "nope"], f"--strategy 'nope' is unknown; available: {', '.join(masks_cli.STRATEGIES)}, or"),
         (["--strategy", "mim.masking.NoSuchMasking"], "--strategy mim.masking.NoSuchMasking"),
         (["--strategy", "mim.types.TokenGrid"], "not a concrete"),
         (["--strategy", "random", "--grid", "14by14"], "--grid"),
@@ -414,19 +472,10 @@ def test_bad_arguments_give_clear_errors(args: list[str], needle: str, tmp_path:
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_missing_strategy_module_lists_available(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setitem(viz.STRATEGIES, "ghost", "GhostMasking")
-    assert "ghost" not in viz.available_strategies()
-    with pytest.raises(SystemExit):
-        main(["masks", "--strategy", "ghost"])
-    err = capsys.readouterr().err
-    assert "mim.masking.GhostMasking is not available" in err and "available: random, tube, multiblock" in err
-
-
 def test_list_and_help(capsys) -> None:
     assert main(["masks", "--list"]) == 0
     names = capsys.readouterr().out.split()
-    assert names[:3] == ["random", "tube", "multiblock"] and "feature_subset" in names
+    assert names == list(masks_cli.STRATEGIES) == sorted(names) and {"random", "attention"} <= set(names)
     assert main(["--help"]) == 0
     assert "masks --strategy" in capsys.readouterr().out
 

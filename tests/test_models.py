@@ -14,6 +14,7 @@ from mim.masking import RandomMasking
 from mim.models import MAEDecoder, MaskedEncoder, patchify, sincos_2d, unpatchify
 from mim.types import TokenGrid
 from tests import reference as ref
+from tests.factories import TINY_VIT, tiny_encoder
 
 CPU = torch.device("cpu")
 
@@ -22,17 +23,7 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_encoder(**overrides) -> MaskedEncoder:
-    kwargs = dict(
-        arch="vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        in_chans=3,
-        model_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 4},
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return MaskedEncoder(**kwargs)
+TWO_BLOCKS = {**TINY_VIT, "depth": 2}
 
 
 # ---------------------------------------------------------------------- patch layout (IMAGE.md §1.0)
@@ -95,7 +86,7 @@ def test_sincos_2d_first_half_is_column() -> None:
 
 
 def test_encoder_pos_embed_is_frozen_sincos_table() -> None:
-    enc = tiny_encoder(img_size=(16, 24))  # non-square grid 4 x 6
+    enc = tiny_encoder(model_kwargs=TWO_BLOCKS, img_size=(16, 24))  # non-square grid 4 x 6
     pos = enc.vit.pos_embed
     assert not pos.requires_grad
     expected = ref.sincos_2d(64, 4, 6, cls_token=True)[None]
@@ -169,7 +160,7 @@ def test_mae_init_of_decoder() -> None:
 
 # ---------------------------------------------------------------------- the masked encoder
 def test_encoder_never_sees_hidden_tokens() -> None:
-    enc = tiny_encoder()
+    enc = tiny_encoder(model_kwargs=TWO_BLOCKS)
     g = _gen(1)
     images = torch.randn(2, 3, 16, 16, generator=g)
     masks = RandomMasking(mask_ratio=0.75)(2, enc.grid, generator=g, device=CPU)
@@ -195,7 +186,7 @@ def test_encoder_never_sees_hidden_tokens() -> None:
 
 
 def test_encoder_matches_timm_forward_features() -> None:
-    enc = tiny_encoder(in_chans=1, img_size=(16, 24))
+    enc = tiny_encoder(model_kwargs=TWO_BLOCKS, in_chans=1, img_size=(16, 24))
     model = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
@@ -221,13 +212,13 @@ def test_encoder_matches_timm_forward_features() -> None:
 
 
 def test_encoder_rejects_wrong_image_size() -> None:
-    enc = tiny_encoder()
+    enc = tiny_encoder(model_kwargs=TWO_BLOCKS)
     with pytest.raises(ValueError, match="size"):
         enc(torch.zeros(1, 3, 20, 20))
 
 
 def test_encoder_pool() -> None:
-    enc = tiny_encoder()
+    enc = tiny_encoder(model_kwargs=TWO_BLOCKS)
     latent = torch.randn(2, 5, 64, generator=_gen(3))
     assert torch.equal(enc.pool(latent, "cls"), latent[:, 0])
     torch.testing.assert_close(enc.pool(latent, "avg"), latent[:, 1:].sum(1) / 4)
@@ -235,7 +226,7 @@ def test_encoder_pool() -> None:
 
 @pytest.mark.parametrize("arch", ["vit_does_not_exist_patch16_224", "resnet18"])
 def test_encoder_rejects_bad_arch(arch: str) -> None:
-    with pytest.raises(ValueError, match="arch"):
+    with pytest.raises(ValueError, match="MaskedEncoder.arch"):
         MaskedEncoder(arch=arch)
 
 
@@ -256,7 +247,7 @@ def test_encoder_rejects_bad_fields(kwargs, field: str) -> None:
 
 
 def test_encoder_geometry_attributes() -> None:
-    enc = tiny_encoder(img_size=(16, 24))
+    enc = tiny_encoder(model_kwargs=TWO_BLOCKS, img_size=(16, 24))
     assert enc.grid == TokenGrid(1, 4, 6)
     assert enc.patch_size == (4, 4) and enc.img_size == (16, 24)
     assert enc.embed_dim == 64 and enc.num_prefix_tokens == 1
@@ -348,12 +339,7 @@ def test_decoder_on_3d_grid_uses_the_3d_table() -> None:
 
 def test_half_precision_encoder_takes_fp32_images():
     """DeepSpeed bf16 casts the model, while the datamodule normalises images to fp32 on the device."""
-    encoder = MaskedEncoder(
-        arch="vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
-    ).to(torch.bfloat16)
+    encoder = tiny_encoder(seed=None, model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}).to(torch.bfloat16)
     images = torch.randn(2, 3, 16, 16)
     out = encoder(images, torch.arange(4).expand(2, 4))
     assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 32)

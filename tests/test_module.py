@@ -13,6 +13,7 @@ from mim.masking import RandomMasking
 from mim.models import MaskedEncoder
 from mim.module import PretrainModule
 from mim.targets import PixelTarget
+from tests.factories import cpu_trainer, tiny_encoder
 from tests.reference import warmup_cosine_epochs
 
 IMG, PATCH = 16, 4  # 4 x 4 grid
@@ -70,9 +71,8 @@ class Recorder(L.Callback):
 def make_module(
     *, seed: int = 0, init_seed: int = 0, masking=None, target=None, in_chans: int = 3, **kwargs
 ) -> PretrainModule:
-    torch.manual_seed(init_seed)
-    encoder = MaskedEncoder(
-        arch="vit_tiny_patch16_224",
+    encoder = tiny_encoder(
+        seed=init_seed,
         img_size=IMG,
         patch_size=PATCH,
         in_chans=in_chans,
@@ -95,16 +95,10 @@ def fit(
     callbacks=(),
     **trainer_kwargs,
 ) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = cpu_trainer(
         max_epochs=max_epochs,
         accumulate_grad_batches=accumulate,
         **trainer_kwargs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=list(callbacks),
         deterministic=True,
     )
@@ -290,26 +284,14 @@ def test_targets_bound_to_encoder() -> None:
 
 def test_run_without_end_is_a_clear_error() -> None:
     module = PretrainModule(
-        encoder=MaskedEncoder(
-            arch="vit_tiny_patch16_224",
-            img_size=IMG,
-            patch_size=PATCH,
-            in_chans=3,
-            model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
+        encoder=tiny_encoder(
+            seed=None, img_size=IMG, patch_size=PATCH, model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}
         ),
         masking=RandomMasking(mask_ratio=0.75),
         targets=[PixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)],
         batch_size=4,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=-1,
-        max_steps=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(max_epochs=-1, max_steps=-1)
     with pytest.raises(ValueError, match="max_epochs or trainer.max_steps"):
         trainer.fit(module, DataLoader(Images(8), batch_size=4))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mim.cli import MimCLI, build
+from mim.lightning_cli import MimCLI, build
 from mim.module import PretrainModule
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -98,7 +98,7 @@ def _parse(args: list[str]) -> dict:
     """The merged configuration of stacked ``-c`` files and flags, parsed but not instantiated (no DeepSpeed)."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    from mim.cli import MimCLI
+    from mim.lightning_cli import MimCLI
 
     class ParseOnly(MimCLI):
         def instantiate_classes(self) -> None:

@@ -21,6 +21,7 @@ from mim.data.decode import decode_center_crop, decode_random_resized_crop, samp
 from mim.data.folder import CorruptImageWarning
 from mim.data.pack import pack
 from mim.data.shards import ShardDataModule, ShardDataset, TooManyCorruptError
+from tests.factories import cpu_trainer
 from tests.test_pack import make_images
 
 
@@ -216,15 +217,7 @@ def test_short_lightning_fit_on_shards(packed: Path, tmp_path: Path):
         targets=[PixelTarget(decoder_dim=32, decoder_depth=1, decoder_num_heads=2)],
     )
     dm = ShardDataModule(urls=str(packed), val_urls=str(packed), image_size=32, batch_size=8, num_workers=1)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(max_epochs=2, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 8 and int(dm.train_dataset.epoch) == 1
 
@@ -299,14 +292,10 @@ def _recording_fit(packed: Path, root: Path, num_workers: int, *, ckpt_path=None
         num_workers=num_workers,
         shuffle_buffer=8,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
         default_root_dir=root,
-        logger=False,
         callbacks=list(callbacks),
         enable_checkpointing=bool(callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         **limits,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,20 +12,13 @@ import torch.nn.functional as F
 
 from mim.data.tables import TableDataModule, sklearn_table
 from mim.masking import RandomMasking
-from mim.models import MaskedTableEncoder
 from mim.module import PretrainModule
 from mim.targets import FeatureTarget
 from mim.types import Masks
 from tests.contracts import TargetContract
+from tests.factories import LossRecorder, cpu_trainer, tiny_table_encoder
 
 SCHEMA = {"num_numeric": 3, "category_cardinalities": [4, 3]}
-
-
-def _encoder(**schema) -> MaskedTableEncoder:
-    torch.manual_seed(0)
-    return MaskedTableEncoder(
-        arch="vit_tiny_patch16_224", model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, **schema
-    )
 
 
 def _batch(b: int = 4) -> dict[str, torch.Tensor]:
@@ -49,14 +41,14 @@ class TestFeatureTargetContract(TargetContract):
         return FeatureTarget(**{"decoder_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2, **overrides})
 
     def make_encoder(self):
-        return _encoder(**SCHEMA)
+        return tiny_table_encoder(**SCHEMA)
 
     def make_batch(self, encoder):
         return _batch(self.batch_size)
 
 
 def test_feature_loss_matches_formula():
-    enc = _encoder(**SCHEMA)
+    enc = tiny_table_encoder(**SCHEMA)
     target = FeatureTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)
     target.bind(enc)
     batch = _batch()
@@ -78,7 +70,7 @@ def test_feature_loss_matches_formula():
 
 
 def test_categorical_logits_limited_to_their_vocabulary():
-    enc = _encoder(**SCHEMA)
+    enc = tiny_table_encoder(**SCHEMA)
     target = FeatureTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)
     target.bind(enc)
     batch = _batch()
@@ -103,28 +95,16 @@ def _table(tmp_path: Path) -> Path:
 def test_masked_feature_reconstruction_trains_on_a_real_table(tmp_path: Path):
     data = TableDataModule(train_path=_table(tmp_path), label_column="target", val_fraction=0.2, batch_size=64)
     module = PretrainModule(
-        encoder=_encoder(),  # schema comes from the datamodule
+        encoder=tiny_table_encoder(),  # schema comes from the datamodule
         masking=RandomMasking(mask_ratio=0.5),
         targets=[FeatureTarget(decoder_dim=32, decoder_depth=1, decoder_num_heads=2)],
         blr=2e-2,
         warmup_steps=3,
     )
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=60,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[Record()],
-    )
+    record = LossRecorder()
+    trainer = cpu_trainer(max_steps=60, enable_checkpointing=True, default_root_dir=tmp_path, callbacks=[record])
     trainer.fit(module, datamodule=data)
+    losses = record.losses
     assert module.encoder.grid.num_tokens == 31  # 30 numeric + 1 categorical
     assert len(losses) == 60
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])

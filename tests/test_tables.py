@@ -12,6 +12,7 @@ from sklearn.datasets import load_breast_cancer, load_wine
 
 from mim.data.tables import TableDataModule, TablePreprocessor, infer_column_kinds, sklearn_table
 from mim.models.tabular import FeatureTokenizer
+from tests.factories import cpu_trainer
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -261,27 +262,13 @@ def test_lightning_checkpoint_carries_preprocessing(tmp_path: Path) -> None:
 
     train_path, val_path, _, _ = _wine_mixed(tmp_path)
     dm = TableDataModule(train_path=train_path, label_column="target", batch_size=32)
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(max_steps=2, default_root_dir=tmp_path)
     trainer.fit(_Probe(dm), datamodule=dm)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)["TableDataModule"]
     assert dm.preprocessor is not None and state["preprocessor"] == dm.preprocessor.state_dict()
     resumed = TableDataModule(train_path=val_path, label_column="target", batch_size=8)  # other rows
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(max_steps=3, default_root_dir=tmp_path)
     trainer.fit(_Probe(dm), datamodule=resumed, ckpt_path=ckpt)
     assert resumed.preprocessor is not None and resumed.preprocessor.state_dict() == dm.preprocessor.state_dict()

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mim.masking import RandomMasking, gather_tokens
+from mim.masking import RandomMasking
 from mim.models import MaskedEncoder
 from mim.targets import PixelTarget, norm_pix
+from mim.tokens import gather_tokens
 from tests import reference as ref
 from tests.contracts import TargetContract
 

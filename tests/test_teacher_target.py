@@ -654,7 +654,7 @@ def test_production_recipes_state_the_papers_settings():
 @pytest.mark.usefixtures("fashion_mnist")  # the datamodule looks for the data at construction
 @pytest.mark.parametrize("name", ["maskalign_fashion_mnist.yaml", "mr_mae_fashion_mnist.yaml"])
 def test_teacher_overrides_reach_the_debug_recipes(name, tmp_path: Path):
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     recipe = RECIPES / "debug" / name
     overrides = teacher_overrides(recipe, tmp_path)
@@ -673,7 +673,7 @@ def test_teacher_debug_recipes_train_end_to_end(name, tmp_path: Path):
     """The MaskAlign and MR-MAE debug recipes fit a few steps; the checkpoint has the teacher's provenance only."""
     import math
 
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     recipe = RECIPES / "debug" / name
     cli = build(

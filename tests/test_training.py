@@ -4,63 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
-import torch
 
 from mim.data import FashionMNISTDataModule
 from mim.masking import RandomMasking
-from mim.models import MaskedEncoder
 from mim.module import PretrainModule
 from mim.targets import PixelTarget
+from tests.factories import LossRecorder, cpu_trainer, tiny_encoder
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist")
 
 
 def _module() -> PretrainModule:
-    torch.manual_seed(0)
-    encoder = MaskedEncoder(
-        arch="vit_tiny_patch16_224",
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        model_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2},
-    )
+    encoder = tiny_encoder(img_size=28, in_chans=1, model_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2})
     target = PixelTarget(decoder_dim=64, decoder_depth=1, decoder_num_heads=2, norm_pix=True)
     return PretrainModule(
         encoder=encoder, masking=RandomMasking(mask_ratio=0.75), targets=[target], blr=4e-3, warmup_steps=5
     )
 
 
-class _Losses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
-def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
-
-
 def test_loss_decreases_on_fashion_mnist(tmp_path: Path):
     data = FashionMNISTDataModule(batch_size=64, num_train=64 * 40, num_val=256)
     module = _module()
-    before = _trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]["val/loss"]
-    record = _Losses()
-    _trainer(tmp_path, max_steps=40, limit_val_batches=0, callbacks=[record], enable_checkpointing=False).fit(
+    before = cpu_trainer(default_root_dir=tmp_path).validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    record = LossRecorder()
+    cpu_trainer(default_root_dir=tmp_path, max_steps=40, limit_val_batches=0, callbacks=[record]).fit(
         module, datamodule=data
     )
-    after = _trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    after = cpu_trainer(default_root_dir=tmp_path).validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     assert len(record.losses) == 40
     first, last = sum(record.losses[:5]) / 5, sum(record.losses[-5:]) / 5
     # Same validation masks before and after (fixed per batch): a real drop, not mask luck.
@@ -79,18 +50,12 @@ def test_skipped_corrupt_samples_are_logged(tmp_path: Path):
             Image.new("RGB", (32, 32), (30 * i, 60, 90)).save(tmp_path / "data" / cls / f"{i}.png")
     (tmp_path / "data" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     data = ImageFolderDataModule(root=tmp_path / "data", image_size=32, batch_size=3)
-    torch.manual_seed(0)
     module = PretrainModule(
-        encoder=MaskedEncoder(
-            arch="vit_tiny_patch16_224",
-            img_size=32,
-            patch_size=8,
-            model_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
-        ),
+        encoder=tiny_encoder(img_size=32, patch_size=8, model_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2}),
         masking=RandomMasking(mask_ratio=0.75),
         targets=[PixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)],
     )
-    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
+    trainer = cpu_trainer(default_root_dir=tmp_path, max_epochs=1)
     with pytest.warns(UserWarning):
         trainer.fit(module, datamodule=data)
     assert trainer.callback_metrics["data/skipped_samples"].item() == 1.0

@@ -6,29 +6,17 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from mim.masking import RandomMasking
-from mim.models import MaskedEncoder
 from mim.models.embed import patchify_3d, sincos_3d, unpatchify_3d
 from mim.module import PretrainModule
 from mim.targets import PixelTarget
 from mim.types import TokenGrid
+from tests.factories import ClipDataset, LossRecorder, cpu_trainer, tiny_video_encoder
 from tests.reference import norm_pix_reference, sincos_3d_uniform, tubelets_loop
 
-
-def _video_encoder(**kw) -> MaskedEncoder:
-    args = dict(
-        arch="vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        in_chans=3,
-        num_frames=4,
-        tubelet_size=2,
-        model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 2},
-    )
-    args.update(kw)
-    return MaskedEncoder(**args)
+VIDEO_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 
 
 def test_tubelet_layout_matches_loop():
@@ -45,7 +33,7 @@ def test_sincos_3d_matches_reference(dim, grid):
 
 
 def test_video_encoder_geometry_and_frozen_table():
-    enc = _video_encoder()
+    enc = tiny_video_encoder(seed=None, model_kwargs=VIDEO_VIT)
     assert enc.grid == TokenGrid(2, 4, 4) and enc.patch_dim == 2 * 4 * 4 * 3 and enc.input_key == "video"
     table = enc.vit.pos_embed[0]
     assert not enc.vit.pos_embed.requires_grad
@@ -54,7 +42,7 @@ def test_video_encoder_geometry_and_frozen_table():
 
 
 def test_video_encoder_never_sees_hidden_tubelets():
-    enc = _video_encoder().eval()
+    enc = tiny_video_encoder(seed=None, model_kwargs=VIDEO_VIT).eval()
     x = torch.randn(1, 3, 4, 16, 16)
     visible = torch.tensor([[0, 5, 17, 30]])  # tubelets (t, y, x) in a (2, 4, 4) grid
     out = enc(x, visible)
@@ -69,8 +57,7 @@ def test_video_encoder_never_sees_hidden_tubelets():
 
 
 def test_pixel_target_on_video_matches_formula():
-    torch.manual_seed(0)
-    enc = _video_encoder()
+    enc = tiny_video_encoder(model_kwargs=VIDEO_VIT)
     target = PixelTarget(decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
     target.bind(enc)
     x = torch.randn(2, 3, 4, 16, 16)
@@ -89,51 +76,25 @@ def test_pixel_target_on_video_matches_formula():
 
 def test_video_config_errors():
     with pytest.raises(ValueError, match="tubelet_size"):
-        _video_encoder(num_frames=5, tubelet_size=2)
+        tiny_video_encoder(seed=None, model_kwargs=VIDEO_VIT, num_frames=5, tubelet_size=2)
     with pytest.raises(ValueError, match="tubelet_size"):
-        _video_encoder(num_frames=1, tubelet_size=2)
+        tiny_video_encoder(seed=None, model_kwargs=VIDEO_VIT, num_frames=1, tubelet_size=2)
     with pytest.raises(ValueError, match="clips"):
-        _video_encoder()(torch.randn(1, 3, 2, 16, 16))
-
-
-class _Clips(Dataset):
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        base = torch.rand(1, 3, 1, 16, 16, generator=g)
-        self.x = (base + 0.1 * torch.randn(16, 3, 4, 16, 16, generator=g)).float()  # correlated clips
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"video": self.x[i]}
+        tiny_video_encoder(seed=None, model_kwargs=VIDEO_VIT)(torch.randn(1, 3, 2, 16, 16))
 
 
 def test_mae_on_clips_trains():
-    torch.manual_seed(0)
     module = PretrainModule(
-        encoder=_video_encoder(),
+        encoder=tiny_video_encoder(model_kwargs=VIDEO_VIT),
         masking=RandomMasking(mask_ratio=0.9),
         targets=[PixelTarget(decoder_dim=32, decoder_depth=1, decoder_num_heads=2)],
         blr=1e-2,
         warmup_steps=2,
         batch_size=4,
     )
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=24,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-    ).fit(module, DataLoader(_Clips(), batch_size=4))
+    record = LossRecorder()
+    cpu_trainer(max_steps=24, callbacks=[record]).fit(module, DataLoader(ClipDataset(noise=0.1), batch_size=4))
+    losses = record.losses
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4
 
@@ -142,7 +103,7 @@ def test_video_debug_recipe_trains_on_real_clips(real_clips, tmp_path):
     """`recipes/debug/mae_video.yaml` end to end on the real H.264 clips: decode, tubelets, masking, decoder."""
     from pathlib import Path
 
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "debug" / "mae_video.yaml"
     cli = build(

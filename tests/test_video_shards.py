@@ -261,7 +261,7 @@ def test_argument_errors(packed_videos: Path, real_clips: Path, tmp_path: Path):
 
 def test_video_debug_recipe_trains_on_shards(packed_videos: Path, tmp_path: Path):
     """`recipes/debug/mae_video.yaml` with `--data.init_args.urls`: decode from shards, tubelets, masking, fit."""
-    from mim.cli import build
+    from mim.lightning_cli import build
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "debug" / "mae_video.yaml"
     cli = build(

@@ -12,18 +12,81 @@ A subclass validates its own arguments, calls ``super().__init__`` with the shar
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mim.checks import check_int, check_pair_range, check_range, invalid
 from mim.types import Batch
 
-__all__ = ["ImageDataModule", "TensorImageDataset", "check_positive_int", "normalize_image", "normalize_video"]
+__all__ = [
+    "FileDataset",
+    "ImageDataModule",
+    "SkippedFilesMixin",
+    "TensorImageDataset",
+    "check_crops",
+    "check_loader_settings",
+    "check_positive_int",
+    "default_stats",
+    "normalize_image",
+    "normalize_video",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# One channel: the average of the RGB statistics (what a grey copy of an ImageNet-like set roughly has).
+IMAGENET_MEAN_GREY = (0.449,)
+IMAGENET_STD_GREY = (0.226,)
+
+
+def default_stats(
+    in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """``mean``/``std`` or, where None, ImageNet's (RGB) or their channel average (one channel)."""
+    grey = in_chans == 1
+    return (
+        mean if mean is not None else (IMAGENET_MEAN_GREY if grey else IMAGENET_MEAN),
+        std if std is not None else (IMAGENET_STD_GREY if grey else IMAGENET_STD),
+    )
+
+
+def _normalize(
+    x: Tensor,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    *,
+    name: str,
+    noun: str,
+    layout: str,
+    num_spatial: int,
+) -> Tensor:
+    """``(x / 255 - mean) / std`` per channel of uint8 ``x``, whose channel axis is ``-(num_spatial + 1)``.
+
+    Shared by :func:`normalize_image` (``num_spatial = 2``: H, W) and :func:`normalize_video` (3: T, H, W);
+    ``name``, ``noun`` and ``layout`` word the errors.
+    """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"{name} expects uint8 {noun}, got {x.dtype}")
+    if x.dim() not in (num_spatial + 1, num_spatial + 2):
+        raise ValueError(f"{name} expects {layout} {noun}, got shape {tuple(x.shape)}")
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device)  # (C,)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device)  # (C,)
+    channels = x.shape[-(num_spatial + 1)]
+    if mean_t.shape != (channels,) or std_t.shape != (channels,):
+        raise ValueError(
+            f"{name}: {noun} have {channels} channels but mean has {tuple(mean_t.shape)} "
+            f"and std has {tuple(std_t.shape)} values"
+        )
+    per_channel = (channels,) + (1,) * num_spatial  # (C, 1, 1) or (C, 1, 1, 1)
+    out = x.to(torch.float32).div_(255.0)  # (..., C, *spatial) in [0, 1]
+    return out.sub_(mean_t.view(per_channel)).div_(std_t.view(per_channel))  # (..., C, *spatial)
 
 
 def normalize_image(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
@@ -41,20 +104,8 @@ def normalize_image(images: Tensor, mean: Sequence[float] | Tensor, std: Sequenc
         TypeError: when ``images`` is not uint8 (normalising twice is a bug, not a no-op).
         ValueError: when the number of channels does not match ``mean`` / ``std``.
     """
-    if images.dtype != torch.uint8:
-        raise TypeError(f"normalize_image expects uint8 images, got {images.dtype}")
-    if images.dim() not in (3, 4):
-        raise ValueError(f"normalize_image expects (B, C, H, W) or (C, H, W) images, got shape {tuple(images.shape)}")
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device)  # (C,)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device)  # (C,)
-    channels = images.shape[-3]
-    if mean_t.shape != (channels,) or std_t.shape != (channels,):
-        raise ValueError(
-            f"normalize_image: images have {channels} channels but mean has {tuple(mean_t.shape)} "
-            f"and std has {tuple(std_t.shape)} values"
-        )
-    x = images.to(torch.float32).div_(255.0)  # (..., C, H, W) in [0, 1]
-    return x.sub_(mean_t[:, None, None]).div_(std_t[:, None, None])  # (..., C, H, W)
+    layout = "(B, C, H, W) or (C, H, W)"
+    return _normalize(images, mean, std, name="normalize_image", noun="images", layout=layout, num_spatial=2)
 
 
 def normalize_video(videos: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
@@ -72,28 +123,32 @@ def normalize_video(videos: Tensor, mean: Sequence[float] | Tensor, std: Sequenc
         TypeError: when ``videos`` is not uint8 (normalising twice is a bug, not a no-op).
         ValueError: when the shape is not 4-D/5-D or the channel count does not match ``mean`` / ``std``.
     """
-    if videos.dtype != torch.uint8:
-        raise TypeError(f"normalize_video expects uint8 videos, got {videos.dtype}")
-    if videos.dim() not in (4, 5):
-        raise ValueError(
-            f"normalize_video expects (B, C, T, H, W) or (C, T, H, W) videos, got shape {tuple(videos.shape)}"
-        )
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=videos.device)  # (C,)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=videos.device)  # (C,)
-    channels = videos.shape[-4]
-    if mean_t.shape != (channels,) or std_t.shape != (channels,):
-        raise ValueError(
-            f"normalize_video: videos have {channels} channels but mean has {tuple(mean_t.shape)} "
-            f"and std has {tuple(std_t.shape)} values"
-        )
-    x = videos.to(torch.float32).div_(255.0)  # (..., C, T, H, W) in [0, 1]
-    return x.sub_(mean_t[:, None, None, None]).div_(std_t[:, None, None, None])  # (..., C, T, H, W)
+    layout = "(B, C, T, H, W) or (C, T, H, W)"
+    return _normalize(videos, mean, std, name="normalize_video", noun="videos", layout=layout, num_spatial=3)
 
 
 def check_positive_int(owner: str, name: str, value: Any, *, minimum: int = 1) -> None:
-    """Raise ``ValueError`` naming ``owner.name``, the value and the valid range unless ``value >= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+    """Raise ``ValueError`` naming ``owner.name``, the value and the valid range unless ``value >= minimum``.
+
+    Kept for the modules not yet moved to :func:`mim.checks.check_int`, which it calls.
+    """
+    check_int(owner, name, value, minimum=minimum)
+
+
+def check_loader_settings(owner: str, *, batch_size: Any, num_workers: Any, seed: Any) -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``batch_size >= 1``, ``num_workers >= 0`` and ``seed`` is an int."""
+    check_int(owner, "batch_size", batch_size)
+    check_int(owner, "num_workers", num_workers, minimum=0)
+    check_int(owner, "seed", seed, minimum=None)
+
+
+def check_crops(owner: str, crop_scale: Sequence[float], eval_crop_pct: float | None = None) -> tuple[float, float]:
+    """``crop_scale`` as floats; ``ValueError`` naming ``owner`` unless ``0 < low <= high <= 1`` and (when given)
+    ``0 < eval_crop_pct <= 1``."""
+    scale = check_pair_range(owner, "crop_scale", crop_scale, 0, 1, low_open=True)
+    if eval_crop_pct is not None:
+        check_range(owner, "eval_crop_pct", eval_crop_pct, 0, 1, low_open=True)
+    return scale
 
 
 class TensorImageDataset(Dataset):
@@ -122,6 +177,108 @@ class TensorImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)  # (C, H', W')
         return {"image": image, "label": self.labels[index]}
+
+
+class FileDataset(Dataset, ABC):
+    """Samples decoded from files, where an unreadable file is skipped, counted and replaced.
+
+    An unreadable file (one whose :meth:`decode_file` raises one of ``decode_errors``) is skipped: the sample is
+    replaced by the next readable one (so batches keep their size), a ``warning`` names the file once, and the
+    file is marked bad in a shared-memory table that the loader workers and the main process all see
+    (:attr:`num_skipped`); a file marked bad is not tried again.
+
+    Subclasses call ``super().__init__(num_files)``, set the class attributes and implement :meth:`file_path`,
+    :meth:`decode_file` and :meth:`to_sample`.
+
+    Attributes:
+        kind: what a file holds ("image", "video"), for the messages.
+        warning: the category of the skip warnings.
+        decode_errors: the exceptions of :meth:`decode_file` that mean "unreadable file".
+        bad: (N,) bool in shared memory, True = unreadable.
+    """
+
+    kind: str
+    warning: type[Warning]
+    decode_errors: tuple[type[BaseException], ...]
+
+    def __init__(self, num_files: int) -> None:
+        self.bad = torch.zeros(num_files, dtype=torch.bool).share_memory_()  # (N,) True = unreadable
+
+    def __len__(self) -> int:
+        return self.bad.numel()
+
+    @abstractmethod
+    def file_path(self, index: int) -> str:
+        """The path of file ``index`` (for messages and :meth:`skipped_paths`)."""
+
+    @abstractmethod
+    def decode_file(self, index: int) -> Any:
+        """Decode file ``index``; raises one of ``decode_errors`` when it is unreadable."""
+
+    @abstractmethod
+    def to_sample(self, index: int, decoded: Any) -> Batch:
+        """The sample of file ``index`` from its decoded content."""
+
+    @property
+    def num_skipped(self) -> int:
+        """How many files were found unreadable so far (each counted once)."""
+        return int(self.bad.sum())
+
+    def skipped_paths(self) -> list[str]:
+        return [self.file_path(i) for i in self.bad.nonzero().flatten().tolist()]
+
+    def load(self, index: int) -> Any | None:
+        """The decoded content of file ``index``, or None when the file cannot be decoded (then marked bad)."""
+        try:
+            return self.decode_file(index)
+        except self.decode_errors as err:
+            self.bad[index] = True
+            warnings.warn(f"skipping unreadable {self.kind} {self.file_path(index)}: {err}", self.warning, stacklevel=2)
+            return None
+
+    def __getitem__(self, index: int) -> Batch:
+        n = len(self)
+        for offset in range(n):
+            i = (index + offset) % n
+            if self.bad[i]:
+                continue
+            decoded = self.load(i)
+            if decoded is not None:
+                return self.to_sample(i, decoded)
+        raise RuntimeError(f"{type(self).__name__}: none of the {n} {self.kind} files can be decoded")
+
+
+class SkippedFilesMixin:
+    """:attr:`num_skipped`, :meth:`skipped_paths` and the end-of-stage warning of a datamodule whose datasets are
+    :class:`FileDataset` s. ``_skipped_where`` may name the data's location in the warning."""
+
+    train_dataset: Dataset | None
+    val_dataset: Dataset | None
+
+    def _file_datasets(self) -> list[FileDataset]:
+        return [d for d in (self.train_dataset, self.val_dataset) if isinstance(d, FileDataset)]
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable files skipped so far, over the training and validation sets (each file counted once)."""
+        return sum(d.num_skipped for d in self._file_datasets())
+
+    def skipped_paths(self) -> list[str]:
+        """Paths of the unreadable files skipped so far."""
+        return [path for d in self._file_datasets() for path in d.skipped_paths()]
+
+    def _skipped_where(self) -> str:
+        return ""
+
+    def teardown(self, stage: str) -> None:
+        if self.num_skipped:
+            paths = self.skipped_paths()
+            dataset = self._file_datasets()[0]
+            rank_zero_warn(
+                f"{type(self).__name__} skipped {len(paths)} unreadable {dataset.kind} files{self._skipped_where()}: "
+                f"{paths[:10]}{' ...' if len(paths) > 10 else ''}",
+                category=dataset.warning,
+            )
 
 
 def loader_kwargs(batch_size: int, num_workers: int, **extra: Any) -> dict[str, Any]:
@@ -194,8 +351,8 @@ class ImageDataModule(LightningDataModule, ABC):
         batch_size: samples per device and step (the training loader drops the last partial batch).
         image_size: side of the square images the loaders yield.
         in_chans: image channels C (1 grey, 3 RGB).
-        mean: C per-channel means of the [0, 1]-scaled pixels.
-        std: C per-channel standard deviations of the [0, 1]-scaled pixels (all > 0).
+        mean: C per-channel means of the [0, 1]-scaled pixels; None: ImageNet's (their average for one channel).
+        std: C per-channel standard deviations of the [0, 1]-scaled pixels (all > 0); None: ImageNet's.
         num_classes: number of label classes.
         num_workers: loader worker processes (0 loads in the main process); workers persist across epochs.
         seed: seeds the training loader's shuffle (and, through it, the workers' augmentation RNG).
@@ -212,28 +369,26 @@ class ImageDataModule(LightningDataModule, ABC):
         batch_size: int,
         image_size: int,
         in_chans: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
         num_classes: int,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_positive_int(owner, "batch_size", batch_size)
-        check_positive_int(owner, "image_size", image_size)
-        check_positive_int(owner, "in_chans", in_chans)
-        check_positive_int(owner, "num_classes", num_classes)
-        check_positive_int(owner, "num_workers", num_workers, minimum=0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{owner}.seed must be an int, got {seed!r}")
+        check_loader_settings(owner, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        check_int(owner, "image_size", image_size)
+        check_int(owner, "in_chans", in_chans)
+        check_int(owner, "num_classes", num_classes)
+        mean, std = default_stats(in_chans, mean, std)
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != in_chans or len(std) != in_chans:
             raise ValueError(
                 f"{owner}.mean and .std must have in_chans={in_chans} values each, got mean={mean}, std={std}"
             )
         if not all(s > 0 for s in std):
-            raise ValueError(f"{owner}.std must be > 0 in every channel, got {std}")
+            raise invalid(owner, "std", "> 0 in every channel", std)
         self.batch_size = batch_size
         self.image_size = image_size
         self.in_chans = in_chans

@@ -1,7 +1,7 @@
 """Fast decode + MAE augmentation for encoded image bytes (JPEG, PNG, ...), ending in (C, H, W) uint8.
 
 The bicubic random resized crop of the MAE augmentation costs more than the decode at ImageNet size, and a
-large JPEG costs most in the decode (PERF.md §3a). :func:`decode_random_resized_crop` therefore
+large JPEG costs most in the decode (BENCHMARKS.md, "C7: data loader"). :func:`decode_random_resized_crop` therefore
 
 1. samples the crop box first, from the distribution of torchvision's ``RandomResizedCrop`` (scale
    (0.2, 1), aspect ratio (3/4, 4/3)) on the size read from the header (:func:`sample_crop_box`);

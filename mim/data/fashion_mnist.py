@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mim.data.base import ImageDataModule, TensorImageDataset, check_positive_int
+from mim.checks import check_choice, check_int
+from mim.data.base import ImageDataModule, TensorImageDataset, check_crops
 from mim.data.transforms import eval_transform, mae_train_transform
 
 __all__ = [
@@ -150,8 +151,7 @@ def load_fashion_mnist(split: Literal["train", "test"], root: str | Path | None 
     Returns:
         ``(images, labels)``: (N, 1, 28, 28) uint8 and (N,) int64 in 0..9 (:data:`FASHION_MNIST_CLASSES`).
     """
-    if split not in _FILES:
-        raise ValueError(f"load_fashion_mnist.split must be one of {list(_FILES)}, got {split!r}")
+    check_choice("load_fashion_mnist", "split", split, tuple(_FILES))
     folder = find_fashion_mnist(root)
     images_name, labels_name = _FILES[split]
     images = read_idx(_split_file(folder, images_name))  # (N, 28, 28)
@@ -219,16 +219,13 @@ class FashionMNISTDataModule(ImageDataModule):
         )
         for name, value, total in (("num_train", num_train, _NUM["train"]), ("num_val", num_val, _NUM["test"])):
             if value is not None:
-                check_positive_int("FashionMNISTDataModule", name, value)
-                if value > total:
-                    raise ValueError(f"FashionMNISTDataModule.{name} must be in [1, {total}], got {value}")
-        if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
-            raise ValueError(f"FashionMNISTDataModule.crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
+                check_int("FashionMNISTDataModule", name, value, minimum=1, maximum=total)
+        crop_scale = check_crops("FashionMNISTDataModule", crop_scale)
         self.data_dir = find_fashion_mnist(root)  # fails at construction, with instructions, when missing
         self.num_train = num_train
         self.num_val = num_val
         self.augment = augment
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_scale = crop_scale
 
     def train_indices(self) -> Tensor | None:
         """(num_train,) sorted indices of the training subset, or None for all 60,000."""

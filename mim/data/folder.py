@@ -13,18 +13,16 @@ counted (:attr:`ImageFolderDataModule.num_skipped`), so one bad file never stops
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from mim.data.base import ImageDataModule
+from mim.checks import check_choice, check_range
+from mim.data.base import FileDataset, ImageDataModule, SkippedFilesMixin, check_crops
 from mim.data.transforms import eval_transform, mae_train_transform
 from mim.types import Batch
 
@@ -35,24 +33,6 @@ __all__ = [
     "image_extensions",
     "scan_image_folder",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# One channel: the average of the RGB statistics (what a grey copy of an ImageNet-like set roughly has).
-IMAGENET_MEAN_GREY = (0.449,)
-IMAGENET_STD_GREY = (0.226,)
-
-
-def default_stats(
-    in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[Sequence[float], Sequence[float]]:
-    """``mean``/``std`` or, where None, ImageNet's (RGB) or their channel average (one channel)."""
-    grey = in_chans == 1
-    return (
-        mean if mean is not None else (IMAGENET_MEAN_GREY if grey else IMAGENET_MEAN),
-        std if std is not None else (IMAGENET_STD_GREY if grey else IMAGENET_STD),
-    )
-
 
 _LAYOUT = "expected ROOT/<class>/<image> (one subfolder per class, e.g. ROOT/cat/001.jpg)"
 # What PIL raises for a file it cannot identify or decode (UnidentifiedImageError is an OSError).
@@ -164,18 +144,21 @@ def _opens(path: str) -> bool:
         return False
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(FileDataset):
     """(path, label) samples decoded with PIL, converted to ``mode`` and transformed to uint8 tensors.
 
-    An unreadable file is skipped: the sample is replaced by the next readable one (so batches keep their
-    size), a :class:`CorruptImageWarning` names the file once, and the file is marked bad in a
-    shared-memory table that the loader workers and the main process all see (:attr:`num_skipped`).
+    An unreadable file is skipped, counted and replaced by the next readable one, with a
+    :class:`CorruptImageWarning` naming it (:class:`~mim.data.base.FileDataset`).
 
     Args:
         samples: (path, label) pairs.
         mode: PIL mode the images are converted to ("RGB" for 3 channels, "L" for 1).
         transform: maps a PIL image to a (C, H, W) uint8 tensor.
     """
+
+    kind = "image"
+    warning = CorruptImageWarning
+    decode_errors = _DECODE_ERRORS
 
     def __init__(
         self,
@@ -186,47 +169,25 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         if not samples:
             raise ValueError("ImageFolderDataset.samples must not be empty")
+        super().__init__(len(samples))
         self.samples = list(samples)
         self.mode = mode
         self.transform = transform
-        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # (N,) True = unreadable
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def file_path(self, index: int) -> str:
+        return self.samples[index][0]
 
-    @property
-    def num_skipped(self) -> int:
-        """How many files were found unreadable so far (each counted once)."""
-        return int(self.bad.sum())
+    def decode_file(self, index: int) -> Image.Image:
+        """The image at ``index`` in ``mode``."""
+        with Image.open(self.samples[index][0]) as image:
+            return image.convert(self.mode)  # decodes the whole file
 
-    def skipped_paths(self) -> list[str]:
-        return [self.samples[i][0] for i in self.bad.nonzero().flatten().tolist()]
-
-    def load(self, index: int) -> Image.Image | None:
-        """The decoded image at ``index`` in ``mode``, or None when the file cannot be decoded."""
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as image:
-                return image.convert(self.mode)  # decodes the whole file
-        except _DECODE_ERRORS as err:
-            self.bad[index] = True
-            warnings.warn(f"skipping unreadable image {path}: {err}", CorruptImageWarning, stacklevel=2)
-            return None
-
-    def __getitem__(self, index: int) -> Batch:
-        n = len(self.samples)
-        for offset in range(n):
-            i = (index + offset) % n
-            if self.bad[i]:
-                continue
-            image = self.load(i)
-            if image is not None:
-                label = torch.tensor(self.samples[i][1], dtype=torch.int64)  # ()
-                return {"image": self.transform(image), "label": label}  # image: (C, H, W) uint8
-        raise RuntimeError(f"ImageFolderDataset: none of the {n} image files can be decoded")
+    def to_sample(self, index: int, decoded: Image.Image) -> Batch:
+        label = torch.tensor(self.samples[index][1], dtype=torch.int64)  # ()
+        return {"image": self.transform(decoded), "label": label}  # image: (C, H, W) uint8
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(SkippedFilesMixin, ImageDataModule):
     """Class-per-subfolder images (``ROOT/<class>/<image>``), as uint8 batches normalised on the device.
 
     The folder is scanned at construction, so a wrong path fails before training with a message naming it,
@@ -268,20 +229,14 @@ class ImageFolderDataModule(ImageDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"ImageFolderDataModule.in_chans must be 1 or 3, got {in_chans!r}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"ImageFolderDataModule.val_fraction must be in [0, 1), got {val_fraction!r}")
+        check_choice("ImageFolderDataModule", "in_chans", in_chans, (1, 3))
+        check_range("ImageFolderDataModule", "val_fraction", val_fraction, 0, 1, high_open=True)
         if val_root is not None and val_fraction > 0:
             raise ValueError(
                 f"ImageFolderDataModule: give val_root ({str(val_root)!r}) or val_fraction ({val_fraction}), not both"
             )
-        if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
-            raise ValueError(f"ImageFolderDataModule.crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
-        if not 0 < eval_crop_pct <= 1:
-            raise ValueError(f"ImageFolderDataModule.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
+        crop_scale = check_crops("ImageFolderDataModule", crop_scale, eval_crop_pct)
         classes, samples = scan_image_folder(root)
-        mean, std = default_stats(in_chans, mean, std)
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,
@@ -296,7 +251,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.val_root = None if val_root is None else str(val_root)
         self.val_fraction = val_fraction
         self.augment = augment
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_scale = crop_scale
         self.eval_crop_pct = eval_crop_pct
         self.classes = classes
         if val_root is not None:
@@ -315,9 +270,6 @@ class ImageFolderDataModule(ImageDataModule):
         else:
             self.train_samples, self.val_samples = samples, []
 
-    def _datasets(self) -> list[ImageFolderDataset]:
-        return [d for d in (self.train_dataset, self.val_dataset) if isinstance(d, ImageFolderDataset)]
-
     def build_datasets(self) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
         mode: Literal["RGB", "L"] = "RGB" if self.in_chans == 3 else "L"
         evaluate = eval_transform(self.image_size, crop_pct=self.eval_crop_pct)
@@ -326,20 +278,5 @@ class ImageFolderDataModule(ImageDataModule):
         val = ImageFolderDataset(self.val_samples, mode=mode, transform=evaluate) if self.val_samples else None
         return train, val
 
-    @property
-    def num_skipped(self) -> int:
-        """Unreadable files skipped so far, over the training and validation sets (each file counted once)."""
-        return sum(d.num_skipped for d in self._datasets())
-
-    def skipped_paths(self) -> list[str]:
-        """Paths of the unreadable files skipped so far."""
-        return [path for d in self._datasets() for path in d.skipped_paths()]
-
-    def teardown(self, stage: str) -> None:
-        if self.num_skipped:
-            paths = self.skipped_paths()
-            rank_zero_warn(
-                f"ImageFolderDataModule skipped {len(paths)} unreadable image files under {self.root!r}: "
-                f"{paths[:10]}{' ...' if len(paths) > 10 else ''}",
-                category=CorruptImageWarning,
-            )
+    def _skipped_where(self) -> str:
+        return f" under {self.root!r}"

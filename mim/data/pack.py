@@ -7,25 +7,11 @@ Output::
     OUT/shard-000000.tar.done  sidecar: the shard's sample range, count, byte size and sha256 (JSON)
     OUT/index.json             per-shard counts and sha256, the class map, totals and the pack arguments
 
-Inputs are a class-per-subfolder image folder (scanned like :class:`~mim.data.folder.ImageFolderDataModule`)
-or a text file of ``path label`` / ``path`` lines (relative paths are relative to the file). The sample order
-is sorted by path, then shuffled with ``--seed`` (unless ``--no-shuffle``) so every shard mixes classes; the
-shard contents are a pure function of the inputs and the arguments.
-
-Videos: a folder (flat: one class, or one subfolder per class, scanned like
-:class:`~mim.data.video.VideoDataModule`) or a list file whose paths end in ``.mp4 .webm .mkv .avi .mov .m4v``
-is packed as videos (index.json ``kind: "video"``, images give ``kind: "image"``): each video's original bytes
-are stored unchanged under its own extension (``--resize-short`` and ``--quality`` do not apply); a file that
-PyAV cannot open as a video is skipped like an unreadable image. Read them with
-``VideoDataModule(urls=OUT)``.
-
-A JPEG is stored as its original bytes unless ``--resize-short`` asks for a smaller image; other formats
-(and resized images) are re-encoded as JPEG at ``--quality``. Unreadable inputs are skipped with a warning
-and listed in the index.
-
-Resumable: a shard is written to ``name.tar.tmp`` and renamed when complete, then its sidecar is written
-(also atomically). A rerun keeps every leading shard whose sidecar matches the arguments and whose sha256
-matches the file, and continues after the last of them; nothing is ever left half-written under a final name.
+Inputs are a class-per-subfolder image or video folder, or a text file of ``path label`` / ``path`` lines. The
+sample order is sorted by path, then shuffled with ``--seed``, so the shard contents are a pure function of the
+inputs and the arguments. Unreadable inputs are skipped with a warning and listed in the index. Resumable: shards
+and sidecars are written atomically, and a rerun keeps every complete leading shard. Video inputs, re-encoding
+and the resume rule: docs/design.md, "Shards".
 """
 
 from __future__ import annotations
@@ -47,6 +33,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from mim.checks import check_int
 from mim.data.folder import CorruptImageWarning, scan_image_folder
 
 __all__ = [
@@ -298,14 +285,12 @@ def pack(
         The index (also written to ``out/index.json``).
     """
     size_limit = parse_size(shard_size)
-    if shard_samples is not None and (isinstance(shard_samples, bool) or shard_samples < 1):
-        raise ValueError(f"pack.shard_samples must be an int >= 1 or None, got {shard_samples!r}")
-    if resize_short is not None and resize_short < 1:
-        raise ValueError(f"pack.resize_short must be an int >= 1 or None, got {resize_short!r}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"pack.quality must be in [1, 100], got {quality!r}")
-    if workers < 0:
-        raise ValueError(f"pack.workers must be an int >= 0, got {workers!r}")
+    if shard_samples is not None:
+        check_int("pack", "shard_samples", shard_samples)
+    if resize_short is not None:
+        check_int("pack", "resize_short", resize_short)
+    check_int("pack", "quality", quality, minimum=1, maximum=100)
+    check_int("pack", "workers", workers, minimum=0)
     classes, samples = read_sources(src)
     kind = source_kind(src, samples)
     if kind == "video" and resize_short is not None:

@@ -5,23 +5,11 @@ folder written by ``mim pack`` (its ``index.json`` lists the shards, the sample 
 brace-expanded paths (``/data/shard-{000000..000127}.tar``) or webdataset URLs (``pipe:cat ...``,
 ``file:...``), opened with :func:`webdataset.gopen`.
 
-Order and splitting. Every epoch the shard list is permuted by a generator seeded from (seed, epoch),
-identically on every rank; rank ``r`` of ``R`` takes ``order[r::R]`` and its loader worker ``w`` of ``W`` takes
-``[w::W]`` of that (webdataset's ``split_by_node`` then ``split_by_worker``), so no sample is read twice in a
-pass. With fewer shards than ``R * W`` every reader opens every shard and keeps every ``(R * W)``-th sample
-instead. Each worker shuffles through a buffer and augments with generators seeded from (seed, epoch, rank,
-worker), so the order is a pure function of those four numbers (exact mid-epoch resume can add a skip
-count per worker on top; it is not implemented).
-
-Fixed epoch length. Every rank yields exactly ``samples_per_epoch // world_size // batch_size`` full batches
-(spread over its workers in whole batches): a worker that runs out of shards starts another pass over them
-in a new seeded order (resampling), one with samples to spare stops early. Ranks therefore never disagree
-on the number of steps, and DDP cannot hang on an uneven tail.
-
-Corrupt input (a truncated or non-image member, a member without an image, a corrupt tar, a missing or
-unreadable shard) is skipped with a :class:`~mim.data.folder.CorruptImageWarning` naming the shard and key,
-and counted in shared memory (:attr:`ShardDataModule.num_corrupt`); more than ``max_corrupt`` failures (a
-count, or a fraction of the samples read) raise an error.
+Shards are split by rank, then by loader worker, in an order seeded from (seed, epoch), so no sample is read twice
+in a pass; every rank yields exactly ``samples_per_epoch // world_size // batch_size`` full batches (a worker that
+runs out of shards starts another seeded pass), so ranks never disagree on the number of steps. Corrupt input is
+skipped with a :class:`~mim.data.folder.CorruptImageWarning`, counted (:attr:`ShardDataModule.num_corrupt`) and
+raises beyond ``max_corrupt``. Order, splitting, resampling and what counts as corrupt: docs/design.md, "Shards".
 """
 
 from __future__ import annotations
@@ -31,8 +19,9 @@ import os
 import random
 import tarfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +33,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
-from mim.data.base import ImageDataModule, check_positive_int
+from mim.checks import check_choice, check_int, invalid
+from mim.data.base import ImageDataModule, check_crops
 from mim.data.decode import decode_center_crop, decode_random_resized_crop
-from mim.data.folder import CorruptImageWarning, default_stats
+from mim.data.folder import CorruptImageWarning
 from mim.types import Batch
 
 __all__ = [
@@ -55,6 +45,7 @@ __all__ = [
     "TooManyCorruptError",
     "check_max_corrupt",
     "epoch_loader",
+    "ShardLoadersMixin",
     "ShardResumeMixin",
     "ShardSpec",
     "expand_shard_urls",
@@ -142,26 +133,27 @@ def resolve_shards(
     if index is not None and index.get("kind", "image") != kind:
         raise ValueError(f"{owner}.urls: {urls!r} holds {index.get('kind', 'image')} shards, not {kind} shards")
     if samples_per_epoch is None:
-        if index is None:
-            raise ValueError(f"{owner}.samples_per_epoch is required when urls ({urls!r}) has no index.json")
-        samples_per_epoch = int(index["num_samples"])
-    check_positive_int(owner, "samples_per_epoch", samples_per_epoch)
+        samples_per_epoch = _from_index(owner, "samples_per_epoch", index, "num_samples", f"urls ({urls!r})")
+    check_int(owner, "samples_per_epoch", samples_per_epoch)
     if num_classes is None:
-        if index is None:
-            raise ValueError(f"{owner}.num_classes is required when urls ({urls!r}) has no index.json")
-        num_classes = max(1, int(index["num_classes"]))
+        num_classes = max(1, _from_index(owner, "num_classes", index, "num_classes", f"urls ({urls!r})"))
     val_list: list[str] = []
     if val_urls is not None:
         val_list, val_index = expand_shard_urls(val_urls)
         if not val_list:
             raise ValueError(f"{owner}.val_urls: {val_urls!r} names no shards")
         if val_samples is None:
-            if val_index is None:
-                raise ValueError(f"{owner}.val_samples is required when val_urls has no index.json")
-            val_samples = int(val_index["num_samples"])
-        check_positive_int(owner, "val_samples", val_samples)
+            val_samples = _from_index(owner, "val_samples", val_index, "num_samples", "val_urls")
+        check_int(owner, "val_samples", val_samples)
     classes = list(index["classes"]) if index is not None and "classes" in index else None
     return ShardSpec(train_urls, samples_per_epoch, num_classes, classes, val_list, val_samples)
+
+
+def _from_index(owner: str, field: str, index: dict[str, Any] | None, key: str, source: str) -> int:
+    """``index[key]`` for ``field`` left unset; ``ValueError`` when ``source`` has no index.json to take it from."""
+    if index is None:
+        raise ValueError(f"{owner}.{field} is required when {source} has no index.json")
+    return int(index[key])
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -234,7 +226,7 @@ class ShardDataset(IterableDataset):
         max_corrupt: an int is the most corrupt samples allowed in total; a float in [0, 1) the most as a
             fraction of the samples read (checked once 100 were read).
 
-    Subclasses decode other members by overriding :meth:`_decode` (e.g. :class:`mim.data.video.VideoShardDataset`);
+    Subclasses decode other members by overriding :meth:`_decode` (e.g. :class:`mim.data.video_shards.VideoShardDataset`);
     ``warning`` is the category of the skip warnings.
     """
 
@@ -261,8 +253,7 @@ class ShardDataset(IterableDataset):
             raise ValueError("ShardDataset.urls must name at least one shard")
         if num_samples < batch_size or num_samples % batch_size:
             raise ValueError(f"ShardDataset.num_samples={num_samples} must be a multiple of batch_size={batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"ShardDataset.rank must be in [0, world_size={world_size}), got {rank}")
+        check_int("ShardDataset", "rank", rank, minimum=0, maximum=world_size - 1)
         self.urls = list(urls)
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size = rank, world_size
@@ -426,11 +417,11 @@ class ShardDataset(IterableDataset):
 
 
 def check_max_corrupt(owner: str, max_corrupt: Any) -> None:
-    """Raise ``ValueError`` unless ``max_corrupt`` is an int >= 0 or a float in [0, 1)."""
+    """Raise ``ValueError`` unless ``max_corrupt`` is an int >= 0 (a count) or a float in [0, 1) (a share)."""
     if isinstance(max_corrupt, bool) or not (
         (isinstance(max_corrupt, int) and max_corrupt >= 0) or (isinstance(max_corrupt, float) and 0 <= max_corrupt < 1)
     ):
-        raise ValueError(f"{owner}.max_corrupt must be an int >= 0 or a float in [0, 1), got {max_corrupt!r}")
+        raise invalid(owner, "max_corrupt", "an integer >= 0 or a float in [0, 1)", max_corrupt)
 
 
 def rank_and_world(module: Any) -> tuple[int, int]:
@@ -501,11 +492,74 @@ class ShardResumeMixin:
         self._apply_resume()
 
 
-class ShardDataModule(ShardResumeMixin, ImageDataModule):
+class ShardLoadersMixin(ShardResumeMixin):
+    """The datasets and loaders of a datamodule that reads :class:`ShardDataset` s (images or videos).
+
+    Every rank gets ``samples_per_epoch // world_size // batch_size`` full batches from :func:`epoch_loader`,
+    with exact mid-epoch resume (:class:`ShardResumeMixin`). The datamodule sets the attributes below and
+    builds its datasets with :meth:`_shard_datasets`.
+    """
+
+    urls: list[str]
+    val_urls: list[str]
+    samples_per_epoch: int
+    val_samples: int | None
+    batch_size: int
+    seed: int
+    shuffle_buffer: int
+    max_corrupt: int | float
+    val_dataset: Any
+    setup: Callable[..., None]
+    _loader_kwargs: Callable[[], dict[str, Any]]
+
+    def _shard_datasets(self, make: Callable[..., ShardDataset]) -> tuple[ShardDataset, ShardDataset | None]:
+        """(training, validation) datasets; validation is None without ``val_urls``.
+
+        Args:
+            make: ``make(urls, *, num_samples, train, batch_size, rank, world_size, shuffle_buffer, seed,
+                max_corrupt)`` builds one dataset (the class with its decoding arguments bound).
+        """
+        owner = type(self).__name__
+        rank, world = rank_and_world(self)
+        common: dict[str, Any] = dict(
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            max_corrupt=self.max_corrupt,
+        )
+        train_samples = per_rank_samples(owner, self.samples_per_epoch, world, self.batch_size, "samples_per_epoch")
+        train = make(self.urls, num_samples=train_samples, train=True, **common)
+        val = None
+        if self.val_urls and self.val_samples is not None:
+            val_samples = per_rank_samples(owner, self.val_samples, world, self.batch_size, "val_samples")
+            val = make(self.val_urls, num_samples=val_samples, train=False, **common)
+        return train, val
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        assert isinstance(self.train_dataset, ShardDataset)
+        self._apply_resume()
+        return epoch_loader(self.train_dataset, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if not isinstance(self.val_dataset, ShardDataset):
+            return []
+        return epoch_loader(self.val_dataset, **self._loader_kwargs())
+
+    @property
+    def num_corrupt(self) -> int:
+        """Corrupt samples and shards skipped so far, over the training and validation loaders."""
+        return sum(d.num_corrupt for d in (self.train_dataset, self.val_dataset) if isinstance(d, ShardDataset))
+
+
+class ShardDataModule(ShardLoadersMixin, ImageDataModule):
     """Webdataset tar shards (e.g. from ``mim pack``) as uint8 batches, normalised on the device.
 
-    Every rank yields ``samples_per_epoch // world_size // batch_size`` full batches per epoch (see the
-    module docstring for the order, the splitting and the resampling).
+    Every rank yields ``samples_per_epoch // world_size // batch_size`` full batches per epoch (see
+    docs/design.md, "Shards", for the order, the splitting and the resampling).
 
     Args:
         urls: a ``mim pack`` output folder (with index.json), or brace-expanded shard paths / webdataset URLs.
@@ -552,13 +606,9 @@ class ShardDataModule(ShardResumeMixin, ImageDataModule):
         seed: int = 0,
     ) -> None:
         owner = "ShardDataModule"
-        if in_chans not in (1, 3):
-            raise ValueError(f"{owner}.in_chans must be 1 or 3, got {in_chans!r}")
-        if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
-            raise ValueError(f"{owner}.crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
-        if not 0 < eval_crop_pct <= 1:
-            raise ValueError(f"{owner}.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
-        check_positive_int(owner, "shuffle_buffer", shuffle_buffer)
+        check_choice(owner, "in_chans", in_chans, (1, 3))
+        crop_scale = check_crops(owner, crop_scale, eval_crop_pct)
+        check_int(owner, "shuffle_buffer", shuffle_buffer)
         check_max_corrupt(owner, max_corrupt)
         spec = resolve_shards(
             owner,
@@ -569,7 +619,6 @@ class ShardDataModule(ShardResumeMixin, ImageDataModule):
             val_urls=val_urls,
             val_samples=val_samples,
         )
-        mean, std = default_stats(in_chans, mean, std)
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,
@@ -583,57 +632,20 @@ class ShardDataModule(ShardResumeMixin, ImageDataModule):
         self.urls, self.val_urls = spec.urls, spec.val_urls
         self.samples_per_epoch, self.val_samples = spec.samples_per_epoch, spec.val_samples
         self.classes: list[str] | None = spec.classes
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_scale = crop_scale
         self.eval_crop_pct, self.shuffle_buffer, self.max_corrupt = eval_crop_pct, shuffle_buffer, max_corrupt
 
-    def _rank_world(self) -> tuple[int, int]:
-        return rank_and_world(self)
-
-    def _per_rank(self, total: int, world: int, field: str) -> int:
-        return per_rank_samples("ShardDataModule", total, world, self.batch_size, field)
-
     def build_datasets(self) -> tuple[ShardDataset, ShardDataset | None]:
-        rank, world = self._rank_world()
         mode: Literal["RGB", "L"] = "RGB" if self.in_chans == 3 else "L"
-        common: dict[str, Any] = dict(
-            batch_size=self.batch_size,
-            rank=rank,
-            world_size=world,
-            image_size=self.image_size,
-            mode=mode,
-            crop_scale=self.crop_scale,
-            eval_crop_pct=self.eval_crop_pct,
-            shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed,
-            max_corrupt=self.max_corrupt,
+        return self._shard_datasets(
+            partial(
+                ShardDataset,
+                image_size=self.image_size,
+                mode=mode,
+                crop_scale=self.crop_scale,
+                eval_crop_pct=self.eval_crop_pct,
+            )
         )
-        train_samples = self._per_rank(self.samples_per_epoch, world, "samples_per_epoch")
-        train = ShardDataset(self.urls, num_samples=train_samples, train=True, **common)
-        val = None
-        if self.val_urls and self.val_samples is not None:
-            val_samples = self._per_rank(self.val_samples, world, "val_samples")
-            val = ShardDataset(self.val_urls, num_samples=val_samples, train=False, **common)
-        return train, val
-
-    def _loader(self, dataset: ShardDataset) -> DataLoader:
-        return epoch_loader(dataset, **self._loader_kwargs())
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        assert isinstance(self.train_dataset, ShardDataset)
-        self._apply_resume()
-        return self._loader(self.train_dataset)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup("validate")
-        if not isinstance(self.val_dataset, ShardDataset):
-            return []
-        return self._loader(self.val_dataset)
-
-    @property
-    def num_corrupt(self) -> int:
-        """Corrupt samples and shards skipped so far, over the training and validation loaders."""
-        return sum(d.num_corrupt for d in (self.train_dataset, self.val_dataset) if isinstance(d, ShardDataset))
 
     def teardown(self, stage: str) -> None:
         if self.num_corrupt:

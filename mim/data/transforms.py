@@ -1,13 +1,16 @@
-"""Image transforms that end in ``uint8`` (C, H, W) tensors (normalisation happens later, on the device).
+"""Image and clip transforms that end in ``uint8`` tensors (normalisation happens later, on the device).
 
 * :func:`mae_train_transform`: the MAE pretraining augmentation, ``RandomResizedCrop(size, scale=(0.2, 1.0),
-  bicubic)`` + ``RandomHorizontalFlip`` (methods/IMAGE.md §1.4), antialiased.
+  bicubic)`` + ``RandomHorizontalFlip`` (He et al., CVPR 2022, Appendix A.1; facebookresearch/mae
+  main_pretrain.py), antialiased.
 * :func:`eval_transform`: resize the shorter side to ``size / crop_pct`` and centre-crop ``size``
   (MAE's 256 -> 224 at ``crop_pct = 0.875``); the identity for images that already are ``size`` x ``size``
   when ``crop_pct = 1``.
+* :class:`ClipRandomResizedCrop`, :class:`ClipCenterCrop`: random resized and centre crops of a (T, C, H, W)
+  uint8 clip, bilinear, with one box (and one flip) for all T frames (VideoMAE, V-JEPA).
 
-Both accept a PIL image or a (C, H, W) uint8 tensor. Their randomness is torch's global RNG, which a
-DataLoader worker seeds from the loader's generator and Lightning's ``seed_everything`` seeds in the main
+The image transforms accept a PIL image or a (C, H, W) uint8 tensor. The randomness is torch's global RNG, which
+a DataLoader worker seeds from the loader's generator and Lightning's ``seed_everything`` seeds in the main
 process.
 """
 
@@ -16,18 +19,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["eval_transform", "mae_train_transform"]
+from mim.checks import check_int, check_pair_range, check_range
+
+__all__ = ["ClipCenterCrop", "ClipRandomResizedCrop", "eval_transform", "mae_train_transform"]
 
 ImageLike = Image.Image | Tensor
-
-
-def _check_size(name: str, size: int) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{name}.size must be an int >= 1, got {size!r}")
 
 
 def mae_train_transform(
@@ -43,11 +45,9 @@ def mae_train_transform(
     Returns:
         A callable mapping a PIL image or (C, H, W) uint8 tensor to a (C, size, size) uint8 tensor.
     """
-    _check_size("mae_train_transform", size)
-    if not (0 < scale[0] <= scale[1] <= 1):
-        raise ValueError(f"mae_train_transform.scale must satisfy 0 < low <= high <= 1, got {scale!r}")
-    if not 0 <= hflip <= 1:
-        raise ValueError(f"mae_train_transform.hflip must be in [0, 1], got {hflip!r}")
+    check_int("mae_train_transform", "size", size)
+    scale = check_pair_range("mae_train_transform", "scale", scale, 0, 1, low_open=True)
+    hflip = check_range("mae_train_transform", "hflip", hflip, 0, 1)
     return v2.Compose(
         [
             # Crop and flip before the tensor conversion: on PIL input PIL resamples (fast for large images).
@@ -70,9 +70,8 @@ def eval_transform(size: int, *, crop_pct: float = 1.0) -> Callable[[ImageLike],
     Returns:
         A callable mapping a PIL image or (C, H, W) uint8 tensor to a (C, size, size) uint8 tensor.
     """
-    _check_size("eval_transform", size)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"eval_transform.crop_pct must be in (0, 1], got {crop_pct!r}")
+    check_int("eval_transform", "size", size)
+    crop_pct = check_range("eval_transform", "crop_pct", crop_pct, 0, 1, low_open=True)
     return _EvalTransform(size, math.floor(size / crop_pct) if crop_pct < 1 else size)
 
 
@@ -101,3 +100,52 @@ class _EvalTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, resize={self.resize})"
+
+
+class ClipRandomResizedCrop:
+    """Random resized crop with ONE box (and one flip) for every frame of a clip, bilinear and antialiased.
+
+    Args:
+        size: side of the square output.
+        scale: area range of the crop as a fraction of the frame's area.
+        ratio: aspect-ratio range of the crop.
+        flip: flip the whole clip horizontally with probability 0.5 (VideoMAE: no flip).
+    """
+
+    def __init__(
+        self, size: int, *, scale: tuple[float, float], ratio: tuple[float, float], flip: bool = False
+    ) -> None:
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+
+    def __call__(self, clip: Tensor) -> Tensor:
+        """(T, C, H, W) uint8 -> (T, C, size, size) uint8."""
+        top, left, height, width = v2.RandomResizedCrop.get_params(clip, list(self.scale), list(self.ratio))
+        out = TF.resized_crop(
+            clip, top, left, height, width, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True
+        )  # (T, C, size, size)
+        if self.flip and torch.rand(()) < 0.5:
+            out = out.flip(-1)  # (T, C, size, size)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
+
+
+class ClipCenterCrop:
+    """Centre crop of every frame (the evaluation transform, after the short-side resize at decode).
+
+    Args:
+        size: side of the square output.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, clip: Tensor) -> Tensor:
+        """(T, C, H, W) uint8 -> (T, C, size, size) uint8 (frames smaller than ``size`` are resized up first)."""
+        if min(clip.shape[-2:]) < self.size:
+            clip = TF.resize(clip, [self.size], InterpolationMode.BILINEAR, antialias=True)  # shorter side
+        return TF.center_crop(clip, [self.size, self.size])  # (T, C, size, size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"

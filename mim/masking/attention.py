@@ -1,5 +1,5 @@
 """Attention-guided masking (MaskAlign: Xue et al., "Stare at What You See: Masked Image Modeling without
-Reconstruction", CVPR 2023; methods/IMAGE.md §4.1 step 3).
+Reconstruction", CVPR 2023; official OpenDriveLab/maskalign models_pretrain.py).
 
 A frozen teacher's last-block CLS-to-patch attention ``a`` (B, N), averaged over heads, weights a random order of
 the tokens: MaskAlign draws ``multinomial(a, N, replacement=False)`` and keeps the first K tokens **visible**, so

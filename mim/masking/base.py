@@ -13,21 +13,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mim.checks import check_range
 from mim.masking.functional import scores_to_masks
 from mim.types import Masks, TokenGrid, num_visible
 
-__all__ = ["MaskingStrategy", "ScoreMasking", "check_ratio"]
-
-
-def check_ratio(name: str, value: float, *, low_open: bool = True, high_open: bool = True) -> float:
-    """Validate a ratio in (0, 1) (bounds open by default); raise ``ValueError`` naming the field."""
-    value = float(value)
-    low_ok = value > 0 if low_open else value >= 0
-    high_ok = value < 1 if high_open else value <= 1
-    if not (low_ok and high_ok):
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {value!r}")
-    return value
+__all__ = ["MaskingStrategy", "ScoreMasking"]
 
 
 class MaskingStrategy(ABC):
@@ -80,7 +70,7 @@ class ScoreMasking(MaskingStrategy):
     """
 
     def __init__(self, *, mask_ratio: float = 0.75) -> None:
-        self.mask_ratio = check_ratio(f"{type(self).__name__}.mask_ratio", mask_ratio)
+        self.mask_ratio = check_range(self, "mask_ratio", mask_ratio, 0, 1, low_open=True, high_open=True)
 
     def num_visible(self, num_tokens: int) -> int:
         """K = int(N * (1 - mask_ratio)), at least 1 and at most N - 1."""

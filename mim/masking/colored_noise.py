@@ -1,69 +1,18 @@
 """Colored-noise masking (Hinojosa, Liu, Ghanem, "ColorMAE: Exploring data-independent masking strategies in
-Masked AutoEncoders", ECCV 2024; methods/IMAGE.md §2).
+Masked AutoEncoders", ECCV 2024; official sampler carlosh93/ColorMAE, models/utils/masking_generator.py).
 
 ColorMAE replaces MAE's i.i.d. uniform noise by filtered ("colored") noise: each sample's scores are a window
 of a noise pattern at patch-grid resolution, and the K tokens with the **highest** noise stay visible. The
 filter decides the mask's spatial structure; nothing depends on the image and nothing is learned.
 
-**Noise banks.** The official code downloads pre-computed banks; mim generates them from the filter
-definitions on the project page (methods/IMAGE.md §2.1), at patch-grid resolution (§2.4 pitfall 6). With
-``W`` white Gaussian noise and ``G_s`` a Gaussian filter of standard deviation ``s`` (in tokens)::
-
-    red    (low-pass)    N = G_s * W                       H(f) = g_s(f)
-    blue   (high-pass)   N = W - G_s * W                   H(f) = 1 - g_s(f)
-    green  (band-pass)   N = G_s1 * W - G_s2 * W, s1 < s2   H(f) = g_s1(f) - g_s2(f)
-    purple (band-stop)   N = W - (G_s1 * W - G_s2 * W)      H(f) = 1 - g_s1(f) + g_s2(f)
-
-    g_s(f) = exp(-2 pi^2 s^2 |f|^2),  f in cycles per token (Nyquist 0.5)
-
-The filters are applied by multiplying the 2-D FFT with ``H`` (periodic boundaries, so every pattern tiles and
-every crop offset sees the same statistics), then each pattern is shifted and scaled to zero mean and unit
-variance. The paper does not publish its sigmas or bank size; mim's defaults (``DEFAULT_SIGMAS``, in tokens):
-
-* red ``s = 1.5``: the response falls to 1/2 at |f| = 0.12 (blobs about 5 tokens across);
-* blue ``s = 1.0``: the response rises to 1/2 at |f| = 0.19 and 0.99 at the axis Nyquist 0.5;
-* green / purple ``s1, s2 = 0.7, 1.4``: the band-pass response peaks at |f| = 0.22 (a period of ~4.6 tokens,
-  so a 14 x 14 grid holds about 3 x 3 clusters of visible tokens), with value 0.47; purple is its complement
-  (0.53 at the same frequency; 1 at |f| = 0 and 0.91 at the axis Nyquist).
-
-A bank is ``(S, n, n)`` float32 (defaults S = 1024 patterns of n = 64 x 64 tokens: 16 MiB; any grid up to
-64 x 64 tokens, e.g. 1024 px at patch 16, can be cropped). It is generated once from a seeded CPU
-``torch.Generator``, cached on disk under ``$MIM_CACHE``, else ``$XDG_CACHE_HOME/mim``, else ``~/.cache/mim``
-(subfolder ``colored_noise``; the name holds colour, S, n, sigmas, seed and format version), written
-atomically (temporary file + ``os.replace``) with the SHA-256 of its bytes; a missing file is generated (logged
-at INFO), an unreadable one or one that fails its checksum or metadata is regenerated with a warning. The strategy loads it lazily on its first call and keeps
-one copy per device; pickling the strategy never pickles the bank.
-
-**Per call** (vectorised; no host sync, no per-sample loop): each sample takes a bank slice, a random crop of
-the grid's H x W and random vertical / horizontal flips, all from the passed generator; the scores are the
-negated window, so :class:`~mim.masking.base.ScoreMasking`'s "keep the K lowest" keeps the K highest noise
-values visible (§2.1 step 3; reversing it is a different method, §2.4 pitfall 2). The official
-``NormalizeBySliceMax`` (divide each window by its maximum) preserves the ranking whenever the maximum is
-positive, so it is skipped; this also removes pitfall 3 (a non-positive maximum inverting the order).
-
-Differences from the official sampler, and how to get the official behaviour:
-
-* ``window="per_sample"`` (default, as the issue asks: "a random window per image") draws a crop offset and
-  two flips per sample. The official code draws **one** offset and one pair of flips for each chunk of S
-  samples, shared by the chunk (one per call when B <= S): ``window="shared"`` does exactly that.
-* ``sample_mode="random_index"`` (default) draws each sample's slice uniformly from the S patterns. The
-  official code (``"official_prefix"``) gives sample i slice ``i mod S``, so with a per-GPU batch below S
-  only the first B patterns are ever used and sample i always gets pattern i. The default departs from
-  methods/IMAGE.md §2.4 pitfall 1 (which suggests the official prefix) because the issue asks for random
-  windows per image and because a generated bank has no reason to be read by prefix: every pattern is an
-  independent draw. ``sample_mode="official_prefix", window="shared"`` reproduces the official sampling.
-* Video grids (T > 1): the same 2-D window scores every time slot (tube-like). K = int(N (1 - r)) follows
-  mim's convention, so when K is not a multiple of T, one spatial position is visible in only the first
-  K mod T slots (ties break in raster order); all other positions are visible in all slots or none.
-* Tables (grid 1 x 1 x F) are scored by a 1 x F row of the bank; grids larger than the bank raise a
-  ``ValueError`` naming the ``bank_size`` to set.
-
-Statistics (tests/test_masking_colored_noise.py): with per-sample windows, every token of a green, blue or purple
-mask is visible K / N of the time within sampling noise. Red noise is smooth across a 14 x 14 window, and the
-extremes of a smooth field within a window lie on its border more often than inside: at r = 0.75, corner tokens
-are visible ~26.5 % of the time and central ones ~24 % (20 000 draws). Any sampler that crops windows from
-red noise, the official one included, has this bias. Cost: ~15 µs per image at batch 256 on one CPU thread,
-1.2x random masking (one gather from the bank before the same argsort; benchmarks/masking.py).
+The official code downloads pre-computed noise banks; mim generates them by filtering seeded white noise in the
+FFT domain with the project page's filter definitions (red low-pass, blue high-pass, green band-pass, purple
+band-stop), caches them on disk with their SHA-256 and loads them lazily, one copy per device. Per call, each
+sample takes a bank slice, a random crop of the grid and random flips, all from the passed generator (vectorised,
+no host sync); the scores are the negated window, so ``ScoreMasking`` keeps the K highest values visible.
+``sample_mode="official_prefix", window="shared"`` reproduces the official sampler. The filters, the default
+sigmas, the bank and its cache, the differences from the official sampler, video and table grids and the
+sampler's statistics: docs/design.md, "ColorMAE masking"; cost: BENCHMARKS.md, "Mask generation cost".
 """
 
 from __future__ import annotations
@@ -80,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mim.checks import check_choice, check_int, invalid
 from mim.masking.base import ScoreMasking
 from mim.types import TokenGrid
 
@@ -303,17 +253,11 @@ def crop_windows(
 
 
 # ---------------------------------------------------------------------------------------------- strategy
-def _positive_int(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
-    return value
-
-
 class ColoredNoiseMasking(ScoreMasking):
     """ColorMAE's masking: keep the K highest values of a random window of filtered noise visible.
 
-    See the module docstring for the filters, the bank and its cache, and the differences from the official
-    sampler. Exactly K = int(N * (1 - mask_ratio)) tokens stay visible in every sample.
+    See docs/design.md ("ColorMAE masking") for the filters, the bank and its cache, and the differences from the
+    official sampler. Exactly K = int(N * (1 - mask_ratio)) tokens stay visible in every sample.
 
     Args:
         color: "green" (band-pass; default, the paper's best and released colour), "red" (low-pass: large
@@ -349,21 +293,14 @@ class ColoredNoiseMasking(ScoreMasking):
     ) -> None:
         super().__init__(mask_ratio=mask_ratio)
         owner = type(self).__name__
-        if color not in COLORS:
-            raise ValueError(f"{owner}.color must be one of {COLORS}, got {color!r}")
-        if sample_mode not in ("random_index", "official_prefix"):
-            raise ValueError(f"{owner}.sample_mode must be 'random_index' or 'official_prefix', got {sample_mode!r}")
-        if window not in ("per_sample", "shared"):
-            raise ValueError(f"{owner}.window must be 'per_sample' or 'shared', got {window!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{owner}.seed must be a non-negative int, got {seed!r}")
-        self.color: Color = color
-        self.sample_mode: SampleMode = sample_mode
-        self.window: Window = window
-        self.num_patterns = _positive_int(owner, "num_patterns", num_patterns)
-        self.bank_size = _positive_int(owner, "bank_size", bank_size)
+        self.color: Color = check_choice(owner, "color", color, COLORS)
+        modes = ("random_index", "official_prefix")
+        self.sample_mode: SampleMode = check_choice(owner, "sample_mode", sample_mode, modes)
+        self.window: Window = check_choice(owner, "window", window, ("per_sample", "shared"))
+        self.seed = check_int(owner, "seed", seed, minimum=0)
+        self.num_patterns = check_int(owner, "num_patterns", num_patterns)
+        self.bank_size = check_int(owner, "bank_size", bank_size)
         self.sigmas = self._check_sigmas(owner, color, DEFAULT_SIGMAS[color] if sigmas is None else sigmas)
-        self.seed = seed
         self.cache = bool(cache)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         self._banks: dict[str, Tensor] = {}
@@ -376,9 +313,9 @@ class ColoredNoiseMasking(ScoreMasking):
         except TypeError:
             values = ()
         if len(values) != count or not all(math.isfinite(s) and s > 0 for s in values):
-            raise ValueError(f"{owner}.sigmas for {color} must be {count} positive finite number(s), got {sigmas!r}")
+            raise invalid(owner, "sigmas", f"{count} positive finite number(s) for {color}", sigmas)
         if count == 2 and not values[0] < values[1]:
-            raise ValueError(f"{owner}.sigmas for {color} must be (s1, s2) with s1 < s2, got {values}")
+            raise invalid(owner, "sigmas", f"(s1, s2) with s1 < s2 for {color}", values)
         return values
 
     # ------------------------------------------------------------------ pickling: config only, never the bank

@@ -1,5 +1,5 @@
 """Dual masking (Wang et al., "VideoMAE V2: Scaling Video Masked Autoencoders with Dual Masking", CVPR 2023;
-methods/JEPA_VIDEO.md §3(a) V2 steps 1-6, §3(d) pitfalls 3 and 8).
+official OpenGVLab/VideoMAEv2 dataset/masking_generator.py and models/modeling_pretrain.py).
 
 The encoder sees the tokens a wrapped strategy leaves visible (VideoMAE V2: tube masking, ratio 0.9); the
 decoder then reconstructs only a subset of the grid, the **decoder-kept** tokens ``Masks.decoder`` (B, Kd),
@@ -12,12 +12,14 @@ consecutive slots, every spatial position is decoded equally often.
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mim.masking.base import MaskingStrategy, check_ratio
+from mim.checks import check_choice, check_int, check_range, invalid
+from mim.masking.base import MaskingStrategy
 from mim.masking.tube import TubeMasking
 from mim.types import Masks, TokenGrid, num_visible
 
@@ -27,7 +29,9 @@ NUM_PHASES = 4  # a 2x2 cell has four positions, so the running pattern has four
 
 
 def running_cell_maps(grid: TokenGrid, num_dropped: int, *, device: torch.device | str = "cpu") -> Tensor:
-    """The four phase maps of the running-cell decoder mask (3(a) V2 step 2), True = dropped from the decoder.
+    """The four phase maps of the running-cell decoder mask, True = dropped from the decoder.
+
+    As VideoMAEv2's ``RunningCellMaskingGenerator`` (dataset/masking_generator.py).
 
     A cell is a 2x2 spatial unit whose positions ``i = 2 * (h % 2) + (w % 2)`` (TL, TR, BL, BR) read a queue
     ``q = [1] * num_dropped + [0] * (4 - num_dropped)`` (1 = dropped); phase ``p`` at time slot ``t`` reads
@@ -47,8 +51,7 @@ def running_cell_maps(grid: TokenGrid, num_dropped: int, *, device: torch.device
             f"running-cell decoder masking tiles 2x2 cells and needs an even token grid (H, W), got "
             f"{(grid.h, grid.w)} (methods/JEPA_VIDEO.md 3(d).8); choose image and patch sizes giving even H and W"
         )
-    if not 1 <= num_dropped <= 3:
-        raise ValueError(f"running_cell_maps: num_dropped must be in 1..3, got {num_dropped}")
+    check_int("running_cell_maps", "num_dropped", num_dropped, minimum=1, maximum=3)
     p = torch.arange(NUM_PHASES, device=device).view(-1, 1, 1, 1)  # (4, 1, 1, 1)
     t = torch.arange(grid.t, device=device).view(1, -1, 1, 1)  # (1, T, 1, 1)
     row = (torch.arange(grid.h, device=device) % 2).view(1, 1, -1, 1)  # (1, 1, H, 1)
@@ -70,7 +73,7 @@ class RunningCellMasking:
     """
 
     def __init__(self, *, mask_ratio: float = 0.5) -> None:
-        self.mask_ratio = _check_cell_ratio("RunningCellMasking.mask_ratio", mask_ratio)
+        self.mask_ratio = _check_cell_ratio("RunningCellMasking", "mask_ratio", mask_ratio)
 
     @property
     def num_dropped(self) -> int:
@@ -107,14 +110,12 @@ class RunningCellMasking:
         return f"RunningCellMasking(mask_ratio={self.mask_ratio!r})"
 
 
-def _check_cell_ratio(name: str, value: float) -> float:
-    value = float(value)
-    if not any(abs(value - q / NUM_PHASES) < 1e-9 for q in (1, 2, 3)):
-        raise ValueError(
-            f"{name} must be 0.25, 0.5 or 0.75 for a running-cell decoder mask (1, 2 or 3 of the 4 positions of a "
-            f"2x2 cell), got {value!r}"
-        )
-    return value
+def _check_cell_ratio(owner: str, field: str, value: float) -> float:
+    number = isinstance(value, Real) and not isinstance(value, bool)
+    if not (number and any(abs(float(value) - q / NUM_PHASES) < 1e-9 for q in (1, 2, 3))):
+        expected = "0.25, 0.5 or 0.75 for a running-cell decoder mask (1, 2 or 3 of the 4 positions of a 2x2 cell)"
+        raise invalid(owner, field, expected, value)
+    return float(value)
 
 
 class DualMasking(MaskingStrategy):
@@ -123,15 +124,16 @@ class DualMasking(MaskingStrategy):
     ``Masks.visible`` and ``Masks.targets`` are the wrapped strategy's (the encoder-hidden tokens as one target
     group); ``Masks.decoder`` (B, Kd) holds the decoder-kept tokens, sorted ascending. A decoder then takes
     the K visible latents plus one mask token at **every** decoder-kept position, visible to the encoder or
-    not (3(d) pitfall 3), and the loss counts only tokens that are hidden *and* decoder-kept.
+    not (as the official models/modeling_pretrain.py), and the loss counts only tokens that are hidden *and*
+    decoder-kept.
 
     * ``decoder_mask="running_cell"``: :class:`RunningCellMasking` (needs even H and W);
       ``Kd = N * (1 - decoder_mask_ratio)``.
     * ``decoder_mask="random"``: ``Kd = int(N * (1 - decoder_mask_ratio))`` tokens per sample, uniformly at
       random over the whole grid.
     * ``decoder_mask_ratio = 0`` reproduces VideoMAE V1 / MAE: the decoder keeps the complement of the visible
-      tokens (``decoder`` = the hidden tokens), so the decoder input and the loss are V1's exactly (3(a) V2
-      step 6). The ``decoder_mask`` kind is then irrelevant.
+      tokens (``decoder`` = the hidden tokens), so the decoder input and the loss are V1's exactly (as in the
+      official code). The ``decoder_mask`` kind is then irrelevant.
 
     Counts for VideoMAE's ViT-B grid 8x14x14 with the defaults: K = 8 * 19 = 152 visible (mim's per-slot
     ``int(H*W*(1 - r))``, see mim/masking/tube.py), Kd = 784, and exactly 4 * 177 = 708 loss tokens per clip
@@ -161,11 +163,10 @@ class DualMasking(MaskingStrategy):
             raise ValueError(f"DualMasking.encoder must be a MaskingStrategy, got {type(encoder).__name__}")
         if isinstance(encoder, DualMasking):
             raise ValueError("DualMasking.encoder must not be a DualMasking (it already draws a decoder mask)")
-        if decoder_mask not in ("running_cell", "random"):
-            raise ValueError(f"DualMasking.decoder_mask must be 'running_cell' or 'random', got {decoder_mask!r}")
-        ratio = check_ratio("DualMasking.decoder_mask_ratio", decoder_mask_ratio, low_open=False)
+        check_choice("DualMasking", "decoder_mask", decoder_mask, ("running_cell", "random"))
+        ratio = check_range("DualMasking", "decoder_mask_ratio", decoder_mask_ratio, 0, 1, high_open=True)
         if decoder_mask == "running_cell" and ratio > 0:
-            _check_cell_ratio("DualMasking.decoder_mask_ratio", ratio)
+            _check_cell_ratio("DualMasking", "decoder_mask_ratio", ratio)
         self.encoder = encoder
         self.decoder_mask_ratio = ratio
         self.decoder_mask = decoder_mask

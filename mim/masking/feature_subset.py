@@ -1,33 +1,18 @@
 """Feature-subset masking for tables (Thimonier et al., "T-JEPA: Augmentation-Free Self-Supervised Learning for
-Tabular Data", ICLR 2025, arXiv 2410.05016). See methods/JEPA_VIDEO.md §4(a) step 4, §4(b) "Masks" and §4(d) 1, 2, 6.
+Tabular Data", ICLR 2025, arXiv 2410.05016; released collator jose-melo/t-jepa src/mask.py).
 
 A table of F features is the token grid (1, 1, F) (mim/types.py). Per batch, two counts are drawn: the context
-size ``n_ctx`` and the target size ``n_tgt``. Per sample, the context is ``n_ctx`` features drawn uniformly without
-replacement, and each of the M targets is ``n_tgt`` features drawn uniformly without replacement from the features
-*not* in the context, independently per target. Context and targets are disjoint; targets may overlap each other.
+size ``n_ctx`` and the target size ``n_tgt``, uniformly over the pairs with ``n_ctx + n_tgt <= F`` (the
+distribution of T-JEPA's redraw loop); reading the pair is **one host sync per batch** (as
+:class:`~mim.masking.multiblock.MultiBlockMasking`). Per sample, the context is ``n_ctx`` features drawn uniformly
+without replacement, and each of the M targets is ``n_tgt`` features drawn uniformly without replacement from the
+features *not* in the context, independently per target (vectorised: no per-sample loop, no further sync).
+Context and targets are disjoint; targets may overlap each other.
 
-Counts. ``n_ctx`` is uniform over the integers ``[max(1, round(F lo_c)), max(1, round(F hi_c))]`` and ``n_tgt``
-over ``[max(1, round(F lo_t)), max(1, round(F hi_t))]`` (Python ``round``, half to even), redrawn jointly until
-``n_ctx + n_tgt <= F``, as the T-JEPA collator does (with one context encoder). Rather than looping, the pair is
-drawn directly from the uniform distribution over the feasible pairs, which is exactly the distribution the
-redraw loop converges to, needs no attempt bound, and costs one draw. A configuration with no feasible pair on
-the given grid raises ``ValueError``. The pair decides the index tensors' shapes, so it is read on the host:
-**one host sync per batch** (as :class:`~mim.masking.multiblock.MultiBlockMasking`); the per-sample subsets are
-vectorised (argsort of generator noise) with no per-sample loop and no further sync.
-
-Differences from the released T-JEPA code (§4(d)):
-
-* **Distinct targets.** The released collator stores every target as a view of one index array that it shuffles
-  again for the next target, so all ``num_preds`` targets end up identical (pairwise overlap 100 %). Here each
-  target is an independent draw: two targets overlap in ``n_tgt / (F - n_ctx)`` of their features on average, and
-  are identical only with probability ``1 / C(F - n_ctx, n_tgt)`` (always when ``n_tgt = F - n_ctx``, where every
-  target is the whole complement; with the defaults that is 1 of the 378 equally likely count pairs on F = 54).
-* **The regularisation token is never masked.** The released indices range over ``0 .. F-1`` but address the
-  sequence ``[REG, f_0, .., f_{F-1}]``, so the REG token can become context or target and the last feature is
-  never sampled. Here indices address feature tokens only (mim's convention); the encoder's prefix tokens
-  (cls / register tokens, T-JEPA's REG) are prepended by the encoder and are always seen, never predicted.
-* **Counts per batch** (pitfall 6): the counts depend only on the generator and the grid, not on the batch size,
-  so a short last batch (``drop_last=False``) is masked from the same distribution.
+Differences from the released T-JEPA code: the targets are distinct draws (the release's are all identical), the
+indices address feature tokens only (the [REG] prefix token is never masked and the last feature can be
+sampled), and the counts do not depend on the batch size. The count ranges and the details: docs/design.md,
+"Feature-subset masking".
 """
 
 from __future__ import annotations
@@ -35,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mim.checks import check_int, check_pair_range
 from mim.masking.base import MaskingStrategy
 from mim.types import Masks, TokenGrid
 
@@ -84,22 +70,13 @@ def feature_subset_masks(
     return Masks(visible=visible, targets=targets.sort(dim=2).values, num_tokens=n)
 
 
-def _check_share(name: str, value: tuple[float, float]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (lo, hi) with 0 < lo <= hi <= 1, got {value!r}") from None
-    if not (0 < lo <= hi <= 1):
-        raise ValueError(f"{name} must be a pair (lo, hi) with 0 < lo <= hi <= 1, got {value!r}")
-    return lo, hi
-
-
 class FeatureSubsetMasking(MaskingStrategy):
     """T-JEPA's context and target feature subsets, with distinct targets and no masked prefix token.
 
     Meant for the table grid (1, 1, F) but works on any grid, treated as N = ``grid.num_tokens`` tokens in raster
     order. ``visible`` (B, n_ctx) is the context; ``targets`` (B, M, n_tgt) are the M target subsets. Tokens in
-    neither are hidden from the encoder and predicted by no target. See the module docstring for the count draw.
+    neither are hidden from the encoder and predicted by no target. See docs/design.md ("Feature-subset
+    masking") for the count draw.
 
     Args:
         context_share: (lo, hi) fraction of the F features in the context, 0 < lo <= hi <= 1
@@ -116,10 +93,10 @@ class FeatureSubsetMasking(MaskingStrategy):
         target_share: tuple[float, float] = (0.1556, 0.6222),
         num_targets: int = 4,
     ) -> None:
-        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
-            raise ValueError(f"FeatureSubsetMasking.num_targets must be an int >= 1, got {num_targets!r}")
-        self.context_share = _check_share("FeatureSubsetMasking.context_share", context_share)
-        self.target_share = _check_share("FeatureSubsetMasking.target_share", target_share)
+        owner = "FeatureSubsetMasking"
+        check_int(owner, "num_targets", num_targets)
+        self.context_share = check_pair_range(owner, "context_share", context_share, 0, 1, low_open=True)
+        self.target_share = check_pair_range(owner, "target_share", target_share, 0, 1, low_open=True)
         if self.context_share[0] + self.target_share[0] > 1:
             raise ValueError(
                 "FeatureSubsetMasking.context_share[0] + target_share[0] must be <= 1 (the smallest context and "

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from mim.types import Masks
 
-__all__ = ["gather_tokens", "scatter_tokens", "scores_to_masks"]
+__all__ = ["scores_to_masks"]
 
 
 def scores_to_masks(scores: Tensor, num_visible: int) -> Masks:
@@ -27,30 +27,3 @@ def scores_to_masks(scores: Tensor, num_visible: int) -> Masks:
     visible = order[:, :num_visible].sort(dim=1).values  # (B, K)
     hidden = order[:, num_visible:].sort(dim=1).values  # (B, N-K)
     return Masks(visible=visible, targets=hidden.unsqueeze(1), num_tokens=n)  # targets (B, 1, N-K)
-
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """Select tokens per sample.
-
-    Args:
-        x: (B, N, D).
-        index: (B, K) int64 into N.
-
-    Returns:
-        (B, K, D).
-    """
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
-
-
-def scatter_tokens(base: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """Place ``src`` tokens at ``index`` in a copy of ``base`` (out of place, autograd-safe).
-
-    Args:
-        base: (B, N, D), e.g. mask tokens broadcast over the grid.
-        index: (B, K) int64 into N.
-        src: (B, K, D).
-
-    Returns:
-        (B, N, D).
-    """
-    return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), src)  # (B, N, D)

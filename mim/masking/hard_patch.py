@@ -8,14 +8,15 @@ image; this strategy receives those scores through ``Target.token_scores`` and h
 * ``M - k`` further tokens chosen uniformly at random among the rest,
 
 where ``alpha`` follows the easy-to-hard schedule ``alpha = max_hard_fraction * progress`` (HPM: 0.5 at the end
-of training; methods/IMAGE.md §3.2 step 3). The official code steps alpha once per epoch, ``0.5 * (e + 1) / T``;
-mim steps it with training progress (``global_step / total_steps``), which visits the same values.
+of training; official Haochen-Wang409/HPM models_mae_learn_loss.py). The official code steps alpha once per
+epoch, ``0.5 * (e + 1) / T``; mim steps it with training progress (``global_step / total_steps``), which visits
+the same values.
 
-Vectorised (methods/IMAGE.md §3.5 pitfall 2): the official ``generate_mask`` loops over samples in NumPy after a
-``.cpu()`` per sample; here the random part is U[0, 1) noise from the step's generator, the hard tokens get the
-score 2 (above any noise) and the K lowest scores stay visible, so there is no host sync and no loop. The
-distribution is the same as the official one (the top-k are always hidden, the rest is a uniform subset); the
-random stream is not bit-identical to NumPy's.
+Vectorised: the official ``generate_mask`` loops over samples in NumPy after a ``.cpu()`` per sample; here the
+random part is U[0, 1) noise from the step's generator, the hard tokens get the score 2 (above any noise) and the
+K lowest scores stay visible, so there is no host sync and no loop. The distribution is the same as the official
+one (the top-k are always hidden, the rest is a uniform subset); the random stream is not bit-identical to
+NumPy's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mim.masking.base import ScoreMasking, check_ratio
+from mim.checks import check_range
+from mim.masking.base import ScoreMasking
 from mim.types import TokenGrid
 
 __all__ = ["HardPatchMasking", "hard_patch_scores", "num_hard"]
@@ -67,9 +69,7 @@ class HardPatchMasking(ScoreMasking):
 
     def __init__(self, *, mask_ratio: float = 0.75, max_hard_fraction: float = 0.5) -> None:
         super().__init__(mask_ratio=mask_ratio)
-        self.max_hard_fraction = check_ratio(
-            "HardPatchMasking.max_hard_fraction", max_hard_fraction, low_open=False, high_open=False
-        )
+        self.max_hard_fraction = check_range(self, "max_hard_fraction", max_hard_fraction, 0, 1)
 
     def alpha(self, progress: float) -> float:
         """The share of hidden tokens chosen by difficulty at ``progress`` (linear easy-to-hard ramp)."""

@@ -1,36 +1,16 @@
 """Multi-block masking (Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive
-Architecture", CVPR 2023; 3-D blocks as in Bardes et al., "V-JEPA", 2024). See methods/JEPA_VIDEO.md §1(a) step 2,
-§1(d) 3-4 and §2(a) step 1.
+Architecture" (I-JEPA), CVPR 2023, official sampler facebookresearch/ijepa src/masks/multiblock.py; 3-D blocks as
+in Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video" (V-JEPA), arXiv
+2404.08471, 2024, facebookresearch/jepa src/masks/multiblock3d.py).
 
 Per batch: one target block shape (t x h x w tokens) and one context block shape; per sample: M target blocks
 and one context block at random positions. The context is the context block minus every target block.
 
-Differences from the official I-JEPA sampler:
-
-* **Inclusive placement.** Every row, column and time slot can be covered (the official sampler never touches
-  the last row/column, and clamps block sides to H-1, W-1).
-* **No corner deficit.** ``placement="overlap"`` (default) draws the block's first row uniformly from the
-  H + h - 1 offsets at which an h-row block overlaps the grid and shifts it inside (clamp to [0, H - h]);
-  the same per column and time slot. Then the corner tokens are the least covered ones, a corner is covered
-  exactly as often as any token at least h rows and w columns from every edge (where H >= 2h + 1), and
-  no token is covered more than (2 - 2/h)(2 - 2/w) < 4 times as often as a corner.
-  ``placement="inside"`` is the usual uniform-inside draw (top in [0, H - h]), whose corner tokens are covered
-  only 1/(h w) as often as central ones.
-* **Context size independent of the batch size.** The official sampler cuts every context to the batch
-  minimum, keeping the lowest raster indices, so contexts shrink (and lose the bottom rows) as the per-GPU
-  batch grows. Here the visible count is a function of the block shapes drawn for the batch only::
-
-      K = min(round(C * (1 - A / N) ** M), N - M * A)
-
-  with C the context-block token count, A = t h w the target-block token count and N the grid size. The
-  first term is the expected number of context-block tokens outside M independently placed targets; the
-  second is the count that is always left outside the targets (they may be disjoint), so K tokens always
-  exist. Each sample keeps a uniformly random K-subset of its context block minus the targets; a sample whose
-  context block minus targets holds fewer than K tokens tops up with random non-target tokens outside its
-  context block. With the default scales the second term binds: on 14 x 14, K / N averages 0.31 (0.14 to 0.49
-  over draws) and about 8 % of samples need a top-up, 0.4 tokens per sample on average [measured, 19 200 draws].
-* Scale, aspect and temporal extent are independent draws (the official 2-D sampler uses one draw for both
-  scale and aspect, so only a handful of shapes occur).
+Differences from the official I-JEPA sampler: every row, column and time slot can be covered;
+``placement="overlap"`` (default) removes the corner deficit of uniform placement inside the grid; the visible
+count K is fixed per batch from the block shapes alone, so it does not depend on the batch size (the official
+sampler cuts every context to the batch minimum); scale, aspect and temporal extent are independent draws.
+The placement rule, the formula for K and its statistics: docs/design.md, "Multi-block masking".
 """
 
 from __future__ import annotations
@@ -41,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mim.checks import check_choice, check_int, check_pair_range
 from mim.masking.base import MaskingStrategy
 from mim.types import Masks, TokenGrid
 
@@ -102,20 +83,13 @@ def block_indices(t0: Tensor, top: Tensor, left: Tensor, block: tuple[int, int, 
     return origin.unsqueeze(-1) + offsets  # (..., t*h*w)
 
 
-def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> tuple[float, float]:
-    lo, hi = (float(v) for v in value)
-    if not (low <= lo <= hi <= high) or not (lo > 0):
-        raise ValueError(f"{name} must be a pair (lo, hi) with 0 < lo <= hi <= {high}, got {value!r}")
-    return lo, hi
-
-
 class MultiBlockMasking(MaskingStrategy):
     """I-JEPA multi-block masking on image grids, V-JEPA-style 3-D blocks when the grid has T > 1.
 
     Targets are ``num_targets`` blocks of the same shape per batch, at independent positions per sample:
-    ``targets`` (B, M, t*h*w), each group in raster order. ``visible`` (B, K) is the context (see the module
-    docstring for how K is fixed per batch without depending on B). Targets may overlap each other; the context
-    never contains a target token.
+    ``targets`` (B, M, t*h*w), each group in raster order. ``visible`` (B, K) is the context (see
+    docs/design.md, "Multi-block masking", for how K is fixed per batch without depending on B). Targets may
+    overlap each other; the context never contains a target token.
 
     Args:
         num_targets: M, target blocks per sample (I-JEPA: 4).
@@ -137,16 +111,13 @@ class MultiBlockMasking(MaskingStrategy):
         temporal_scale: tuple[float, float] = (1.0, 1.0),
         placement: Placement = "overlap",
     ) -> None:
-        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
-            raise ValueError(f"MultiBlockMasking.num_targets must be an int >= 1, got {num_targets!r}")
-        if placement not in ("overlap", "inside"):
-            raise ValueError(f"MultiBlockMasking.placement must be 'overlap' or 'inside', got {placement!r}")
-        self.num_targets = num_targets
-        self.target_scale = _check_range("MultiBlockMasking.target_scale", target_scale, 0.0, 1.0)
-        self.target_aspect = _check_range("MultiBlockMasking.target_aspect", target_aspect, 0.0, math.inf)
-        self.context_scale = _check_range("MultiBlockMasking.context_scale", context_scale, 0.0, 1.0)
-        self.temporal_scale = _check_range("MultiBlockMasking.temporal_scale", temporal_scale, 0.0, 1.0)
-        self.placement: Placement = placement
+        owner = "MultiBlockMasking"
+        self.num_targets = check_int(owner, "num_targets", num_targets)
+        self.target_scale = check_pair_range(owner, "target_scale", target_scale, 0, 1, low_open=True)
+        self.target_aspect = check_pair_range(owner, "target_aspect", target_aspect, 0, math.inf, low_open=True)
+        self.context_scale = check_pair_range(owner, "context_scale", context_scale, 0, 1, low_open=True)
+        self.temporal_scale = check_pair_range(owner, "temporal_scale", temporal_scale, 0, 1, low_open=True)
+        self.placement: Placement = check_choice(owner, "placement", placement, ("overlap", "inside"))
 
     # ------------------------------------------------------------------ per-batch sizes
     def _max_target_tokens(self, grid: TokenGrid) -> int:

@@ -1,5 +1,5 @@
 """Tube masking (Tong et al., "VideoMAE: Masked Autoencoders are Data-Efficient Learners for Self-Supervised
-Video Pre-Training", NeurIPS 2022; methods/JEPA_VIDEO.md §3(a) step 2).
+Video Pre-Training", NeurIPS 2022; official MCG-NJU/VideoMAE masking_generator.py ``TubeMaskingGenerator``).
 
 One spatial random mask per sample, repeated over every time slot of the (T, H, W) token grid, so a
 hidden position stays hidden for the whole clip and the model cannot copy it from a neighbouring frame.
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mim.masking.base import MaskingStrategy, check_ratio
+from mim.checks import check_range
+from mim.masking.base import MaskingStrategy
 from mim.types import Masks, TokenGrid, num_visible
 
 __all__ = ["TubeMasking", "tube_masks"]
@@ -56,7 +57,7 @@ class TubeMasking(MaskingStrategy):
     """
 
     def __init__(self, *, mask_ratio: float = 0.9) -> None:
-        self.mask_ratio = check_ratio(f"{type(self).__name__}.mask_ratio", mask_ratio)
+        self.mask_ratio = check_range(self, "mask_ratio", mask_ratio, 0, 1, low_open=True, high_open=True)
 
     def num_visible_spatial(self, grid: TokenGrid) -> int:
         """K_s = int(H * W * (1 - mask_ratio)), at least 1 and at most H*W - 1."""

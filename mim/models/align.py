@@ -1,9 +1,9 @@
 """MaskAlign's dynamic alignment: a learnable mix of student layers, then one adapter per aligned teacher layer.
 
-Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023 (methods/IMAGE.md
-§4.1 step 5). With student block outputs ``h_1 .. h_S`` (before the final norm) and a layer-mixing matrix
-``W`` of shape (T, S) (T = teacher blocks), the student feature aligned with teacher block ``i`` is
-``s_i = head_i(sum_j W_ij h_j)``:
+Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023 (official
+OpenDriveLab/maskalign models_pretrain.py). With student block outputs ``h_1 .. h_S`` (before the final norm)
+and a layer-mixing matrix ``W`` of shape (T, S) (T = teacher blocks), the student feature aligned with teacher
+block ``i`` is ``s_i = head_i(sum_j W_ij h_j)``:
 
 * ``linear`` fusion: ``W = I + 0.01`` (every entry 0.01, diagonal 1.01), needs S = T;
 * ``sum`` fusion: ``W = 1 / S`` everywhere, any S and T;
@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from mim.checks import check_choice
 
 __all__ = ["DynamicAlignment", "linear_adapters"]
 
@@ -58,8 +60,7 @@ class DynamicAlignment(nn.Module):
         fusion: Literal["linear", "sum", "simple"] = "linear",
     ) -> None:
         super().__init__()
-        if fusion not in ("linear", "sum", "simple"):
-            raise ValueError(f"TeacherTarget.fusion must be 'linear', 'sum' or 'simple', got {fusion!r}")
+        check_choice("TeacherTarget", "fusion", fusion, ("linear", "sum", "simple"))
         if fusion in ("linear", "simple") and student_depth != teacher_depth:
             raise ValueError(
                 f"TeacherTarget.fusion={fusion!r} needs as many student blocks as teacher blocks, got "

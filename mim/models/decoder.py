@@ -1,11 +1,12 @@
 """The MAE decoder: a narrow transformer over visible latents plus mask tokens.
 
-He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (methods/IMAGE.md §1.1,
-steps 7-11): project the encoder's output to the decoder width, put a shared learned mask token at
-every hidden position, add a fixed sin-cos position embedding and run a few transformer blocks.
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (Section 3, "MAE decoder";
+facebookresearch/mae models_mae.py ``forward_decoder``): project the encoder's output to the decoder width, put
+a shared learned mask token at every hidden position, add a fixed sin-cos position embedding and run a few
+transformer blocks.
 
 Subset path (Wang et al., "VideoMAE V2: Scaling Video Masked Autoencoders with Dual Masking", CVPR 2023;
-methods/JEPA_VIDEO.md §3(a) V2 steps 3-4): with ``keep`` (B, Kd) the decoder runs on the K visible latents
+OpenGVLab/VideoMAEv2 models/modeling_pretrain.py): with ``keep`` (B, Kd) the decoder runs on the K visible latents
 plus one mask token at each decoder-kept position only (K + Kd tokens instead of N) and predicts those Kd.
 """
 
@@ -17,8 +18,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from mim.masking.functional import gather_tokens, scatter_tokens
 from mim.models.embed import sincos_for_grid
+from mim.tokens import gather_tokens, scatter_tokens
 from mim.types import TokenGrid
 
 __all__ = ["MAEDecoder", "transformer_blocks"]
@@ -141,8 +142,8 @@ class MAEDecoder(nn.Module):
         """VideoMAE V2's decoder on a subset: visible latents plus mask tokens at the decoder-kept positions.
 
         The input sequence is ``[prefix; embed(latent_j) + pos[visible_j]; mask_token + pos[keep_i]]``: K + Kd
-        tokens, with a mask token at **every** kept position, also where the encoder saw the token (3(d)
-        pitfall 3). Attention is permutation-equivariant, so with ``keep`` = the hidden tokens this equals the
+        tokens, with a mask token at **every** kept position, also where the encoder saw the token (as the
+        official code). Attention is permutation-equivariant, so with ``keep`` = the hidden tokens this equals the
         full path's predictions at those tokens (up to float rounding).
 
         Args:

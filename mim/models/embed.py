@@ -1,6 +1,6 @@
 """Patch layouts and fixed sin-cos position embeddings.
 
-Layouts follow MAE (He et al., CVPR 2022; methods/IMAGE.md §1.0): a patch vector is ordered
+Layouts follow MAE (He et al., CVPR 2022; facebookresearch/mae models_mae.py ``patchify``): a patch vector is ordered
 (p_row, p_col, c) with the channel varying fastest, tokens in raster order.
 """
 
@@ -86,7 +86,7 @@ def sincos_1d(dim: int, positions: Tensor) -> Tensor:
 
 
 def sincos_2d(dim: int, grid: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
-    """MAE's fixed 2-D sin-cos position embedding (methods/IMAGE.md §1.0).
+    """MAE's fixed 2-D sin-cos position embedding (facebookresearch/mae util/pos_embed.py).
 
     The token at (row y, col x) gets ``concat(emb(x), emb(y))``: the **column** fills the first half.
     ``num_prefix_tokens`` zero rows are prepended (MAE's CLS row is zero).
@@ -149,7 +149,8 @@ def unpatchify_3d(patches: Tensor, tubelet: tuple[int, int, int], grid: TokenGri
 
 
 def sincos_3d(dim: int, grid: TokenGrid, num_prefix_tokens: int = 0, *, uniform_power: bool = True) -> Tensor:
-    """Fixed 3-D sin-cos position embedding (V-JEPA's factorisation, methods/JEPA_VIDEO.md §2(a)).
+    """Fixed 3-D sin-cos position embedding (V-JEPA's factorisation, facebookresearch/jepa
+    src/models/utils/pos_embs.py).
 
     Each token gets ``concat(emb_t(t), emb_h(h), emb_w(w))`` (time, then row, then column), each a 1-D sin-cos
     embedding of its own width: ``2 * ceil(dim / 6)`` per axis truncated to ``dim`` in total with

@@ -17,7 +17,8 @@ import torch.utils.checkpoint
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
-from mim.masking.functional import gather_tokens
+from mim.checks import check_choice, check_int, check_range, invalid
+from mim.models.base import Encoder
 from mim.models.embed import (
     TubeletEmbed,
     patchify,
@@ -27,6 +28,7 @@ from mim.models.embed import (
     unpatchify_3d,
     xavier_uniform_flat_,
 )
+from mim.tokens import gather_tokens
 from mim.types import Batch, TokenGrid
 
 __all__ = ["MaskedEncoder", "init_mae_weights_"]
@@ -38,8 +40,17 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so a config equals its JSON round trip (checkpoints and exports store JSON)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def init_mae_weights_(module: nn.Module) -> None:
-    """MAE initialisation of Linear and LayerNorm layers (methods/IMAGE.md §1.0).
+    """MAE initialisation of Linear and LayerNorm layers (facebookresearch/mae models_mae.py ``_init_weights``).
 
     Every ``nn.Linear`` (the fused qkv included, as one (3D, D) matrix) gets Xavier-uniform weights and
     zero bias; every LayerNorm weight 1, bias 0. Applied recursively.
@@ -56,7 +67,7 @@ def init_mae_weights_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-class MaskedEncoder(nn.Module):
+class MaskedEncoder(Encoder):
     """A timm ViT that encodes only the visible tokens.
 
     The wrapped model lives in ``self.vit`` with timm's own parameter names, so its state dict (minus the
@@ -89,25 +100,19 @@ class MaskedEncoder(nn.Module):
         tubelet_size: int = 1,
     ) -> None:
         super().__init__()
-        if num_frames < 1 or tubelet_size < 1:
-            raise ValueError(
-                f"encoder.num_frames and encoder.tubelet_size must be >= 1, got {num_frames}, {tubelet_size}"
-            )
+        owner = "MaskedEncoder"
+        check_int(owner, "num_frames", num_frames)
+        check_int(owner, "tubelet_size", tubelet_size)
         if num_frames % tubelet_size:
-            raise ValueError(
-                f"encoder.num_frames ({num_frames}) is not divisible by encoder.tubelet_size ({tubelet_size})"
-            )
+            raise invalid(owner, "num_frames", f"a multiple of tubelet_size={tubelet_size}", num_frames)
         if num_frames == 1 and tubelet_size != 1:
-            raise ValueError(f"encoder.tubelet_size must be 1 for images (num_frames=1), got {tubelet_size}")
+            raise invalid(owner, "tubelet_size", "1 for images (num_frames=1)", tubelet_size)
         if not timm.is_model(arch):
             close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
-            raise ValueError(f"encoder.arch: unknown timm model {arch!r} (similar names: {close})")
-        if in_chans < 1:
-            raise ValueError(f"encoder.in_chans must be >= 1, got {in_chans}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"encoder.drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        if init not in ("mae", "timm"):
-            raise ValueError(f"encoder.init must be 'mae' or 'timm', got {init!r}")
+            raise invalid(owner, "arch", f"a timm model name (similar names: {close})", arch)
+        check_int(owner, "in_chans", in_chans)
+        check_range(owner, "drop_path_rate", drop_path_rate, 0, 1, high_open=True)
+        check_choice(owner, "init", init, ("mae", "timm"))
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = img_size
@@ -120,7 +125,7 @@ class MaskedEncoder(nn.Module):
             ph, pw = _pair(patch_size)
             if cfg_img[0] % ph or cfg_img[1] % pw:
                 raise ValueError(
-                    f"encoder.img_size {cfg_img} is not divisible by encoder.patch_size {(ph, pw)}; "
+                    f"MaskedEncoder.img_size {cfg_img} is not divisible by MaskedEncoder.patch_size {(ph, pw)}; "
                     "choose an image size that is a multiple of the patch size"
                 )
         try:
@@ -128,18 +133,20 @@ class MaskedEncoder(nn.Module):
                 arch, pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
             )
         except (TypeError, AssertionError, ValueError) as e:
-            raise ValueError(f"encoder: timm could not build {arch!r} with {kwargs}: {e}") from e
+            raise ValueError(f"MaskedEncoder: timm could not build {arch!r} with {kwargs}: {e}") from e
         if not isinstance(vit, VisionTransformer):
-            raise ValueError(f"encoder.arch: {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer")
+            raise ValueError(f"MaskedEncoder.arch: {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer")
         if vit.pos_embed is None:
-            raise ValueError(f"encoder.arch: {arch!r} has no absolute position embedding (pos_embed=None)")
+            raise ValueError(f"MaskedEncoder.arch: {arch!r} has no absolute position embedding (pos_embed=None)")
         if vit.dynamic_img_size:
-            raise ValueError("encoder: dynamic_img_size is not supported; set a fixed img_size")
+            raise ValueError("MaskedEncoder: dynamic_img_size is not supported; set a fixed img_size")
         gh, gw = vit.patch_embed.grid_size
         ph, pw = vit.patch_embed.patch_size
         ih, iw = vit.patch_embed.img_size
         if ih % ph or iw % pw:
-            raise ValueError(f"encoder.img_size {(ih, iw)} is not divisible by encoder.patch_size {(ph, pw)}")
+            raise ValueError(
+                f"MaskedEncoder.img_size {(ih, iw)} is not divisible by MaskedEncoder.patch_size {(ph, pw)}"
+            )
 
         self.vit = vit
         self.arch = arch
@@ -148,19 +155,23 @@ class MaskedEncoder(nn.Module):
         self.patch_size: tuple[int, int] = (ph, pw)
         self.num_frames, self.tubelet_size = num_frames, tubelet_size
         self.is_video = num_frames > 1
-        self.input_key = "video" if self.is_video else "image"
+        self.modality: Literal["image", "video", "table"] = "video" if self.is_video else "image"
+        self.input_key = self.modality  # the batch entry it reads
         self.grid = TokenGrid(num_frames // tubelet_size, gh, gw)
         self.embed_dim: int = vit.embed_dim
         self.patch_dim = tubelet_size * ph * pw * in_chans  # P: values per patch / tubelet
         self.num_prefix_tokens: int = vit.num_prefix_tokens
-        self.config = {
+        self.num_heads: int = vit.blocks[0].attn.num_heads if len(vit.blocks) else 1
+        self.depth: int = len(vit.blocks)
+        self.has_class_token: bool = vit.cls_token is not None
+        self._config = {
             "arch": arch,
             "img_size": list(self.img_size),
             "patch_size": list(self.patch_size),
             "in_chans": in_chans,
             "drop_path_rate": drop_path_rate,
             "init": init,
-            "model_kwargs": kwargs,
+            "model_kwargs": _plain(kwargs),
             "num_frames": num_frames,
             "tubelet_size": tubelet_size,
         }
@@ -183,11 +194,16 @@ class MaskedEncoder(nn.Module):
         state["block_outputs"], state["_captured_for"] = {}, None
         return state
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this encoder (stored in checkpoints and exports)."""
+        return self._config
+
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
         vit = self.vit
         # Fixed 2-D sin-cos table, zero rows for prefix tokens; kept as a frozen parameter so it is in
-        # the state dict under timm's name (methods/IMAGE.md §1.0).
+        # the state dict under timm's name (as MAE's ``requires_grad=False`` pos_embed in models_mae.py).
         table = sincos_for_grid(self.embed_dim, self.grid, self._pos_prefix)  # (prefix+N, D)
         self.pos_embed.copy_(table.unsqueeze(0))
         self.pos_embed.requires_grad_(False)
@@ -236,7 +252,7 @@ class MaskedEncoder(nn.Module):
         expected = (self.num_frames, *self.img_size) if self.is_video else self.img_size
         if tuple(images.shape[2:]) != expected:
             kind = "clips of (T, H, W)" if self.is_video else "images of size"
-            raise ValueError(f"encoder expects {kind} {expected}, got {tuple(images.shape[2:])}")
+            raise ValueError(f"MaskedEncoder expects {kind} {expected}, got {tuple(images.shape[2:])}")
         weight = self.vit.patch_embed.proj.weight
         if weight.dtype in (torch.bfloat16, torch.float16) and images.dtype != weight.dtype:
             # A model cast to half precision (DeepSpeed bf16, Lightning's "bf16-true") gets images normalised in fp32
@@ -299,10 +315,10 @@ class MaskedEncoder(nn.Module):
     def capture_blocks(self, indices: Iterable[int]) -> None:
         """From now on, keep the outputs of these blocks (before the final norm) of every forward pass.
 
-        MaskAlign aligns every student block's output (methods/IMAGE.md §4.1 step 4); the module runs one encoder
-        pass per step and hands targets only the final latent, so a target requests the blocks it needs here (in
-        its ``bind``) and reads them with :meth:`captured_blocks`. Requests from several targets are merged.
-        Without any request the forward pass is unchanged.
+        MaskAlign aligns every student block's output (OpenDriveLab/maskalign models_pretrain.py); the module runs
+        one encoder pass per step and hands targets only the final latent, so a target requests the blocks it
+        needs here (in its ``bind``) and reads them with :meth:`captured_blocks`. Requests from several targets
+        are merged. Without any request the forward pass is unchanged.
 
         Args:
             indices: block indices, 0-based; negative ones count from the last block.
@@ -311,7 +327,7 @@ class MaskedEncoder(nn.Module):
         wanted = set(self._capture)
         for i in indices:
             if not -depth <= i < depth:
-                raise ValueError(f"encoder.capture_blocks: block index {i} is out of range for {depth} blocks")
+                raise ValueError(f"MaskedEncoder.capture_blocks: block index {i} is out of range for {depth} blocks")
             wanted.add(i % depth)
         self._capture = tuple(sorted(wanted))
 
@@ -327,10 +343,12 @@ class MaskedEncoder(nn.Module):
             :meth:`capture_blocks`.
         """
         if not self._capture:
-            raise RuntimeError("encoder.captured_blocks: no blocks requested; call encoder.capture_blocks(...) first")
+            raise RuntimeError(
+                "MaskedEncoder.captured_blocks: no blocks requested; call encoder.capture_blocks(...) first"
+            )
         if self._captured_for is None or self._captured_for() is not latent:
             raise RuntimeError(
-                "encoder.captured_blocks: the kept block outputs belong to another forward pass than this latent "
+                "MaskedEncoder.captured_blocks: the kept block outputs belong to another forward pass than this latent "
                 "(pass the latent the encoder returned in this step)"
             )
         return self.block_outputs
@@ -349,14 +367,6 @@ class MaskedEncoder(nn.Module):
         if visible is not None:
             tokens = gather_tokens(tokens, visible)  # (B, K, D)
         return self.encode_tokens(tokens)
-
-    def pool(self, latent: Tensor, mode: Literal["cls", "avg"] = "avg") -> Tensor:
-        """(B, prefix + K, D) -> (B, D): the cls token, or the mean of the patch tokens."""
-        if mode == "cls":
-            if self.vit.cls_token is None:
-                raise ValueError("pool mode 'cls' needs a model with a class token")
-            return latent[:, 0]
-        return latent[:, self.num_prefix_tokens :].mean(dim=1)
 
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of position embeddings and special tokens."""

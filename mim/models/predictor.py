@@ -1,33 +1,16 @@
 """The JEPA predictor: a narrow transformer that predicts target-encoder features at target positions.
 
-Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture" (I-JEPA),
-CVPR 2023; Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video" (V-JEPA),
-2024; Thimonier et al., "T-JEPA: Augmentation-Free Self-Supervised Learning for Tabular Data", ICLR 2025.
-See methods/JEPA_VIDEO.md §1(a) step 5, §2(a) step 4 and §4(a) step 7.
+I-JEPA (Assran et al., CVPR 2023; official facebookresearch/ijepa src/models/vision_transformer.py,
+``VisionTransformerPredictor``), V-JEPA (Bardes et al., arXiv 2404.08471, 2024; facebookresearch/jepa
+src/models/predictor.py) and T-JEPA (Thimonier et al., ICLR 2025; jose-melo/t-jepa src/predictors.py).
 
 The context latents are projected to the predictor width P and get the predictor's own fixed sin-cos position
 rows at their token indices; each target token becomes a query, one shared learnable mask token plus the position
 row at its index. The predictor runs transformer blocks over ``[prefix; context; queries]``, normalises and
-projects the query outputs back to the encoder width D.
-
-Sequences (``groups``):
-
-* ``separate`` (I-JEPA, T-JEPA): each of the M target groups of a sample gets its own sequence
-  ``[prefix; context; queries of group m]``, so groups never attend to each other. The B * M sequences are laid out
-  **sample-major** (row ``b * M + m``), and the outputs are returned as (B, M, T, D): callers compare them with
-  targets of the same (B, M, T, D) layout and never see the flat order.
-* ``joint`` (V-JEPA): one sequence per sample with the queries of all M groups, ``[prefix; context; M*T
-  queries]``: V-JEPA predicts the union of its target blocks in one pass. A token in two groups is queried twice
-  (identical queries, identical outputs).
-
-Prefix tokens (cls / registers of the encoder; T-JEPA's [REG] token) are part of the context: they are projected
-like the other latents and get no position row (MAE's zero rows). I-JEPA and V-JEPA encoders have none.
-
-Position table: MAE's 2-D sin-cos table for images, V-JEPA's 3-D table for video grids, and a 1-D table over the
-feature index for tables (grid (1, 1, F); T-JEPA uses a 1-D table too, with frequency base 100 instead of 10 000).
-
-Initialisation (I-JEPA): truncated normal (std 0.02) for every Linear weight and the mask token, zero biases,
-LayerNorm weight 1 and bias 0.
+projects the query outputs back to the encoder width D. ``groups="separate"`` (I-JEPA, T-JEPA) gives each target
+group of a sample its own sequence, so groups never attend to each other; ``"joint"`` (V-JEPA) puts the queries of
+all groups of a sample in one sequence. Outputs are (B, M, T, D), the layout of the targets. Sequence layout,
+prefix tokens, position tables and initialisation: docs/design.md, "JEPA predictor".
 """
 
 from __future__ import annotations
@@ -37,9 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mim.masking.functional import gather_tokens
+from mim.checks import check_choice, check_int, invalid
 from mim.models.decoder import transformer_blocks
 from mim.models.embed import sincos_1d, sincos_for_grid
+from mim.tokens import gather_tokens
 from mim.types import TokenGrid
 
 __all__ = ["JEPAPredictor", "predictor_pos_table"]
@@ -89,14 +73,13 @@ class JEPAPredictor(nn.Module):
         groups: Groups = "separate",
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"JEPAPredictor.depth must be >= 1, got {depth}")
-        if num_heads < 1 or dim % num_heads or dim % 4:
-            raise ValueError(f"JEPAPredictor.dim ({dim}) must be divisible by 4 and by num_heads ({num_heads})")
-        if groups not in ("separate", "joint"):
-            raise ValueError(f"JEPAPredictor.groups must be 'separate' or 'joint', got {groups!r}")
-        if num_prefix_tokens < 0:
-            raise ValueError(f"JEPAPredictor.num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        owner = "JEPAPredictor"
+        check_int(owner, "depth", depth)
+        check_int(owner, "num_heads", num_heads)
+        if check_int(owner, "dim", dim) % num_heads or dim % 4:
+            raise invalid(owner, "dim", f"divisible by 4 and by num_heads={num_heads}", dim)
+        check_choice(owner, "groups", groups, ("separate", "joint"))
+        check_int(owner, "num_prefix_tokens", num_prefix_tokens, minimum=0)
         self.grid, self.num_prefix_tokens, self.groups = grid, num_prefix_tokens, groups
         self.predictor_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -15,9 +15,11 @@ import torch
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
-from mim.masking.functional import gather_tokens
+from mim.checks import check_choice, invalid
+from mim.models.base import Encoder
 from mim.models.encoder import init_mae_weights_
 from mim.models.tabular import FeatureTokenizer
+from mim.tokens import gather_tokens
 from mim.types import Batch, TokenGrid
 
 __all__ = ["MaskedTableEncoder", "TableSchema"]
@@ -33,7 +35,7 @@ class TableSchema(Protocol):
     def category_cardinalities(self) -> list[int]: ...
 
 
-class MaskedTableEncoder(nn.Module):
+class MaskedTableEncoder(Encoder):
     """Feature tokenizer + the transformer blocks of any timm ViT, encoding only the visible features.
 
     The table's schema (numeric count, category table sizes) comes from the constructor or, when those are None,
@@ -48,7 +50,7 @@ class MaskedTableEncoder(nn.Module):
         model_kwargs: extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads`` ...).
     """
 
-    input_key = "table"
+    modality = "table"
 
     def __init__(
         self,
@@ -61,13 +63,14 @@ class MaskedTableEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if not timm.is_model(arch):
-            raise ValueError(f"encoder.arch: unknown timm model {arch!r}")
-        if init not in ("mae", "timm"):
-            raise ValueError(f"encoder.init must be 'mae' or 'timm', got {init!r}")
+            raise invalid("MaskedTableEncoder", "arch", "a timm model name", arch)
+        check_choice("MaskedTableEncoder", "init", init, ("mae", "timm"))
         kwargs = dict(model_kwargs or {})
         vit = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
         if not isinstance(vit, VisionTransformer):
-            raise ValueError(f"encoder.arch: {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer")
+            raise ValueError(
+                f"MaskedTableEncoder.arch: {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer"
+            )
         # Only the blocks, prefix tokens and norms are used: drop the image parts so they hold no parameters.
         vit.patch_embed = nn.Identity()  # type: ignore[assignment]
         vit.pos_embed = None
@@ -75,6 +78,9 @@ class MaskedTableEncoder(nn.Module):
         self.arch, self.init = arch, init
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.num_heads: int = vit.blocks[0].attn.num_heads if len(vit.blocks) else 1
+        self.depth: int = len(vit.blocks)
+        self.has_class_token: bool = vit.cls_token is not None
         self.model_kwargs = kwargs
         self.tokenizer: FeatureTokenizer | None = None
         self.grid = TokenGrid(1, 1, 1)
@@ -84,7 +90,9 @@ class MaskedTableEncoder(nn.Module):
                 if token is not None:
                     nn.init.normal_(token, std=0.02)
         if (num_numeric is None) != (category_cardinalities is None):
-            raise ValueError("encoder.num_numeric and encoder.category_cardinalities must be given together")
+            raise ValueError(
+                "MaskedTableEncoder.num_numeric and MaskedTableEncoder.category_cardinalities must be given together"
+            )
         if num_numeric is not None and category_cardinalities is not None:
             self._build(num_numeric, list(category_cardinalities))
 
@@ -155,11 +163,6 @@ class MaskedTableEncoder(nn.Module):
             tokens = gather_tokens(tokens, visible)  # (B, K, D)
         return self.encode_tokens(tokens)
 
-    def pool(self, latent: Tensor, mode: Literal["cls", "avg"] = "avg") -> Tensor:
-        """(B, prefix + K, D) -> (B, D)."""
-        if mode == "cls":
-            return latent[:, 0]
-        return latent[:, self.num_prefix_tokens :].mean(dim=1)
-
     def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of the special tokens."""
         return {f"vit.{n}" for n in ("cls_token", "reg_token")}

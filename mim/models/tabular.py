@@ -1,4 +1,4 @@
-"""The tabular feature tokenizer (FT-Transformer, Gorishniy et al. 2021; T-JEPA, methods/JEPA_VIDEO.md §4(a) step 2).
+"""The tabular feature tokenizer (FT-Transformer, Gorishniy et al., NeurIPS 2021; T-JEPA, t-jepa src/encoder.py).
 
 Each feature of a row becomes one D-wide token, so a table of F features is the token grid (1, 1, F) with
 token j = feature j (raster order = feature order): numeric features first, then categorical ones, as in
@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from mim.checks import check_int, invalid
 
 __all__ = ["FeatureTokenizer"]
 
@@ -56,13 +58,12 @@ class FeatureTokenizer(nn.Module):
 
     def __init__(self, *, num_numeric: int, category_cardinalities: Sequence[int], dim: int) -> None:
         super().__init__()
-        if isinstance(num_numeric, bool) or not isinstance(num_numeric, int) or num_numeric < 0:
-            raise ValueError(f"FeatureTokenizer.num_numeric must be an int >= 0, got {num_numeric!r}")
+        owner = "FeatureTokenizer"
+        check_int(owner, "num_numeric", num_numeric, minimum=0)
         cardinalities = list(category_cardinalities)
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cardinalities):
-            raise ValueError(f"FeatureTokenizer.category_cardinalities must be ints >= 1, got {cardinalities!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"FeatureTokenizer.dim must be an int >= 1, got {dim!r}")
+            raise invalid(owner, "category_cardinalities", "a list of integers >= 1", cardinalities)
+        check_int(owner, "dim", dim)
         if num_numeric + len(cardinalities) == 0:
             raise ValueError("FeatureTokenizer needs at least one feature: num_numeric=0 and no categorical features")
         self.num_numeric = num_numeric

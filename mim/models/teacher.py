@@ -1,25 +1,16 @@
 """A frozen timm teacher built from a local weights file, and the features MaskAlign / MR-MAE read from it.
 
-MaskAlign (Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023;
-methods/IMAGE.md §4.1 step 2) and MR-MAE (Gao et al., "Mimic before Reconstruct", IJCV 2023; §5.1 step 2) give a
-frozen teacher the **full** image and read its per-block token features: the outputs of transformer blocks
-``1 .. L`` *before* the final norm (``hidden_states[1:]``), plus, for attention-guided masking, the last block's
-CLS-to-patch attention averaged over heads.
+MaskAlign (Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023; official
+OpenDriveLab/maskalign models_pretrain.py) and MR-MAE (Gao et al., "Mimic before Reconstruct", IJCV 2023, arXiv
+2303.05475) give a frozen teacher the **full** image and read its per-block token features: the outputs of
+transformer blocks ``1 .. L`` *before* the final norm (``hidden_states[1:]``), plus, for attention-guided masking,
+the last block's CLS-to-patch attention averaged over heads.
 
-Weights come only from a local file, never from a download at run time:
-
-* a timm / torch state dict (``.pt``, ``.pth``, ``.bin``; a bare dict or one under ``state_dict`` / ``model``;
-  DDP's ``module.`` prefix is removed),
-* a ``.safetensors`` state dict,
-* an encoder written by ``mim export`` (mim/export.py; either format), or a mim Lightning checkpoint (its
-  ``encoder.vit.*`` weights are taken).
-
-The architecture's own timm conversion (``checkpoint_filter_fn`` of its timm module) is applied, so e.g. an OpenAI
-CLIP visual state dict or a checkpoint at another position-embedding grid loads into the timm model; the
-classifier (``head.*``) is dropped (the teacher is built with ``num_classes=0``); the rest loads **strictly**.
-
-The hash recorded in checkpoints is the SHA-256 of the weights as loaded (name, dtype, shape and bytes of every
-tensor, in sorted key order), so the same weights in another container format hash the same.
+Weights come only from a local file, never from a download at run time: a timm / torch state dict (``.pt``,
+``.pth``, ``.bin``), a ``.safetensors`` state dict, an encoder written by ``mim export`` (mim/export.py) or a mim
+Lightning checkpoint. The architecture's own timm conversion is applied, the classifier is dropped and the rest
+loads **strictly**. The recorded hash does not depend on the container format. Accepted layouts, the conversion
+and the hash: docs/design.md, "Teacher targets".
 """
 
 from __future__ import annotations
@@ -37,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from torch import Tensor, nn
+
+from mim.checks import invalid
 
 __all__ = ["FrozenTeacher", "TeacherOutput", "encoder_timm_kwargs", "read_weights", "weights_sha256"]
 
@@ -183,7 +176,7 @@ class FrozenTeacher(nn.Module):
     def __init__(self, *, arch: str, checkpoint: str | Path, model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         if not timm.is_model(arch):
-            raise ValueError(f"teacher_arch: unknown timm model {arch!r}")
+            raise invalid("FrozenTeacher", "arch", "a timm model name", arch)
         kwargs = dict(model_kwargs or {})
         try:
             model = _allocate(arch, kwargs)

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from mim.models.base import Encoder
 from mim.types import Batch, Masks
-
-if TYPE_CHECKING:
-    from mim.models.encoder import MaskedEncoder
-    from mim.models.table_encoder import MaskedTableEncoder
-
-    Encoder = MaskedEncoder | MaskedTableEncoder
 
 __all__ = ["Target"]
 
@@ -36,11 +30,11 @@ class Target(nn.Module, ABC):
             raise ValueError(f"{type(self).__name__}.weight must be a finite number >= 0, got {weight!r}")
         self.weight = float(weight)
 
-    def bind(self, encoder: MaskedEncoder) -> None:  # noqa: B027 - optional hook
+    def bind(self, encoder: Encoder) -> None:  # noqa: B027 - optional hook
         """Build whatever depends on the encoder (called once, at module construction)."""
 
     @abstractmethod
-    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: Encoder) -> dict[str, Tensor]:
         """Compute the loss.
 
         Args:

@@ -8,18 +8,14 @@ over that feature's own vocabulary). Missing values are not predicted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mim.models.decoder import MAEDecoder
+from mim.models.table_encoder import MaskedTableEncoder
 from mim.targets.base import Target
 from mim.types import Batch, Masks
-
-if TYPE_CHECKING:
-    from mim.models.table_encoder import MaskedTableEncoder
 
 __all__ = ["FeatureTarget"]
 
@@ -64,7 +60,7 @@ class FeatureTarget(Target):
         self.decoder: MAEDecoder | None = None
 
     def bind(self, encoder: MaskedTableEncoder) -> None:  # type: ignore[override]
-        if not hasattr(encoder, "category_cardinalities"):
+        if not isinstance(encoder, MaskedTableEncoder) or not encoder.is_configured:
             raise ValueError("FeatureTarget needs a table encoder (mim.models.MaskedTableEncoder) with a schema")
         cards = list(encoder.category_cardinalities)
         self.num_numeric = int(encoder.num_numeric)

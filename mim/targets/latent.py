@@ -1,55 +1,36 @@
 """Latent-prediction target (JEPA): predict an EMA target encoder's features of the hidden tokens.
 
 Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture" (I-JEPA),
-CVPR 2023; Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video" (V-JEPA),
-2024; Thimonier et al., "T-JEPA: Augmentation-Free Self-Supervised Learning for Tabular Data", ICLR 2025.
-See methods/JEPA_VIDEO.md §1(a) steps 3-8, §2(a), §4(a) steps 6-9 and §5.
+CVPR 2023, official facebookresearch/ijepa src/train.py; Bardes et al., "Revisiting Feature Prediction for
+Learning Visual Representations from Video" (V-JEPA), arXiv 2404.08471, 2024, facebookresearch/jepa
+app/vjepa/train.py; Thimonier et al., "T-JEPA: Augmentation-Free Self-Supervised Learning for Tabular Data",
+ICLR 2025, jose-melo/t-jepa src/train.py.
 
-One step, in the module's terms (the context encoder is the module's shared encoder pass on ``Masks.visible``):
-
-1. **Target branch**, no gradient: the target encoder (an :class:`~mim.ema.EMA` copy of the encoder, always in eval
-   mode) encodes the **full** input (all N tokens, from its own ``inputs(batch)``: for tables its own tokenizer),
-   its prefix rows are dropped, and with ``target_norm`` a parameter-free layer norm over the D features is applied
-   after the encoder's own final LayerNorm (I-JEPA's double normalisation, §1(d) pitfall 1). The features of every
-   target group are gathered: (B, M, T, D).
-2. **Predictor** (:class:`~mim.models.predictor.JEPAPredictor`): the context latents, including the encoder's
-   prefix tokens (T-JEPA's [REG] token; I-JEPA / V-JEPA encoders have none), plus one query per target token;
-   every group in its own sequence (``predictor_groups="separate"``, I-JEPA) or all groups of a sample in one
-   (``"joint"``, V-JEPA's union-of-blocks target). Output (B, M, T, D), the same layout as the targets.
-3. **Loss** over every predicted element (a token in two groups counts twice): ``smooth_l1`` (Huber, beta 1,
-   I-JEPA), ``l1`` (V-JEPA: ``mean |pred - target|^p / p`` with p = 1) or ``mse`` (T-JEPA). Computed in float32.
-4. **After each optimizer step**: ``target <- m target + (1 - m) encoder`` over the encoder's parameters (not its
-   buffers), one fused ``torch._foreach_lerp_`` (:meth:`mim.ema.EMA.update`), with ``m`` moving linearly from
-   ``momentum[0]`` to ``momentum[1]`` over the first ``momentum_ramp`` of training (I-JEPA: 0.996 -> 1.0 over all).
-
-Collapse monitor: every ``monitor_every``-th training forward call (the first one included) also returns
-``std_target`` / ``std_pred`` (the mean over the D dimensions of each dimension's std across the B*M*T target
-tokens) and ``rankme_target`` / ``rankme_pred`` (RankMe effective rank of the same token features; see
-:mod:`mim.metrics`). Other calls cost nothing extra and make no host sync; a monitor call may synchronise
-(the SVD's error check). Calls are counted per process in a Python int, which restarts at 0 on resume.
-
-The paper evaluates the **target encoder** (``target_encoder.module``, saved with checkpoints under
-``targets.<i>.target_encoder.module.``).
+One step: the target encoder (an :class:`~mim.ema.EMA` copy of the encoder, eval mode, no gradient) encodes the
+**full** input, optionally layer-normed without parameters (``target_norm``), and its features are gathered at
+every target group, (B, M, T, D); the :class:`~mim.models.predictor.JEPAPredictor` predicts them from the context
+latents (the module's shared encoder pass on ``Masks.visible``); the loss is ``smooth_l1`` (I-JEPA), ``l1``
+(V-JEPA) or ``mse`` (T-JEPA); after each optimizer step the target encoder moves towards the encoder by EMA.
+Every ``monitor_every``-th call also returns collapse statistics (:mod:`mim.metrics`). The paper evaluates the
+**target encoder** (``targets.<i>.target_encoder.module.`` in checkpoints). Details: docs/design.md, "JEPA target".
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mim.ema import EMA, ema_momentum
-from mim.masking.functional import gather_tokens
 from mim.metrics import per_dimension_std, rankme
+from mim.models.base import Encoder
 from mim.models.predictor import JEPAPredictor
 from mim.targets.base import Target
+from mim.tokens import gather_tokens
 from mim.types import Batch, Masks
-
-if TYPE_CHECKING:
-    from mim.targets.base import Encoder
 
 __all__ = ["LatentTarget", "latent_loss"]
 
@@ -78,20 +59,13 @@ def latent_loss(pred: Tensor, target: Tensor, kind: LossKind) -> Tensor:
     raise ValueError(f"LatentTarget.loss must be 'smooth_l1', 'l1' or 'mse', got {kind!r}")
 
 
-def _encoder_heads(encoder: Encoder) -> int:
-    blocks = getattr(getattr(encoder, "vit", None), "blocks", None)
-    if not blocks:
-        raise ValueError("LatentTarget: set predictor_num_heads (the encoder exposes no transformer blocks)")
-    return int(blocks[0].attn.num_heads)
-
-
 class LatentTarget(Target):
     """JEPA: an EMA target encoder on the full input, a narrow predictor from the context to the target tokens.
 
     Args:
         predictor_dim: P, predictor width (I-JEPA / V-JEPA: 384; T-JEPA: 16).
         predictor_depth: predictor blocks (I-JEPA ViT-H: 12; T-JEPA: 16).
-        predictor_num_heads: predictor heads; None = the encoder's (I-JEPA / V-JEPA, §1(d) pitfall 8).
+        predictor_num_heads: predictor heads; None = the encoder's (I-JEPA / V-JEPA: ``num_heads=encoder.num_heads``).
         predictor_mlp_ratio: MLP expansion in the predictor (4).
         predictor_groups: ``separate`` (each target group in its own predictor sequence; I-JEPA, T-JEPA) or
             ``joint`` (all groups of a sample in one sequence; V-JEPA's union-of-blocks target).
@@ -153,8 +127,8 @@ class LatentTarget(Target):
         self.target_encoder: EMA | None = None
         self._calls = 0  # training forward calls, for the collapse monitor (host side)
 
-    def bind(self, encoder: Encoder) -> None:  # type: ignore[override]
-        heads = self.predictor_num_heads or _encoder_heads(encoder)
+    def bind(self, encoder: Encoder) -> None:
+        heads = self.predictor_num_heads or encoder.num_heads
         if self.predictor_dim % heads:
             raise ValueError(
                 f"LatentTarget.predictor_dim ({self.predictor_dim}) must be divisible by the predictor heads ({heads}, "
@@ -188,14 +162,14 @@ class LatentTarget(Target):
         Returns:
             (B, M, T, D), without gradient.
         """
-        teacher = cast("Encoder", self._parts()[1].module)  # the EMA copy of the encoder
+        teacher = cast(Encoder, self._parts()[1].module)  # the EMA copy of the encoder
         h = teacher(teacher.inputs(batch))[:, teacher.num_prefix_tokens :]  # (B, N, D) all tokens, prefix dropped
         if self.target_norm:
             h = F.layer_norm(h, h.shape[-1:])  # (B, N, D), parameter-free
         b, m, t = targets.shape
         return gather_tokens(h, targets.reshape(b, m * t)).reshape(b, m, t, -1)  # (B, M, T, D)
 
-    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: Encoder) -> dict[str, Tensor]:  # type: ignore[override]
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: Encoder) -> dict[str, Tensor]:
         predictor = self._parts()[0]
         target = self.target_features(batch, masks.targets)  # (B, M, T, D)
         pred = predictor(latent, masks.visible, masks.targets)  # (B, M, T, D)

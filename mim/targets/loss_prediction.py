@@ -1,9 +1,10 @@
 """HPM's loss predictor: a second decoder stack that learns which patches are hard to reconstruct.
 
-Wang et al., "Hard Patches Mining for Masked Image Modeling", CVPR 2023 (methods/IMAGE.md §3.1, §3.2 steps 4-7).
-The loss predictor shares the reconstructor's input (decoder embedding, mask tokens, fixed position table) and has
-its own transformer blocks, norm and a linear layer to P values whose mean is the predicted loss of each token.
-It is trained on the hidden tokens against the *detached* per-token reconstruction loss, either
+Wang et al., "Hard Patches Mining for Masked Image Modeling", CVPR 2023 (official Haochen-Wang409/HPM
+models_mae_learn_loss.py). The loss predictor shares the reconstructor's input (decoder embedding, mask tokens,
+fixed position table) and has its own transformer blocks, norm and a linear layer to P values whose mean is the
+predicted loss of each token. It is trained on the hidden tokens against the *detached* per-token reconstruction
+loss, either
 
 * ``relative`` (the paper's default): for every image and every ordered pair (a, b) of hidden tokens whose
   losses differ, a binary cross-entropy on ``sigmoid(s_b - s_a)`` that token b is harder than token a (both
@@ -20,7 +21,7 @@ from mim.models.decoder import transformer_blocks
 
 __all__ = ["LossPredictor", "relative_loss", "standardized_mse_loss"]
 
-LOG_EPS = 1e-6  # HPM adds 1e-6 inside the logs (methods/IMAGE.md §3.5 pitfall 6)
+LOG_EPS = 1e-6  # HPM adds 1e-6 inside the logs (models_mae_learn_loss.py; not logsigmoid)
 
 
 def relative_loss(predicted: Tensor, loss: Tensor) -> Tensor:

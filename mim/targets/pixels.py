@@ -1,41 +1,33 @@
 """Pixel reconstruction target with MAE's decoder and norm-pix loss.
 
-He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (methods/IMAGE.md §1.1,
-steps 12-14): the target of each hidden patch is its pixels, optionally normalised per patch by the
-patch's mean and **unbiased** variance (``(x - mu) / sqrt(var + eps)``); the loss is the mean squared
-error over hidden patches only.
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022, §3 (reconstruction target; official code
+facebookresearch/mae, ``models_mae.py`` ``forward_loss``): the target of each hidden patch is its pixels, optionally
+normalised per patch by the patch's mean and **unbiased** variance (``(x - mu) / sqrt(var + eps)``); the loss is the
+mean squared error over hidden patches only.
 
-Video options (methods/JEPA_VIDEO.md §3): ``norm_pix_mode="channel"`` is VideoMAE's target (Tong et al.,
-NeurIPS 2022), each tubelet normalised **per channel** over its pixels with the unbiased std and eps added
-*after* the square root (3(d) pitfall 1). With a decoder mask (``Masks.decoder``, VideoMAE V2 dual masking,
-Wang et al., CVPR 2023) the decoder reconstructs only the decoder-kept tokens and the loss averages over
-the tokens hidden from the encoder *and* kept by the decoder (3(a) V2 steps 3-5).
+Video: ``norm_pix_mode="channel"`` is VideoMAE's target (Tong et al., "VideoMAE: Masked Autoencoders are
+Data-Efficient Learners for Self-Supervised Video Pre-Training", NeurIPS 2022; official code MCG-NJU/VideoMAE,
+``engine_for_pretraining.py``): each tubelet normalised **per channel** over its pixels with the unbiased std and
+eps added *after* the square root. With a decoder mask (``Masks.decoder``: Wang et al., "VideoMAE V2: Scaling Video
+Masked Autoencoders with Dual Masking", CVPR 2023, §3.3) the decoder reconstructs only the decoder-kept tokens and
+the loss averages over the tokens hidden from the encoder *and* kept by the decoder.
 
-Hard-patch mining option (Wang et al., "Hard Patches Mining for Masked Image Modeling", CVPR 2023;
-methods/IMAGE.md §3): ``loss_predictor=True`` adds HPM's loss predictor, a second decoder stack on the same
-decoder input, trained to rank the hidden tokens by their (detached) reconstruction loss, and an EMA copy of
-the student (encoder, decoder embedding, loss predictor) that scores every token of the full input for
-:class:`~mim.masking.hard_patch.HardPatchMasking` through :meth:`PixelTarget.token_scores`. The EMA pass runs
-the encoder on all N tokens and only the loss-predictor stack (HPM's official code also runs the
-reconstructor there and discards its output).
+Hard-patch mining (HPM) builds on this target in :mod:`mim.targets.hard_patch`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mim.ema import EMA, ema_momentum
-from mim.masking.functional import gather_tokens
+from mim.models.base import Encoder
 from mim.models.decoder import MAEDecoder
+from mim.models.encoder import MaskedEncoder
 from mim.targets.base import Target
-from mim.targets.loss_prediction import LossPredictor, relative_loss, standardized_mse_loss
+from mim.tokens import gather_tokens
 from mim.types import Batch, Masks
-
-if TYPE_CHECKING:
-    from mim.models.encoder import MaskedEncoder
 
 __all__ = ["PixelTarget", "norm_pix", "norm_pix_channel"]
 
@@ -58,7 +50,7 @@ def norm_pix(patches: Tensor, eps: float = 1e-6) -> Tensor:
 def norm_pix_channel(patches: Tensor, channels: int, eps: float = 1e-6) -> Tensor:
     """VideoMAE's norm-pix: normalise each channel of each patch over its pixels, ``(x - mu) / (std + eps)``.
 
-    The std is unbiased (divisor P/C - 1) and eps is added after the square root (JEPA_VIDEO.md 3(d).1).
+    The std is unbiased (divisor P/C - 1) and eps is added after the square root, as VideoMAE's official code.
 
     Args:
         patches: (..., P) in mim's layout, channel fastest (P = pixels * C, see mim/models/embed.py).
@@ -86,13 +78,6 @@ class PixelTarget(Target):
         norm_pix_eps: epsilon added to the variance (``patch``) or to the std (``channel``).
         norm_pix_mode: ``patch`` (MAE: one mean / variance over all P values of a patch, eps inside the square
             root) or ``channel`` (VideoMAE: per channel over the patch's or tubelet's pixels, eps after it).
-        loss_predictor: add HPM's loss predictor and its EMA teacher (for ``HardPatchMasking``).
-        loss_predictor_loss: ``relative`` (HPM's pairwise ranking loss, the paper's choice) or ``mse`` (against
-            the per-image standardised loss).
-        loss_predictor_weight: factor of the loss-predictor loss (HPM: 1, ``L_rec + L_pred``).
-        ema_momentum: (start, end) momentum of the EMA teacher (HPM: 0.999 -> 0.9999).
-        ema_ramp: fraction of training over which the momentum moves from start to end (HPM: 100 of 800
-            epochs = 0.125), constant afterwards.
         weight: factor of this loss in the total.
     """
 
@@ -106,11 +91,6 @@ class PixelTarget(Target):
         norm_pix: bool = True,
         norm_pix_eps: float = 1e-6,
         norm_pix_mode: Literal["patch", "channel"] = "patch",
-        loss_predictor: bool = False,
-        loss_predictor_loss: Literal["relative", "mse"] = "relative",
-        loss_predictor_weight: float = 1.0,
-        ema_momentum: tuple[float, float] = (0.999, 0.9999),
-        ema_ramp: float = 0.125,
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
@@ -129,24 +109,14 @@ class PixelTarget(Target):
         self.decoder_dim, self.decoder_depth = decoder_dim, decoder_depth
         self.decoder_num_heads, self.decoder_mlp_ratio = decoder_num_heads, decoder_mlp_ratio
         self.norm_pix, self.norm_pix_eps, self.norm_pix_mode = norm_pix, norm_pix_eps, norm_pix_mode
-        if loss_predictor_loss not in ("relative", "mse"):
-            raise ValueError(
-                f"PixelTarget.loss_predictor_loss must be 'relative' or 'mse', got {loss_predictor_loss!r}"
-            )
-        if not loss_predictor_weight >= 0:
-            raise ValueError(f"PixelTarget.loss_predictor_weight must be >= 0, got {loss_predictor_weight}")
-        momentum = tuple(float(m) for m in ema_momentum)
-        if len(momentum) != 2 or not all(0.0 <= m <= 1.0 for m in momentum):
-            raise ValueError(f"PixelTarget.ema_momentum must be two numbers in [0, 1] (start, end), got {ema_momentum}")
-        if not 0.0 <= ema_ramp <= 1.0:
-            raise ValueError(f"PixelTarget.ema_ramp must be in [0, 1] (a fraction of training), got {ema_ramp}")
-        self.use_loss_predictor, self.loss_predictor_loss = loss_predictor, loss_predictor_loss
-        self.loss_predictor_weight, self.ema_momentum, self.ema_ramp = loss_predictor_weight, momentum, ema_ramp
         self.decoder: MAEDecoder | None = None
-        self.loss_predictor: LossPredictor | None = None
-        self.teacher: EMA | None = None
 
-    def bind(self, encoder: MaskedEncoder) -> None:
+    def bind(self, encoder: Encoder) -> None:
+        if not isinstance(encoder, MaskedEncoder):
+            raise ValueError(
+                f"{type(self).__name__} predicts pixels and needs an image or video encoder "
+                f"(mim.models.MaskedEncoder), got {type(encoder).__name__}"
+            )
         self.decoder = MAEDecoder(
             grid=encoder.grid,
             in_dim=encoder.embed_dim,
@@ -156,22 +126,6 @@ class PixelTarget(Target):
             depth=self.decoder_depth,
             num_heads=self.decoder_num_heads,
             mlp_ratio=self.decoder_mlp_ratio,
-        )
-        if self.use_loss_predictor:
-            self.loss_predictor = LossPredictor(
-                dim=self.decoder_dim,
-                depth=self.decoder_depth,
-                num_heads=self.decoder_num_heads,
-                mlp_ratio=self.decoder_mlp_ratio,
-                out_dim=encoder.patch_dim,
-                num_prefix_tokens=encoder.num_prefix_tokens,
-            )
-            self.teacher = EMA(self._student(encoder))
-
-    def _student(self, encoder: MaskedEncoder) -> nn.ModuleDict:
-        """The parts of the student the EMA teacher copies (the order fixes the parameter pairing)."""
-        return nn.ModuleDict(
-            {"encoder": encoder, "decoder_embed": self._decoder().decoder_embed, "loss_predictor": self.loss_predictor}
         )
 
     def _decoder(self) -> MAEDecoder:
@@ -191,49 +145,28 @@ class PixelTarget(Target):
             return norm_pix_channel(patches, encoder.in_chans, self.norm_pix_eps)
         return norm_pix(patches, self.norm_pix_eps)
 
-    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:  # type: ignore[override]
         if masks.decoder is not None:
-            if self.loss_predictor is not None:
-                raise ValueError(
-                    "PixelTarget(loss_predictor=True) needs masks without a decoder mask; "
-                    "HPM's loss predictor is not defined for dual masking (Masks.decoder)"
-                )
             return {"loss": self.dual_loss(batch, masks, latent, encoder)}
+        return {"loss": self.hidden_token_losses(batch, masks, latent, encoder)[2].mean()}
+
+    def hidden_token_losses(
+        self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """MAE's reconstruction of the target tokens, loss per token (the loss is its mean).
+
+        Returns:
+            ``x`` (B, prefix + N, Dd), the decoder input (embedded latents and mask tokens with positions);
+            ``predict`` (B, M*T), the target token indices; ``per_token`` (B, M*T), the squared error averaged
+            over the P values of each target token.
+        """
         decoder = self._decoder()
         predict = masks.targets.flatten(1)  # (B, M*T) hidden tokens
         x = decoder.embed(latent, masks.visible)  # (B, prefix+N, Dd)
         pred = decoder.decode(x, predict).float()  # (B, M*T, P)
         target = gather_tokens(self.target_patches(encoder.inputs(batch), encoder), predict)  # (B, M*T, P)
         per_token = (pred - target).pow(2).mean(dim=-1)  # (B, M*T): mean over P
-        loss = per_token.mean()  # then over hidden tokens
-        if self.loss_predictor is None:
-            return {"loss": loss}
-        predicted = self.loss_predictor(x).float().gather(1, predict)  # (B, M*T) predicted difficulty
-        rank = relative_loss if self.loss_predictor_loss == "relative" else standardized_mse_loss
-        prediction_loss = rank(predicted, per_token)  # per_token is detached inside
-        total = loss + self.loss_predictor_weight * prediction_loss
-        return {"loss": total, "reconstruction": loss.detach(), "loss_prediction": prediction_loss.detach()}
-
-    @torch.no_grad()
-    def token_scores(self, batch: Batch, encoder: MaskedEncoder) -> Tensor | None:
-        """(B, N) difficulty of every token predicted by the EMA teacher on the full input (HPM); None without it.
-
-        The teacher encodes all N tokens (no mask tokens), projects them with its decoder embedding, adds the
-        decoder's fixed position table and runs its loss predictor (methods/IMAGE.md §3.2 step 2).
-        """
-        if self.teacher is None:
-            return None
-        parts = self.teacher.module
-        latent = parts["encoder"](encoder.inputs(batch))  # (B, prefix+N, D)
-        x = parts["decoder_embed"](latent) + self._decoder().decoder_pos_embed.to(latent.dtype)  # (B, prefix+N, Dd)
-        return parts["loss_predictor"](x).float()  # (B, N)
-
-    def after_step(self, encoder: MaskedEncoder, progress: float) -> None:
-        """EMA update of the teacher (HPM), ``m`` moving from ``ema_momentum[0]`` to ``[1]`` over ``ema_ramp``."""
-        if self.teacher is None:
-            return
-        start, end = self.ema_momentum
-        self.teacher.update(self._student(encoder), ema_momentum(progress, start=start, end=end, ramp=self.ema_ramp))
+        return x, predict, per_token
 
     def dual_loss(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> Tensor:
         """VideoMAE V2's loss over the tokens hidden from the encoder and kept by the decoder.

@@ -4,47 +4,35 @@ A frozen teacher (any timm ViT-family model, weights from a local file: mim/mode
 input; the student's features at the **visible** tokens are regressed onto the teacher's features at the same
 tokens (gathered with ``Masks.visible``, the order the encoder used).
 
-* MaskAlign (Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023;
-  methods/IMAGE.md §4.1): ``student_layers="blocks"``. Every student block output (before the final norm) enters
-  the dynamic alignment (mim/models/align.py: a layer-mixing matrix initialised to ``I + 0.01`` and one linear
-  adapter per aligned teacher block); the targets are the teacher's block outputs normalised by a LayerNorm
-  without affine parameters (``whiten``, eps 1e-5), CLS token included; the loss is ``2 * SmoothL1(beta=1)``
-  averaged over the aligned blocks (``top5``: the last 5 of 12, weight 1/5 each). No decoder, no mask tokens.
-  With ``attention_scores=True`` the target provides the teacher's last-block CLS-to-patch attention through
-  :meth:`TeacherTarget.token_scores` for :class:`~mim.masking.attention.AttentionMasking`.
-* MR-MAE (Gao et al., "Mimic before Reconstruct", IJCV 2023; §5.1 step 3): ``student_layers="output"``. The
-  encoder's final latent at the visible patch tokens goes through a linear head and regresses the teacher's
-  (whitened) features there, with MSE; the pixel loss on the hidden tokens is a second target in the same recipe
-  (:class:`~mim.targets.pixels.PixelTarget`), so the two losses share one encoder pass.
+* MaskAlign (Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023; official
+  OpenDriveLab/maskalign models_pretrain.py): ``student_layers="blocks"``. Every student block output goes through
+  the dynamic alignment (mim/models/align.py) and regresses the whitened outputs of the last teacher blocks with
+  ``2 * SmoothL1``; no decoder, no mask tokens. ``attention_scores=True`` also feeds AttentionMasking.
+* MR-MAE (Gao et al., "Mimic before Reconstruct: Enhancing Masked Autoencoders with Feature Mimicking", IJCV 2023,
+  arXiv 2303.05475; no code released): ``student_layers="output"``. The encoder's final latent, through a linear
+  head, regresses the teacher's whitened features with MSE, next to a PixelTarget in the same recipe.
 
-The teacher is frozen (no ``requires_grad``), in eval mode, runs under ``torch.no_grad()`` in the step's compute
-dtype (autocast, or the dtype the module was converted to), and is **not** a registered submodule: it is never in
-``parameters()`` (optimizer, DDP, ZeRO, FSDP never see it) nor in ``state_dict()``. It follows the target in
-``.to()`` / ``.half()`` (``_apply``). The state dict carries ``_extra_state`` = ``{teacher_arch,
-teacher_checkpoint, sha256}``; loading a state dict whose hash differs from the teacher file's raises.
-
-The teacher runs once per step: :meth:`token_scores` (called before the masks are drawn) keeps its output for the
-batch (matched by the input tensor's identity and version counter, no host sync) and :meth:`forward` reuses it.
+The teacher is frozen, runs once per step under ``torch.no_grad()`` and is **not** a registered submodule (never in
+``parameters()`` or ``state_dict()``; the state dict records its file's hash). Details: docs/design.md, "Frozen
+teachers are unregistered modules" and "Teacher targets".
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mim.masking.functional import gather_tokens
 from mim.models.align import DynamicAlignment, linear_adapters
+from mim.models.encoder import MaskedEncoder
 from mim.models.teacher import FrozenTeacher, TeacherOutput
 from mim.targets.base import Target
+from mim.tokens import gather_tokens
 from mim.types import Batch, Masks
-
-if TYPE_CHECKING:
-    from mim.models.encoder import MaskedEncoder
 
 __all__ = ["TeacherTarget", "feature_distance", "normalize_features"]
 
@@ -119,8 +107,9 @@ class TeacherTarget(Target):
         attention_scores: provide the teacher's last-block CLS-to-patch attention (B, N), mean over heads, as
             :meth:`token_scores` (for :class:`~mim.masking.attention.AttentionMasking`).
         freeze_final_norm: ``blocks`` mode: set ``requires_grad=False`` on the student's final norm, which the
-            MaskAlign loss never reaches (IMAGE.md §4.4 pitfalls 3-4: it stays at its init either way; frozen, DDP
-            needs no ``find_unused_parameters``). Set False when another target trains on the final latent.
+            MaskAlign loss never reaches (it stays at its init either way, as in the official
+            OpenDriveLab/maskalign code; frozen, DDP needs no ``find_unused_parameters``). Set False when another
+            target trains on the final latent.
         weight: factor of this loss in the total.
     """
 
@@ -210,7 +199,7 @@ class TeacherTarget(Target):
 
     # ------------------------------------------------------------------ construction
     def bind(self, encoder: MaskedEncoder) -> None:
-        if getattr(encoder, "is_video", False) or not hasattr(encoder, "vit"):
+        if not isinstance(encoder, MaskedEncoder) or encoder.is_video:
             raise ValueError("TeacherTarget needs an image encoder (mim.models.MaskedEncoder with num_frames=1)")
         teacher = FrozenTeacher(
             arch=self.teacher_arch, checkpoint=self.teacher_checkpoint, model_kwargs=self.teacher_kwargs
@@ -335,7 +324,7 @@ class TeacherTarget(Target):
         return result
 
     def never_decay(self) -> set[str]:
-        """MaskAlign excludes the layer-mixing matrix from weight decay (IMAGE.md §4.2)."""
+        """MaskAlign excludes the layer-mixing matrix from weight decay (``distill_weights``, main_pretrain.py)."""
         if self.alignment is not None and self.alignment.layer_weights is not None:
             return {"alignment.layer_weights"}
         return set()

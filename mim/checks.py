@@ -1,0 +1,198 @@
+"""Argument validation for constructors: one place, one message style.
+
+Every check returns the validated (converted) value, or raises ``ValueError`` with the message::
+
+    "{Owner}.{field} must be {valid range}, got {value!r}"
+
+e.g. ``MaskedEncoder.in_chans must be an integer >= 1, got 0``. ``owner`` is the class name as a string, or
+an instance or class whose name is used. A ``bool`` is never accepted as an integer or a number.
+
+This module imports only the standard library, so every floor of mim may use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from numbers import Real
+from typing import Any, TypeVar
+
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_pair_range",
+    "check_range",
+    "invalid",
+]
+
+T = TypeVar("T")
+
+
+def _owner_name(owner: object) -> str:
+    if isinstance(owner, str):
+        return owner
+    return owner.__name__ if isinstance(owner, type) else type(owner).__name__
+
+
+def invalid(owner: object, field: str, expected: str, value: Any) -> ValueError:
+    """The ``ValueError`` of every check: ``"{Owner}.{field} must be {expected}, got {value!r}"``.
+
+    For checks that the functions below do not cover; ``raise invalid(...)`` keeps the message style.
+    """
+    return ValueError(f"{_owner_name(owner)}.{field} must be {expected}, got {value!r}")
+
+
+def _fmt(x: float) -> str:
+    """A bound as written in a message: integral floats without the ``.0`` (``1``, ``0.5``, ``inf``)."""
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() else repr(float(x))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_int(owner: object, field: str, value: Any, *, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """An ``int`` (not a ``bool``) in ``[minimum, maximum]``; None leaves that side unbounded.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: e.g. ``"X.num_targets must be an integer >= 1, got 0"`` or ``"... an integer in [1, 100] ..."``.
+    """
+    if minimum is not None and maximum is not None:
+        expected = f"an integer in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        expected = f"an integer >= {minimum}"
+    elif maximum is not None:
+        expected = f"an integer <= {maximum}"
+    else:
+        expected = "an integer"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        raise invalid(owner, field, expected, value)
+    return value
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    """``"a number in (0, 1]"``; one-sided as ``"a number > 0"``; ``"a finite number >= 0"`` if inf is excluded."""
+    low_inf, high_inf = low == -math.inf, high == math.inf
+    finite = (low_inf and low_open) or (high_inf and high_open)
+    noun = "a finite number" if finite else "a number"
+    if low_inf and high_inf:
+        if low_open != high_open:  # one infinity excluded, the other allowed
+            return f"a number {'> -inf' if low_open else '< inf'}"
+        return noun
+    if high_inf:
+        return f"{noun} {'>' if low_open else '>='} {_fmt(low)}"
+    if low_inf:
+        return f"{noun} {'<' if high_open else '<='} {_fmt(high)}"
+    return f"{noun} in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+
+
+def _in_range(x: float, low: float, high: float, low_open: bool, high_open: bool) -> bool:
+    """False for NaN, which compares false with everything."""
+    return (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+
+
+def check_range(
+    owner: object,
+    field: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A real number (not a ``bool``) in the interval from ``low`` to ``high``; NaN is always rejected.
+
+    Bounds are closed unless ``low_open`` / ``high_open``. ``low=-math.inf`` or ``high=math.inf`` leaves a side
+    unbounded; an open infinite bound excludes infinity itself (a finite number).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: e.g. ``"X.mask_ratio must be a number in (0, 1), got 1.0"``, ``"X.eps must be a number > 0,
+            got 0"`` or ``"X.weight must be a finite number >= 0, got inf"``.
+    """
+    if not _is_number(value) or not _in_range(float(value), low, high, low_open, high_open):
+        raise invalid(owner, field, _range_text(low, high, low_open, high_open), value)
+    return float(value)
+
+
+def check_pair_range(
+    owner: object,
+    field: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> tuple[float, float]:
+    """A pair ``(lo, hi)`` of real numbers with ``low <= lo <= hi <= high`` (``<`` at an open bound).
+
+    ``high=math.inf`` leaves the upper side unbounded (and, closed, accepts ``inf``).
+
+    Returns:
+        ``(float(lo), float(hi))``.
+
+    Raises:
+        ValueError: e.g. ``"X.target_scale must be a pair (lo, hi) with 0 < lo <= hi <= 1, got (0.5, 0.2)"``.
+    """
+    left = "" if low == -math.inf and not low_open else f"{_fmt(low)} {'<' if low_open else '<='} "
+    right = "" if high == math.inf and not high_open else f" {'<' if high_open else '<='} {_fmt(high)}"
+    expected = f"a pair (lo, hi) with {left}lo <= hi{right}"
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise invalid(owner, field, expected, value) from None
+    if (
+        isinstance(value, (str, bytes))
+        or not (_is_number(lo) and _is_number(hi))
+        or not (_in_range(float(lo), low, high, low_open, high_open) and _in_range(float(hi), low, high, low_open, high_open))
+        or not float(lo) <= float(hi)
+    ):
+        raise invalid(owner, field, expected, value)
+    return float(lo), float(hi)
+
+
+def check_choice(owner: object, field: str, value: T, choices: Collection[Any]) -> T:
+    """One of ``choices`` (compared with ``==``; a ``bool`` never matches an integer choice).
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: e.g. ``"X.placement must be one of ('overlap', 'inside'), got 'edge'"``.
+    """
+    try:
+        ok = value in choices
+    except TypeError:  # an unhashable value looked up in a set
+        ok = False
+    if ok and isinstance(value, bool):
+        ok = any(isinstance(c, bool) and c == value for c in choices)
+    if not ok:
+        raise invalid(owner, field, f"one of ({', '.join(repr(c) for c in choices)})", value)
+    return value
+
+
+def check_bool(owner: object, field: str, value: Any) -> bool:
+    """``True`` or ``False`` (not 0, 1, or a string).
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: e.g. ``"X.cache must be True or False, got 'yes'"``.
+    """
+    if not isinstance(value, bool):
+        raise invalid(owner, field, "True or False", value)
+    return value

@@ -1,0 +1,57 @@
+"""Recipes through LightningCLI: :class:`MimCLI` (``mim fit|validate|print_config``) and :func:`build`.
+
+A recipe is YAML that LightningCLI (jsonargparse) parses into typed constructors: any ``LightningModule`` and
+``LightningDataModule`` by ``class_path`` / ``init_args``, stacked ``-c`` files composing (e.g. a recipe plus a
+``recipes/_base`` strategy piece). This module imports Lightning; ``mim.cli`` imports it only for the commands that
+train, so ``mim masks``, ``mim export`` and ``mim --help`` start fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from mim.checkpoint import check_resume
+
+__all__ = ["MimCLI", "build", "run"]
+
+
+class MimCLI(LightningCLI):
+    """LightningCLI with mim's defaults: any LightningModule / LightningDataModule by ``class_path``."""
+
+    def before_fit(self) -> None:
+        """Refuse a sharded checkpoint written at another world size before any process touches it."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        check_resume(ckpt_path, self.trainer.world_size, strategy=self.trainer.strategy)
+
+
+def _cli(args: list[str], **kwargs: Any) -> MimCLI:
+    return MimCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        **kwargs,
+    )
+
+
+def build(args: list[str], **kwargs: Any) -> MimCLI:
+    """Instantiate model, datamodule and trainer from recipe arguments without running anything.
+
+    Args:
+        args: e.g. ``["--config", "recipes/quickstart.yaml", "--trainer.max_epochs=1"]``.
+        **kwargs: extra ``LightningCLI`` arguments (e.g. ``save_config_callback=None``).
+
+    Returns:
+        The CLI with ``.model``, ``.datamodule`` and ``.trainer``.
+    """
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    return _cli(args, run=False, **kwargs)
+
+
+def run(args: list[str]) -> None:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with its arguments."""
+    _cli(args, save_config_kwargs={"overwrite": True})

@@ -1,0 +1,149 @@
+"""HardPatchTarget: MAE's pixel target plus HPM's loss predictor and its EMA teacher.
+
+Wang et al., "Hard Patches Mining for Masked Image Modeling", CVPR 2023 (official code Haochen-Wang409/HPM,
+``models_mae_learn_loss.py``). Next to the reconstructor, a loss predictor (a second decoder
+stack on the same decoder input) learns to rank the hidden tokens by their detached reconstruction loss; the total is
+``L_rec + loss_predictor_weight * L_pred``. An EMA copy of the student (encoder, decoder embedding, loss predictor)
+scores every token of the full input through :meth:`HardPatchTarget.token_scores`, which drives
+:class:`~mim.masking.hard_patch.HardPatchMasking`. The EMA pass runs the encoder on all N tokens and only the
+loss-predictor stack (the official code also runs the reconstructor there and discards its output).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mim.ema import EMA, ema_momentum
+from mim.models.base import Encoder
+from mim.models.encoder import MaskedEncoder
+from mim.targets.loss_prediction import LossPredictor, relative_loss, standardized_mse_loss
+from mim.targets.pixels import PixelTarget
+from mim.types import Batch, Masks
+
+__all__ = ["HardPatchTarget"]
+
+
+class HardPatchTarget(PixelTarget):
+    """Pixels of the hidden patches (as :class:`PixelTarget`) plus HPM's loss predictor and EMA teacher.
+
+    Args:
+        decoder_dim: decoder width (MAE: 512).
+        decoder_depth: decoder blocks (MAE: 8); the loss predictor has as many.
+        decoder_num_heads: decoder heads (MAE: 16).
+        decoder_mlp_ratio: MLP expansion in the decoder and the loss predictor.
+        norm_pix: normalise target patches by their mean and unbiased variance.
+        norm_pix_eps: epsilon added to the variance (``patch``) or to the std (``channel``).
+        norm_pix_mode: ``patch`` (MAE) or ``channel`` (VideoMAE), as :class:`PixelTarget`.
+        loss_predictor_loss: ``relative`` (HPM's pairwise ranking loss, the paper's choice) or ``mse`` (against
+            the per-image standardised loss).
+        loss_predictor_weight: factor of the loss-predictor loss (HPM: 1, ``L_rec + L_pred``).
+        ema_momentum: (start, end) momentum of the EMA teacher (HPM: 0.999 -> 0.9999).
+        ema_ramp: fraction of training over which the momentum moves from start to end (HPM: 100 of 800
+            epochs = 0.125), constant afterwards.
+        weight: factor of this loss in the total.
+    """
+
+    def __init__(
+        self,
+        *,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        decoder_mlp_ratio: float = 4.0,
+        norm_pix: bool = True,
+        norm_pix_eps: float = 1e-6,
+        norm_pix_mode: Literal["patch", "channel"] = "patch",
+        loss_predictor_loss: Literal["relative", "mse"] = "relative",
+        loss_predictor_weight: float = 1.0,
+        ema_momentum: tuple[float, float] = (0.999, 0.9999),
+        ema_ramp: float = 0.125,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(
+            decoder_dim=decoder_dim,
+            decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads,
+            decoder_mlp_ratio=decoder_mlp_ratio,
+            norm_pix=norm_pix,
+            norm_pix_eps=norm_pix_eps,
+            norm_pix_mode=norm_pix_mode,
+            weight=weight,
+        )
+        if loss_predictor_loss not in ("relative", "mse"):
+            raise ValueError(
+                f"HardPatchTarget.loss_predictor_loss must be 'relative' or 'mse', got {loss_predictor_loss!r}"
+            )
+        if not loss_predictor_weight >= 0:
+            raise ValueError(f"HardPatchTarget.loss_predictor_weight must be >= 0, got {loss_predictor_weight}")
+        momentum = tuple(float(m) for m in ema_momentum)
+        if len(momentum) != 2 or not all(0.0 <= m <= 1.0 for m in momentum):
+            raise ValueError(
+                f"HardPatchTarget.ema_momentum must be two numbers in [0, 1] (start, end), got {ema_momentum}"
+            )
+        if not 0.0 <= ema_ramp <= 1.0:
+            raise ValueError(f"HardPatchTarget.ema_ramp must be in [0, 1] (a fraction of training), got {ema_ramp}")
+        self.loss_predictor_loss, self.loss_predictor_weight = loss_predictor_loss, loss_predictor_weight
+        self.ema_momentum, self.ema_ramp = momentum, ema_ramp
+        self.loss_predictor: LossPredictor | None = None
+        self.teacher: EMA | None = None
+
+    def bind(self, encoder: Encoder) -> None:
+        super().bind(encoder)
+        self.loss_predictor = LossPredictor(
+            dim=self.decoder_dim,
+            depth=self.decoder_depth,
+            num_heads=self.decoder_num_heads,
+            mlp_ratio=self.decoder_mlp_ratio,
+            out_dim=encoder.patch_dim,  # type: ignore[attr-defined]  # a MaskedEncoder (checked by PixelTarget)
+            num_prefix_tokens=encoder.num_prefix_tokens,
+        )
+        self.teacher = EMA(self._student(encoder))
+
+    def _student(self, encoder: Encoder) -> nn.ModuleDict:
+        """The parts of the student the EMA teacher copies (the order fixes the parameter pairing)."""
+        return nn.ModuleDict(
+            {"encoder": encoder, "decoder_embed": self._decoder().decoder_embed, "loss_predictor": self.loss_predictor}
+        )
+
+    def _parts(self) -> tuple[LossPredictor, EMA]:
+        if self.loss_predictor is None or self.teacher is None:
+            raise RuntimeError("HardPatchTarget is not bound to an encoder: call target.bind(encoder) first")
+        return self.loss_predictor, self.teacher
+
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:  # type: ignore[override]
+        if masks.decoder is not None:
+            raise ValueError(
+                "HardPatchTarget needs masks without a decoder mask; "
+                "HPM's loss predictor is not defined for dual masking (Masks.decoder)"
+            )
+        loss_predictor = self._parts()[0]
+        x, predict, per_token = self.hidden_token_losses(batch, masks, latent, encoder)  # per_token (B, M*T)
+        loss = per_token.mean()
+        predicted = loss_predictor(x).float().gather(1, predict)  # (B, M*T) predicted difficulty
+        rank = relative_loss if self.loss_predictor_loss == "relative" else standardized_mse_loss
+        prediction_loss = rank(predicted, per_token)  # per_token is detached inside
+        total = loss + self.loss_predictor_weight * prediction_loss
+        return {"loss": total, "reconstruction": loss.detach(), "loss_prediction": prediction_loss.detach()}
+
+    @torch.no_grad()
+    def token_scores(self, batch: Batch, encoder: Encoder) -> Tensor:
+        """(B, N) difficulty of every token, predicted by the EMA teacher on the full input.
+
+        The teacher encodes all N tokens (no mask tokens), projects them with its decoder embedding, adds the
+        decoder's fixed position table and runs its loss predictor (as HPM's official code: the mask is chosen from
+        the teacher's predictions on the unmasked image).
+        """
+        parts = self._parts()[1].module
+        latent = parts["encoder"](encoder.inputs(batch))  # (B, prefix+N, D)
+        x = parts["decoder_embed"](latent) + self._decoder().decoder_pos_embed.to(latent.dtype)  # (B, prefix+N, Dd)
+        return parts["loss_predictor"](x).float()  # (B, N)
+
+    def after_step(self, encoder: Encoder, progress: float) -> None:
+        """EMA update of the teacher, ``m`` moving from ``ema_momentum[0]`` to ``[1]`` over ``ema_ramp``."""
+        start, end = self.ema_momentum
+        self._parts()[1].update(
+            self._student(encoder), ema_momentum(progress, start=start, end=end, ramp=self.ema_ramp)
+        )

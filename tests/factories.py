@@ -1,0 +1,130 @@
+"""Tiny models, a CPU trainer and recording callbacks shared by the tests.
+
+Plain functions and classes, imported with ``from tests.factories import ...``: fixtures live in conftest.py and
+contract test classes in contracts.py. Every builder takes the tiny defaults below and lets a test override any
+constructor argument; an overriding ``model_kwargs`` replaces the default one whole (no merge), so what a test
+passes is what timm gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from mim.models import MaskedEncoder, MaskedTableEncoder
+
+TINY_ARCH = "vit_tiny_patch16_224"
+TINY_VIT: dict[str, Any] = {"depth": 1, "embed_dim": 64, "num_heads": 4}  # the contract tests' encoder
+TINY_TABLE_VIT: dict[str, Any] = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+def tiny_encoder(*, seed: int | None = 0, **overrides: Any) -> MaskedEncoder:
+    """A MaskedEncoder on 16 x 16 RGB images in patches of 4 (grid 1 x 4 x 4), TINY_VIT blocks.
+
+    Args:
+        seed: ``torch.manual_seed`` before the weights are drawn; None leaves the global generator as it is.
+        **overrides: MaskedEncoder arguments that replace the defaults.
+
+    Returns:
+        The encoder.
+    """
+    kwargs: dict[str, Any] = dict(arch=TINY_ARCH, img_size=16, patch_size=4, in_chans=3, model_kwargs=TINY_VIT)
+    kwargs.update(overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return MaskedEncoder(**kwargs)
+
+
+def tiny_video_encoder(*, seed: int | None = 0, **overrides: Any) -> MaskedEncoder:
+    """``tiny_encoder`` on clips of 4 frames of 16 x 16 in tubelets of 2 x 4 x 4 (grid 2 x 4 x 4).
+
+    Args:
+        seed: as in ``tiny_encoder``.
+        **overrides: MaskedEncoder arguments that replace the defaults.
+
+    Returns:
+        The encoder.
+    """
+    return tiny_encoder(seed=seed, **{"num_frames": 4, "tubelet_size": 2, **overrides})
+
+
+def tiny_table_encoder(*, seed: int | None = 0, **overrides: Any) -> MaskedTableEncoder:
+    """A MaskedTableEncoder with TINY_TABLE_VIT blocks; the schema (``num_numeric``, ``category_cardinalities``)
+    comes in ``overrides`` or, left out, from the datamodule at fit time.
+
+    Args:
+        seed: as in ``tiny_encoder``.
+        **overrides: MaskedTableEncoder arguments that replace the defaults.
+
+    Returns:
+        The encoder.
+    """
+    kwargs: dict[str, Any] = dict(arch=TINY_ARCH, model_kwargs=TINY_TABLE_VIT)
+    kwargs.update(overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return MaskedTableEncoder(**kwargs)
+
+
+class ClipDataset(Dataset):
+    """16 correlated clips of 3 x 4 x 16 x 16: one random frame repeated, plus ``noise`` times Gaussian noise.
+
+    Args:
+        noise: the scale of the per-clip, per-frame Gaussian noise.
+    """
+
+    def __init__(self, noise: float) -> None:
+        g = torch.Generator().manual_seed(0)
+        base = torch.rand(1, 3, 1, 16, 16, generator=g)  # (1, C, 1, H, W)
+        self.x = (base + noise * torch.randn(16, 3, 4, 16, 16, generator=g)).float()  # (16, C, T, H, W)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"video": self.x[i]}
+
+
+def cpu_trainer(**overrides: Any) -> L.Trainer:
+    """A quiet one-process CPU Lightning Trainer: no logger, checkpoints, progress bar or model summary.
+
+    Args:
+        **overrides: Trainer arguments that replace the defaults (``max_steps``, ``callbacks``,
+            ``enable_checkpointing=True`` ...).
+
+    Returns:
+        The trainer.
+    """
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+class LossRecorder(L.Callback):
+    """Keeps every training step's loss as a float in ``losses`` (a host sync per step is fine in a test)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+class TrainMetricsRecorder(L.Callback):
+    """Keeps, after every training step, the ``train/...`` entries of ``trainer.callback_metrics`` as floats."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
