@@ -35,11 +35,14 @@ def _owner_name(owner: object) -> str:
     return owner.__name__ if isinstance(owner, type) else type(owner).__name__
 
 
-def invalid(owner: object, field: str, expected: str, value: Any) -> ValueError:
-    """The ``ValueError`` of every check: ``"{Owner}.{field} must be {expected}, got {value!r}"``.
+def invalid(owner: object, field: str, expected: str, value: Any, *, hint: str = "") -> ValueError:
+    """The ``ValueError`` of every check: ``"{Owner}.{field} must be {expected} ({hint}), got {value!r}"``.
 
-    For checks that the functions below do not cover; ``raise invalid(...)`` keeps the message style.
+    For checks that the functions below do not cover; ``raise invalid(...)`` keeps the message style. ``hint``
+    (every check takes one) is help text in parentheses after the valid range, e.g. ``"a fraction of training"``.
     """
+    if hint:
+        expected = f"{expected} ({hint})"
     return ValueError(f"{_owner_name(owner)}.{field} must be {expected}, got {value!r}")
 
 
@@ -52,7 +55,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def check_int(owner: object, field: str, value: Any, *, minimum: int | None = 1, maximum: int | None = None) -> int:
+def check_int(
+    owner: object,
+    field: str,
+    value: Any,
+    *,
+    minimum: int | None = 1,
+    maximum: int | None = None,
+    hint: str = "",
+) -> int:
     """An ``int`` (not a ``bool``) in ``[minimum, maximum]``; None leaves that side unbounded.
 
     Returns:
@@ -75,7 +86,7 @@ def check_int(owner: object, field: str, value: Any, *, minimum: int | None = 1,
         or (minimum is not None and value < minimum)
         or (maximum is not None and value > maximum)
     ):
-        raise invalid(owner, field, expected, value)
+        raise invalid(owner, field, expected, value, hint=hint)
     return value
 
 
@@ -109,6 +120,7 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    hint: str = "",
 ) -> float:
     """A real number (not a ``bool``) in the interval from ``low`` to ``high``; NaN is always rejected.
 
@@ -123,7 +135,7 @@ def check_range(
             got 0"`` or ``"X.weight must be a finite number >= 0, got inf"``.
     """
     if not _is_number(value) or not _in_range(float(value), low, high, low_open, high_open):
-        raise invalid(owner, field, _range_text(low, high, low_open, high_open), value)
+        raise invalid(owner, field, _range_text(low, high, low_open, high_open), value, hint=hint)
     return float(value)
 
 
@@ -136,6 +148,7 @@ def check_pair_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    hint: str = "",
 ) -> tuple[float, float]:
     """A pair ``(lo, hi)`` of real numbers with ``low <= lo <= hi <= high`` (``<`` at an open bound).
 
@@ -153,18 +166,18 @@ def check_pair_range(
     try:
         lo, hi = value
     except (TypeError, ValueError):
-        raise invalid(owner, field, expected, value) from None
+        raise invalid(owner, field, expected, value, hint=hint) from None
     if (
         isinstance(value, (str, bytes))
         or not (_is_number(lo) and _is_number(hi))
         or not (_in_range(float(lo), low, high, low_open, high_open) and _in_range(float(hi), low, high, low_open, high_open))
         or not float(lo) <= float(hi)
     ):
-        raise invalid(owner, field, expected, value)
+        raise invalid(owner, field, expected, value, hint=hint)
     return float(lo), float(hi)
 
 
-def check_choice(owner: object, field: str, value: T, choices: Collection[Any]) -> T:
+def check_choice(owner: object, field: str, value: T, choices: Collection[Any], *, hint: str = "") -> T:
     """One of ``choices`` (compared with ``==``; a ``bool`` never matches an integer choice).
 
     Returns:
@@ -180,7 +193,7 @@ def check_choice(owner: object, field: str, value: T, choices: Collection[Any]) 
     if ok and isinstance(value, bool):
         ok = any(isinstance(c, bool) and c == value for c in choices)
     if not ok:
-        raise invalid(owner, field, f"one of ({', '.join(repr(c) for c in choices)})", value)
+        raise invalid(owner, field, f"one of ({', '.join(repr(c) for c in choices)})", value, hint=hint)
     return value
 
 

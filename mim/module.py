@@ -1,7 +1,7 @@
 """PretrainModule: an encoder, a masking strategy and one or more targets, trained with Lightning.
 
-One step (DESIGN.md §1): draw masks -> encode the visible tokens once -> every target computes its loss
-from the shared latent -> weighted sum -> optimizer step -> ``target.after_step`` (EMA and the like).
+One step (docs/architecture.md, "One training step"): draw masks -> encode the visible tokens once -> every target
+computes its loss from the shared latent -> weighted sum -> optimizer step -> ``target.after_step`` (EMA and the like).
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ class PretrainModule(L.LightningModule):
             warmup = hp.warmup_steps
         else:
             # Optimizer steps per epoch from the loader's length (Lightning steps on a partial group at epoch
-            # end), so warmup_epochs means epochs also when max_steps ends the run (methods/IMAGE.md §1.0).
+            # end), so warmup_epochs means epochs also when max_steps ends the run (as MAE's per-iteration schedule,
+            # facebookresearch/mae util/lr_sched.py).
             if self.trainer.train_dataloader is None:  # max_steps-only runs: Lightning has not loaded the data yet
                 self.trainer.fit_loop.setup_data()  # (what estimated_stepping_batches does otherwise)
             batches: float = self.trainer.num_training_batches

@@ -29,6 +29,18 @@ def test_invalid_message_and_owner_forms():
     assert str(invalid(Owner, "x", "True or False", None)) == "Owner.x must be True or False, got None"
 
 
+def test_every_check_appends_the_hint_after_the_range():
+    with _raises("X.ramp must be a number in [0, 1] (a fraction of training), got 2"):
+        check_range("X", "ramp", 2, 0, 1, hint="a fraction of training")
+    with _raises("X.n must be an integer >= 0 (0: never), got -1"):
+        check_int("X", "n", -1, minimum=0, hint="0: never")
+    with _raises("X.p must be a pair (lo, hi) with 0 < lo <= hi <= 1 (area fraction), got (0, 1)"):
+        check_pair_range("X", "p", (0, 1), 0, 1, low_open=True, hint="area fraction")
+    with _raises("X.c must be one of ('a', 'b') (see docs), got 'z'"):
+        check_choice("X", "c", "z", ("a", "b"), hint="see docs")
+    assert str(invalid("X", "f", "a thing", 1, hint="why")) == "X.f must be a thing (why), got 1"
+
+
 # ---------------------------------------------------------------------------------------------- check_int
 @pytest.mark.parametrize(
     ("kwargs", "value"),

@@ -16,19 +16,12 @@ import torch
 
 av = pytest.importorskip("av")
 
-from mim.data import video as video_module  # noqa: E402
+from mim.data import video_io as video_module  # noqa: E402
 from mim.data.base import normalize_video  # noqa: E402
-from mim.data.video import (  # noqa: E402
-    ClipRandomResizedCrop,
-    CorruptVideoWarning,
-    VideoClipDataset,
-    VideoDataModule,
-    VideoEntry,
-    collate_clips,
-    read_frames,
-    read_video_list,
-    sample_frame_indices,
-)
+from mim.data.transforms import ClipRandomResizedCrop  # noqa: E402
+from mim.data.video import ClipDecoder, CorruptVideoWarning, collate_clips  # noqa: E402
+from mim.data.video_folder import VideoClipDataset, VideoDataModule  # noqa: E402
+from mim.data.video_io import VideoEntry, read_frames, read_video_list, sample_frame_indices  # noqa: E402
 
 NUM_CODE_FRAMES = 40  # frames of the time-code clips
 LEVEL = 5  # grey step per frame
@@ -157,7 +150,8 @@ def test_crop_is_shared_by_all_frames_and_independent_across_repeats(clips):
     torch.manual_seed(3)
     crop = ClipRandomResizedCrop(32, scale=(0.1, 0.3), ratio=(0.75, 1.33), flip=True)
     dataset = VideoClipDataset(
-        [VideoEntry(str(clips["static"]))], num_frames=4, frame_stride=2, transform=crop, num_repeats=6
+        [VideoEntry(str(clips["static"]))],
+        decoder=ClipDecoder(num_frames=4, frame_stride=2, transform=crop, num_repeats=6),
     )
     clip = dataset[0]["video"]  # (R, C, T, S, S)
     assert clip.shape == (6, 3, 4, 32, 32)

@@ -1,4 +1,4 @@
-"""Video shards: ``mim pack`` of real H.264 clips, ``VideoDataModule(urls=...)`` reading them back, a real fit."""
+"""Video shards: ``mim pack`` of real H.264 clips, ``VideoShardDataModule(urls=...)`` reading them back, a real fit."""
 
 from __future__ import annotations
 
@@ -21,13 +21,10 @@ pytest.importorskip("av")
 from mim.data.pack import main as pack_main  # noqa: E402
 from mim.data.pack import pack  # noqa: E402
 from mim.data.shards import TooManyCorruptError  # noqa: E402
-from mim.data.video import (  # noqa: E402
-    ClipCenterCrop,
-    CorruptVideoWarning,
-    VideoDataModule,
-    VideoShardDataset,
-    collate_clips,
-)
+from mim.data.transforms import ClipCenterCrop  # noqa: E402
+from mim.data.video import ClipDecoder, CorruptVideoWarning, collate_clips  # noqa: E402
+from mim.data.video_folder import VideoDataModule  # noqa: E402
+from mim.data.video_shards import VideoShardDataModule, VideoShardDataset  # noqa: E402
 
 SMALL = dict(num_frames=4, frame_stride=2, image_size=32, resize_short=48)
 
@@ -101,7 +98,7 @@ def test_pack_flat_folder_and_list_file(real_clips: Path, tmp_path: Path):
 
 
 def test_datamodule_reads_video_shards(packed_videos: Path):
-    dm = VideoDataModule(urls=str(packed_videos), batch_size=2, num_repeats=2, **SMALL)
+    dm = VideoShardDataModule(urls=str(packed_videos), batch_size=2, num_repeats=2, **SMALL)
     assert dm.num_classes == 2 and dm.classes == ["a", "b"] and dm.samples_per_epoch == 4
     batches = list(dm.train_dataloader())
     assert len(batches) == 2  # 4 videos / 2 per batch
@@ -117,7 +114,7 @@ def test_datamodule_reads_video_shards(packed_videos: Path):
     assert normalised.dtype == torch.float32 and normalised.shape == (4, 3, 4, 32, 32)
     assert dm.num_corrupt == 0 and dm.num_skipped == 0
 
-    val = VideoDataModule(urls=str(packed_videos), val_urls=str(packed_videos), batch_size=2, **SMALL)
+    val = VideoShardDataModule(urls=str(packed_videos), val_urls=str(packed_videos), batch_size=2, **SMALL)
     (first,) = list(val.val_dataloader())[:1]
     assert first["video"].shape == (2, 3, 4, 32, 32)
     assert torch.equal(first["video"], next(iter(val.val_dataloader()))["video"])  # centre clips: deterministic
@@ -129,7 +126,7 @@ class KeyedVideoShards(VideoShardDataset):
     def _decode(self, url, key, fields, slot, rng):
         sample = super()._decode(url, key, fields, slot, rng)
         if sample is not None:
-            sample["key"] = torch.full((self.num_repeats,), int(Path(key).name))
+            sample["key"] = torch.full((self.decoder.num_repeats,), int(Path(key).name))
         return sample
 
 
@@ -145,11 +142,9 @@ def _keyed(urls: list[str], rank: int, world: int, seed: int = 0) -> KeyedVideoS
         rank=rank,
         world_size=world,
         seed=seed,
-        num_frames=4,
-        frame_stride=2,
-        transform=ClipCenterCrop(32),
-        short_side=32,
-        decode_threads=1,
+        decoder=ClipDecoder(
+            num_frames=4, frame_stride=2, transform=ClipCenterCrop(32), short_side=32, decode_threads=1
+        ),
     )
 
 
@@ -173,7 +168,7 @@ def test_rank_from_environment_splits_the_datamodule(packed_videos: Path, monkey
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        dm = VideoDataModule(urls=str(packed_videos), batch_size=1, **SMALL)
+        dm = VideoShardDataModule(urls=str(packed_videos), batch_size=1, **SMALL)
         batches = list(dm.train_dataloader())
         assert len(batches) == 2 and dm.train_dataset.rank == rank and dm.train_dataset.world_size == 2
         labels += [int(b["label"][0]) for b in batches]
@@ -184,7 +179,7 @@ def test_order_is_a_function_of_seed_and_epoch(packed_videos: Path):
     urls = sorted(str(p) for p in packed_videos.glob("*.tar"))
 
     def run(seed: int, epoch: int) -> list[torch.Tensor]:
-        dm = VideoDataModule(urls=urls, samples_per_epoch=4, num_classes=2, batch_size=2, seed=seed, **SMALL)
+        dm = VideoShardDataModule(urls=urls, samples_per_epoch=4, num_classes=2, batch_size=2, seed=seed, **SMALL)
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(epoch)
         return [b["video"] for b in loader]
@@ -222,7 +217,7 @@ def test_corrupt_member_is_skipped_and_counted(packed_videos: Path, real_clips: 
 
     def run(max_corrupt):
         # 6 > the 5 good videos: every shard is read at least once
-        dm = VideoDataModule(
+        dm = VideoShardDataModule(
             urls=urls,
             samples_per_epoch=6,
             num_classes=2,
@@ -247,20 +242,21 @@ def test_corrupt_member_is_skipped_and_counted(packed_videos: Path, real_clips: 
 
 
 def test_argument_errors(packed_videos: Path, real_clips: Path, tmp_path: Path):
-    with pytest.raises(ValueError, match="either urls"):
-        VideoDataModule(urls=str(packed_videos), root=str(real_clips))
-    with pytest.raises(ValueError, match="need urls"):
+    with pytest.raises(TypeError, match="root"):  # files and shards are separate datamodules
+        VideoShardDataModule(urls=str(packed_videos), root=str(real_clips))
+    with pytest.raises(TypeError, match="samples_per_epoch"):
         VideoDataModule(root=str(real_clips), samples_per_epoch=4)
     with pytest.raises(ValueError, match="samples_per_epoch is required"):
-        VideoDataModule(urls=[str(p) for p in sorted(packed_videos.glob("*.tar"))])
+        VideoShardDataModule(urls=[str(p) for p in sorted(packed_videos.glob("*.tar"))])
     with pytest.raises(ValueError, match="max_corrupt"):
-        VideoDataModule(urls=str(packed_videos), max_corrupt=1.5)
+        VideoShardDataModule(urls=str(packed_videos), max_corrupt=1.5)
     with pytest.raises(ValueError, match="less than one batch"):
-        VideoDataModule(urls=str(packed_videos), batch_size=8).train_dataloader()
+        VideoShardDataModule(urls=str(packed_videos), batch_size=8).train_dataloader()
 
 
 def test_video_debug_recipe_trains_on_shards(packed_videos: Path, tmp_path: Path):
-    """`recipes/debug/mae_video.yaml` with `--data.init_args.urls`: decode from shards, tubelets, masking, fit."""
+    """`recipes/debug/mae_video.yaml` with `VideoShardDataModule` and `--data.init_args.urls`: decode from shards,
+    tubelets, masking, fit."""
     from mim.lightning_cli import build
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "debug" / "mae_video.yaml"
@@ -268,7 +264,7 @@ def test_video_debug_recipe_trains_on_shards(packed_videos: Path, tmp_path: Path
         [
             "--config",
             str(recipe),
-            "--data.init_args.root=null",
+            "--data.class_path=mim.data.VideoShardDataModule",
             f"--data.init_args.urls={packed_videos}",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.max_epochs=3",
@@ -276,7 +272,7 @@ def test_video_debug_recipe_trains_on_shards(packed_videos: Path, tmp_path: Path
         ],
         save_config_callback=None,
     )
-    assert isinstance(cli.datamodule, VideoDataModule) and cli.datamodule.urls
+    assert isinstance(cli.datamodule, VideoShardDataModule) and cli.datamodule.urls
     losses: list[float] = []
 
     class Record(L.Callback):
@@ -294,11 +290,11 @@ def test_video_debug_recipe_trains_on_shards(packed_videos: Path, tmp_path: Path
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_continues_the_same_batches(packed_videos: Path, num_workers: int):
-    """A VideoDataModule restored from {"epoch", "batches_done"} yields exactly the rest of that epoch."""
+    """A VideoShardDataModule restored from {"epoch", "batches_done"} yields exactly the rest of that epoch."""
     urls = sorted(str(p) for p in packed_videos.glob("*.tar"))
 
     def loader(state: dict | None):
-        dm = VideoDataModule(
+        dm = VideoShardDataModule(
             urls=urls, samples_per_epoch=4, num_classes=2, batch_size=1, num_workers=num_workers, **SMALL
         )
         assert dm.state_dict() == {}  # no trainer attached: nothing to save

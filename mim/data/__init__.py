@@ -19,17 +19,12 @@ _MODULES = {
     ),
     "mim.data.folder": ("CorruptImageWarning", "ImageFolderDataModule", "ImageFolderDataset"),
     "mim.data.shards": ("ShardDataModule", "ShardDataset"),
-    "mim.data.transforms": ("eval_transform", "mae_train_transform"),
-    "mim.data.video": ("CorruptVideoWarning", "VideoClipDataset", "VideoDataModule", "collate_clips"),
-    "mim.data.tables": (
-        "TableBatch",
-        "TableDataModule",
-        "TableDataset",
-        "TablePreprocessor",
-        "infer_column_kinds",
-        "read_table",
-        "sklearn_table",
-    ),
+    "mim.data.transforms": ("ClipCenterCrop", "ClipRandomResizedCrop", "eval_transform", "mae_train_transform"),
+    "mim.data.video": ("ClipDecoder", "CorruptVideoWarning", "collate_clips"),
+    "mim.data.video_folder": ("VideoClipDataset", "VideoDataModule"),
+    "mim.data.video_shards": ("VideoShardDataModule", "VideoShardDataset"),
+    "mim.data.table_preprocess": ("TableBatch", "TablePreprocessor", "infer_column_kinds"),
+    "mim.data.tables": ("TableDataModule", "TableDataset", "read_table", "sklearn_table"),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -52,7 +52,7 @@ FORMAT = "mim-shards-v1"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")  # = mim.data.video.VIDEO_EXTENSIONS
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")  # = mim.data.video_io.VIDEO_EXTENSIONS
 
 
 def _is_video(path: str) -> bool:
@@ -123,7 +123,7 @@ def read_sources(src: str | Path) -> tuple[list[str] | None, list[tuple[str, int
     src = Path(src)
     if src.is_dir():
         if _has_video(src):  # a video folder: flat (one class) or one subfolder per class
-            from mim.data.video import scan_video_folder
+            from mim.data.video_io import scan_video_folder
 
             video_classes, entries = scan_video_folder(src, field="src")
             return video_classes, sorted((e.path, e.label) for e in entries)

@@ -248,7 +248,9 @@ class VideoDataModuleBase(ImageDataModule):
             short_side=self.resize_short if (self.augment or self.resize_short) else self.image_size,
             **common,
         )
-        val = ClipDecoder(transform=center, sampling="center", short_side=self.resize_short or self.image_size, **common)
+        val = ClipDecoder(
+            transform=center, sampling="center", short_side=self.resize_short or self.image_size, **common
+        )
         return train, val
 
     def _loader_kwargs(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor, nn
 
+from mim.checks import check_range
 from mim.models.base import Encoder
 from mim.types import Batch, Masks
 
@@ -26,8 +27,7 @@ class Target(nn.Module, ABC):
 
     def __init__(self, *, weight: float = 1.0) -> None:
         super().__init__()
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"{type(self).__name__}.weight must be a finite number >= 0, got {weight!r}")
+        check_range(self, "weight", weight, 0, math.inf, high_open=True)
         self.weight = float(weight)
 
     def bind(self, encoder: Encoder) -> None:  # noqa: B027 - optional hook

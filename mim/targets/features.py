@@ -8,10 +8,13 @@ over that feature's own vocabulary). Missing values are not predicted.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mim.checks import check_int, check_range, invalid
 from mim.models.decoder import MAEDecoder
 from mim.models.table_encoder import MaskedTableEncoder
 from mim.targets.base import Target
@@ -46,15 +49,13 @@ class FeatureTarget(Target):
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
-        if decoder_depth < 1:
-            raise ValueError(f"FeatureTarget.decoder_depth must be >= 1, got {decoder_depth}")
-        if decoder_num_heads < 1 or decoder_dim % decoder_num_heads or decoder_dim % 4:
-            raise ValueError(
-                f"FeatureTarget.decoder_dim ({decoder_dim}) must be divisible by 4 and by decoder_num_heads "
-                f"({decoder_num_heads})"
-            )
-        if categorical_weight < 0:
-            raise ValueError(f"FeatureTarget.categorical_weight must be >= 0, got {categorical_weight}")
+        owner = "FeatureTarget"
+        check_int(owner, "decoder_depth", decoder_depth)
+        check_int(owner, "decoder_num_heads", decoder_num_heads)
+        if check_int(owner, "decoder_dim", decoder_dim) % decoder_num_heads or decoder_dim % 4:
+            expected = f"divisible by 4 and by decoder_num_heads={decoder_num_heads}"
+            raise invalid(owner, "decoder_dim", expected, decoder_dim)
+        check_range(owner, "categorical_weight", categorical_weight, 0, math.inf)
         self.decoder_dim, self.decoder_depth, self.decoder_num_heads = decoder_dim, decoder_depth, decoder_num_heads
         self.categorical_weight = categorical_weight
         self.decoder: MAEDecoder | None = None

@@ -11,11 +11,13 @@ loss-predictor stack (the official code also runs the reconstructor there and di
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from mim.checks import check_choice, check_range, invalid
 from mim.ema import EMA, ema_momentum
 from mim.models.base import Encoder
 from mim.models.encoder import MaskedEncoder
@@ -72,19 +74,13 @@ class HardPatchTarget(PixelTarget):
             norm_pix_mode=norm_pix_mode,
             weight=weight,
         )
-        if loss_predictor_loss not in ("relative", "mse"):
-            raise ValueError(
-                f"HardPatchTarget.loss_predictor_loss must be 'relative' or 'mse', got {loss_predictor_loss!r}"
-            )
-        if not loss_predictor_weight >= 0:
-            raise ValueError(f"HardPatchTarget.loss_predictor_weight must be >= 0, got {loss_predictor_weight}")
+        owner = "HardPatchTarget"
+        check_choice(owner, "loss_predictor_loss", loss_predictor_loss, ("relative", "mse"))
+        check_range(owner, "loss_predictor_weight", loss_predictor_weight, 0, math.inf)
         momentum = tuple(float(m) for m in ema_momentum)
         if len(momentum) != 2 or not all(0.0 <= m <= 1.0 for m in momentum):
-            raise ValueError(
-                f"HardPatchTarget.ema_momentum must be two numbers in [0, 1] (start, end), got {ema_momentum}"
-            )
-        if not 0.0 <= ema_ramp <= 1.0:
-            raise ValueError(f"HardPatchTarget.ema_ramp must be in [0, 1] (a fraction of training), got {ema_ramp}")
+            raise invalid(owner, "ema_momentum", "two numbers in [0, 1]", ema_momentum, hint="start, end")
+        check_range(owner, "ema_ramp", ema_ramp, 0, 1, hint="a fraction of training")
         self.loss_predictor_loss, self.loss_predictor_weight = loss_predictor_loss, loss_predictor_weight
         self.ema_momentum, self.ema_ramp = momentum, ema_ramp
         self.loss_predictor: LossPredictor | None = None

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mim.checks import check_choice, check_int, check_range, invalid
 from mim.ema import EMA, ema_momentum
 from mim.metrics import per_dimension_std, rankme
 from mim.models.base import Encoder
@@ -94,29 +95,21 @@ class LatentTarget(Target):
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
-        if isinstance(predictor_dim, bool) or predictor_dim < 4 or predictor_dim % 4:
-            raise ValueError(f"LatentTarget.predictor_dim must be a positive multiple of 4, got {predictor_dim}")
-        if predictor_depth < 1:
-            raise ValueError(f"LatentTarget.predictor_depth must be >= 1, got {predictor_depth}")
-        if predictor_num_heads is not None and (predictor_num_heads < 1 or predictor_dim % predictor_num_heads):
-            raise ValueError(
-                f"LatentTarget.predictor_num_heads must divide predictor_dim ({predictor_dim}), got {predictor_num_heads}"
-            )
-        if not (math.isfinite(predictor_mlp_ratio) and predictor_mlp_ratio > 0):
-            raise ValueError(f"LatentTarget.predictor_mlp_ratio must be > 0, got {predictor_mlp_ratio}")
-        if predictor_groups not in ("separate", "joint"):
-            raise ValueError(f"LatentTarget.predictor_groups must be 'separate' or 'joint', got {predictor_groups!r}")
-        if loss not in ("smooth_l1", "l1", "mse"):
-            raise ValueError(f"LatentTarget.loss must be 'smooth_l1', 'l1' or 'mse', got {loss!r}")
+        owner = "LatentTarget"
+        if check_int(owner, "predictor_dim", predictor_dim) % 4:
+            raise invalid(owner, "predictor_dim", "a multiple of 4", predictor_dim)
+        check_int(owner, "predictor_depth", predictor_depth)
+        heads = predictor_num_heads
+        if heads is not None and predictor_dim % check_int(owner, "predictor_num_heads", heads):
+            raise invalid(owner, "predictor_num_heads", f"a divisor of predictor_dim={predictor_dim}", heads)
+        check_range(owner, "predictor_mlp_ratio", predictor_mlp_ratio, 0, math.inf, low_open=True, high_open=True)
+        check_choice(owner, "predictor_groups", predictor_groups, ("separate", "joint"))
+        check_choice(owner, "loss", loss, ("smooth_l1", "l1", "mse"))
         start_end = tuple(float(m) for m in momentum)
         if len(start_end) != 2 or not all(0.0 <= m <= 1.0 for m in start_end):
-            raise ValueError(f"LatentTarget.momentum must be two numbers in [0, 1] (start, end), got {momentum}")
-        if not 0.0 <= momentum_ramp <= 1.0:
-            raise ValueError(
-                f"LatentTarget.momentum_ramp must be in [0, 1] (a fraction of training), got {momentum_ramp}"
-            )
-        if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 0:
-            raise ValueError(f"LatentTarget.monitor_every must be an int >= 0 (0: never), got {monitor_every!r}")
+            raise invalid(owner, "momentum", "two numbers in [0, 1]", momentum, hint="start, end")
+        check_range(owner, "momentum_ramp", momentum_ramp, 0, 1, hint="a fraction of training")
+        check_int(owner, "monitor_every", monitor_every, minimum=0, hint="0: never")
         self.predictor_dim, self.predictor_depth = predictor_dim, predictor_depth
         self.predictor_num_heads, self.predictor_mlp_ratio = predictor_num_heads, predictor_mlp_ratio
         self.predictor_groups: Literal["separate", "joint"] = predictor_groups

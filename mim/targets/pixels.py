@@ -17,11 +17,13 @@ Hard-patch mining (HPM) builds on this target in :mod:`mim.targets.hard_patch`.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from mim.checks import check_choice, check_int, check_range, invalid
 from mim.models.base import Encoder
 from mim.models.decoder import MAEDecoder
 from mim.models.encoder import MaskedEncoder
@@ -94,18 +96,15 @@ class PixelTarget(Target):
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
-        if decoder_depth < 1:
-            raise ValueError(f"PixelTarget.decoder_depth must be >= 1, got {decoder_depth}")
-        if decoder_num_heads < 1 or decoder_dim % decoder_num_heads:
-            raise ValueError(
-                f"PixelTarget.decoder_dim ({decoder_dim}) must be divisible by decoder_num_heads ({decoder_num_heads})"
-            )
+        owner = "PixelTarget"
+        check_int(owner, "decoder_depth", decoder_depth)
+        check_int(owner, "decoder_num_heads", decoder_num_heads)
+        if check_int(owner, "decoder_dim", decoder_dim) % decoder_num_heads:
+            raise invalid(owner, "decoder_dim", f"divisible by decoder_num_heads={decoder_num_heads}", decoder_dim)
         if decoder_dim % 4:
-            raise ValueError(f"PixelTarget.decoder_dim must be divisible by 4 (sin-cos table), got {decoder_dim}")
-        if not norm_pix_eps > 0:
-            raise ValueError(f"PixelTarget.norm_pix_eps must be > 0, got {norm_pix_eps}")
-        if norm_pix_mode not in ("patch", "channel"):
-            raise ValueError(f"PixelTarget.norm_pix_mode must be 'patch' or 'channel', got {norm_pix_mode!r}")
+            raise invalid(owner, "decoder_dim", "divisible by 4 (sin-cos table)", decoder_dim)
+        check_range(owner, "norm_pix_eps", norm_pix_eps, 0, math.inf, low_open=True)
+        check_choice(owner, "norm_pix_mode", norm_pix_mode, ("patch", "channel"))
         self.decoder_dim, self.decoder_depth = decoder_dim, decoder_depth
         self.decoder_num_heads, self.decoder_mlp_ratio = decoder_num_heads, decoder_mlp_ratio
         self.norm_pix, self.norm_pix_eps, self.norm_pix_mode = norm_pix, norm_pix_eps, norm_pix_mode
