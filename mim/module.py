@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from mim.checks import check_int, check_range, invalid
 from mim.masking.base import MaskingStrategy
 from mim.models.base import Encoder
 from mim.optim import cosine_anneal, param_groups, scaled_lr, warmup_cosine
@@ -94,17 +95,18 @@ class PretrainModule(L.LightningModule):
         ]
         if weight_decay_end is not None:
             checks.append(("weight_decay_end", weight_decay_end))
+        owner = "PretrainModule"
         for field, value in checks:
-            if value < 0:
-                raise ValueError(f"PretrainModule.{field} must be >= 0, got {value}")
-        if lr is not None and lr <= 0:
-            raise ValueError(f"PretrainModule.lr must be > 0 when set, got {lr}")
+            check_range(owner, field, value, 0, math.inf)
+        if lr is not None:
+            check_range(owner, "lr", lr, 0, math.inf, low_open=True)
         if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
-            raise ValueError(f"PretrainModule.betas must be two numbers in [0, 1), got {betas}")
-        if warmup_epochs < 0 or (warmup_steps is not None and warmup_steps < 0):
-            raise ValueError("PretrainModule.warmup_epochs / warmup_steps must be >= 0")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"PretrainModule.batch_size must be >= 1 when set, got {batch_size}")
+            raise invalid(owner, "betas", "two numbers in [0, 1)", betas)
+        check_range(owner, "warmup_epochs", warmup_epochs, 0, math.inf)
+        if warmup_steps is not None:
+            check_int(owner, "warmup_steps", warmup_steps, minimum=0)
+        if batch_size is not None:
+            check_int(owner, "batch_size", batch_size)
         self.save_hyperparameters(ignore=["encoder", "masking", "targets"])
         self.seed, self.batch_size = seed, batch_size
         self.encoder = encoder

@@ -31,7 +31,7 @@ def tiny_encoder(*, seed: int | None = 0, **overrides: Any) -> MaskedEncoder:
     Returns:
         The encoder.
     """
-    kwargs: dict[str, Any] = dict(arch=TINY_ARCH, img_size=16, patch_size=4, in_chans=3, model_kwargs=TINY_VIT)
+    kwargs: dict[str, Any] = dict(arch=TINY_ARCH, img_size=16, patch_size=4, in_chans=3, model_kwargs=dict(TINY_VIT))
     kwargs.update(overrides)
     if seed is not None:
         torch.manual_seed(seed)
@@ -62,7 +62,7 @@ def tiny_table_encoder(*, seed: int | None = 0, **overrides: Any) -> MaskedTable
     Returns:
         The encoder.
     """
-    kwargs: dict[str, Any] = dict(arch=TINY_ARCH, model_kwargs=TINY_TABLE_VIT)
+    kwargs: dict[str, Any] = dict(arch=TINY_ARCH, model_kwargs=dict(TINY_TABLE_VIT))
     kwargs.update(overrides)
     if seed is not None:
         torch.manual_seed(seed)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mim.lightning_cli import build
 from mim.export import export_encoder
+from mim.lightning_cli import build
 from mim.models.teacher import read_weights
 from mim.probe import encoder_features, linear_probe
 from mim.quickstart import _probe_table

@@ -274,8 +274,8 @@ def test_grid_too_small_raises() -> None:
 
 # ---------------------------------------------------------------------- the debug recipe on a real table
 def test_debug_recipe_trains_on_a_real_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mim.lightning_cli import build
     from mim.data.tables import sklearn_table
+    from mim.lightning_cli import build
 
     drawn: list[Masks] = []
     call = FeatureSubsetMasking.__call__
