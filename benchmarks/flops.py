@@ -10,7 +10,8 @@ For each architecture (default: MAE ViT-B/16, ViT-L/16 and ViT-H/14 at 224 px, d
 
 the ratio (b)/(a), the training FLOPs as 3 x forward, and the forward + backward actually counted
 (``loss.backward()`` under the counter). Every count is checked against an analytic formula computed here,
-and the totals are compared with the figures of PERF.md section 2a (the official ``models_mae.py``).
+and the totals are compared with reference figures for the official ``models_mae.py`` (facebookresearch/mae): an
+analytic count and FlopCounterMode run on that file (see BENCHMARKS.md).
 
 Counting rules (those of ``torch.utils.flop_counter.FlopCounterMode``): one multiply-add = 2 FLOPs; only
 matrix products and convolutions count (no softmax, LayerNorm, GELU, bias adds or the loss). On CPU the
@@ -27,12 +28,13 @@ MLP hidden width H = mlp_ratio * D):
   prediction head         2*T*Dd*P                         (T = N - K hidden tokens here; N + 1 in models_mae.py)
   backward                2 x forward, less the input gradient of the patch embedding (images need no grad)
 
-Video section (VideoMAE V2 dual masking: Wang et al., CVPR 2023, OpenGVLab/VideoMAEv2; PERF.md "Dual masking,
-analytic" and C2): ViT-B/16 on 16 frames at 224 px, tubelet 2 (grid 8 x 14 x 14, N = 1568, P = 1536), no cls token
-(VideoMAE has none), tube masking 0.9 (K = 8 * int(196 * 0.1) = 152 in mim), decoder 4 blocks x 384 (6 heads),
-per-channel norm-pix. The decoder of ``PixelTarget`` is counted on the V1 masks (every hidden token decoded,
-N + prefix decoder tokens) and on ``DualMasking`` masks with the same encoder mask plus running cell 0.5
-(K + prefix + Kd decoder tokens, Kd = 784); both are checked against the analytic form
+Video section (VideoMAE V2 dual masking: Wang et al., "VideoMAE V2: Scaling Video Masked Autoencoders with Dual
+Masking", CVPR 2023, OpenGVLab/VideoMAEv2; compared with an earlier back-of-envelope estimate of -33 % forward FLOPs,
+70.5 -> 47.2 GFLOP per clip, which dual masking should not exceed): ViT-B/16 on 16 frames at 224 px, tubelet 2 (grid
+8 x 14 x 14, N = 1568, P = 1536), no cls token (VideoMAE has none), tube masking 0.9 (K = 8 * int(196 * 0.1) = 152 in
+mim), decoder 4 blocks x 384 (6 heads), per-channel norm-pix. The decoder of ``PixelTarget`` is counted on the V1
+masks (every hidden token decoded, N + prefix decoder tokens) and on ``DualMasking`` masks with the same encoder mask
+plus running cell 0.5 (K + prefix + Kd decoder tokens, Kd = 784); both are checked against the analytic form
 
   decoder V1   2*(K + c)*D*Dd + dec_depth * block(N + c) + 2*(N - K)*Dd*P
   decoder V2   2*(K + c)*D*Dd + dec_depth * block(K + c + Kd) + 2*Kd*Dd*P
@@ -64,10 +66,10 @@ ALIASES = {
 }
 DEFAULT_ARCHS = ["vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"]
 
-# PERF.md section 2a (224 px, mask 0.75, decoder 8 x 512, 16 heads). "enc"/"dec" are the transformer blocks
-# only; "fwd"/"train" the analytic totals (train = 3 x fwd); "fc_fwd"/"fc_train" FlopCounterMode on the
-# official models_mae.py (train = forward + backward counted); "full" the full-sequence encoder forward
-# (patch embedding included: e.g. ViT-B 34.90 blocks + 0.23 patch embedding = 35.1).
+# Reference figures for the official facebookresearch/mae models_mae.py (224 px, mask 0.75, decoder 8 x 512, 16
+# heads). "enc"/"dec" are the transformer blocks only; "fwd"/"train" the analytic totals (train = 3 x fwd);
+# "fc_fwd"/"fc_train" FlopCounterMode on the official models_mae.py (train = forward + backward counted); "full" the
+# full-sequence encoder forward (patch embedding included: e.g. ViT-B 34.90 blocks + 0.23 patch embedding = 35.1).
 PERF_2A: dict[str, dict[str, float]] = {
     "vit_base_patch16_224": {
         "enc": 8.59,
@@ -97,7 +99,7 @@ PERF_2A: dict[str, dict[str, float]] = {
         "full": 334.6,
     },
 }
-PERF_2A_CONFIG = (0.75, 512, 8, 16)  # mask ratio, decoder dim, depth, heads the PERF.md figures assume
+PERF_2A_CONFIG = (0.75, 512, 8, 16)  # mask ratio, decoder dim, depth, heads the reference figures assume
 
 
 @dataclass
@@ -184,7 +186,6 @@ def measure(
     from mim.masking.random import RandomMasking
     from mim.models.encoder import MaskedEncoder
     from mim.module import PretrainModule
-    from mim.targets.hard_patch import HardPatchTarget
     from mim.targets.pixels import PixelTarget
 
     encoder = MaskedEncoder(arch=arch)
@@ -345,19 +346,25 @@ def report(results: list[Result], args: argparse.Namespace) -> bool:
             rows.append([r.arch, label, _g(ours, 3), f"{theirs:.2f}", _rel(ours, theirs * G)])
         rows.append([r.arch, "step fwd, analytic models_mae.py", _g(a["official_step"], 3), f"{ref['fwd']:.2f}", ""])
     if rows:
-        print("\nComparison with PERF.md section 2a (official models_mae.py; PERF.md rounds to 0.01 GF)")
-        print(_table(["arch", "quantity", "mim GF", "PERF.md GF", "mim vs PERF.md"], rows, text_columns=2))
+        print(
+            "\nComparison with the official models_mae.py (facebookresearch/mae; reference figures rounded to 0.01 GF)"
+        )
+        print(_table(["arch", "quantity", "mim GF", "official GF", "mim vs official"], rows, text_columns=2))
         print(
             "Note: mim's decoder applies decoder_norm and decoder_pred to the N - K hidden tokens only; "
             "models_mae.py applies them to all N + 1 tokens, so mim's step is 2*(K+1)*Dd*P FLOPs smaller."
         )
     elif config != PERF_2A_CONFIG:
-        print("\n(no PERF.md comparison: its figures assume mask 0.75 and a decoder of 8 x 512 with 16 heads)")
+        print(
+            "\n(no comparison with the official models_mae.py: the reference figures assume mask 0.75 and a decoder "
+            "of 8 x 512 with 16 heads)"
+        )
     return ok
 
 
 # ---------------------------------------------------------------------------------------------- video: dual masking
-# PERF.md "Dual masking, analytic" (ViT-B, VideoMAE geometry: 160 visible, no cls): forward GFLOP per clip (-33 %).
+# An earlier back-of-envelope estimate of dual masking (ViT-B, VideoMAE geometry: 160 visible, no cls): forward
+# GFLOP per clip (-33 %).
 PERF_DUAL_B = {"v1": 70.5, "v2": 47.2}
 
 
@@ -408,7 +415,6 @@ def measure_video(*, backward: bool) -> VideoResult:
     from mim.masking.dual import DualMasking
     from mim.masking.tube import TubeMasking
     from mim.models.encoder import MaskedEncoder
-    from mim.targets.hard_patch import HardPatchTarget
     from mim.targets.pixels import PixelTarget
 
     encoder = MaskedEncoder(
@@ -527,7 +533,7 @@ def report_video(r: VideoResult) -> bool:
     print("\nMeasured vs analytic FLOPs per clip (formula in the module docstring)")
     print(_table(["quantity", "FlopCounterMode", "analytic", "agreement"], rows))
 
-    # The same formula at VideoMAE's own geometry (160 visible tokens), to compare with PERF.md's analytic line.
+    # The same formula at VideoMAE's own geometry (160 visible tokens), to compare with that estimate (PERF_DUAL_B).
     geometry = dict(patch_values=1536, dim=768, depth=12, hidden=3072, dec_dim=384, dec_depth=4, dec_hidden=1536)
     ref = video_analytic(n=1568, k=160, kd=784, prefix=0, **geometry)
     blocks = {v: ref["enc_blocks"] + ref[f"dec_blocks_{v}"] for v in ("v1", "v2")}
@@ -535,16 +541,17 @@ def report_video(r: VideoResult) -> bool:
         ("mim, measured (K = 152)", m["step_v1"], m["step_v2"]),
         ("analytic, K = 160, all matmuls", ref["step_v1"], ref["step_v2"]),
         ("analytic, K = 160, blocks only", blocks["v1"], blocks["v2"]),
-        ("PERF.md 'Dual masking, analytic'", PERF_DUAL_B["v1"] * G, PERF_DUAL_B["v2"] * G),
+        ("earlier estimate (analytic)", PERF_DUAL_B["v1"] * G, PERF_DUAL_B["v2"] * G),
     ]
     rows = [[label, _g(v1, 1), _g(v2, 1), _pct(v2, v1)] for label, v1, v2 in pairs]
-    print("\nEncoder + decoder forward GFLOPs per clip, V1 -> V2, against PERF.md")
+    print("\nEncoder + decoder forward GFLOPs per clip, V1 -> V2, against the earlier estimate")
     print(_table(["count", "V1", "V2", "change"], rows))
     print(
-        "Note: PERF.md's V1 figure (70.5) is close to the all-matmul total (tubelet embedding and prediction head "
+        "Note: the estimate's V1 figure (70.5) is close to the all-matmul total (tubelet embedding and prediction head "
         "included) while its V2 figure (47.2) is close to the blocks-only total: mixing the two overstates the "
         "saving (47.2 / 70.5 = -33 %). Counted consistently, dual masking saves 27-28 % of the forward FLOPs (28 % "
-        "of the blocks, as methods/JEPA_VIDEO.md 3(c) has it) and of the fwd+bwd FLOPs; the decoder's own FLOPs halve."
+        "of the blocks, as a back-of-envelope count of the blocks gives: encoder 28 GF, decoder 37 -> 19 GF) and "
+        "of the fwd+bwd FLOPs; the decoder's own FLOPs halve."
     )
     return ok
 
@@ -593,7 +600,7 @@ def report_hpm(r: dict[str, float]) -> None:
         ["HPM student (both decoders, both losses)", _g(r["hpm_train"]), f"{r['hpm_train'] / r['mae_step']:.2f}x"],
         ["HPM EMA scoring pass (full image)", _g(r["hpm_scores"]), f"{r['hpm_scores'] / r['mae_step']:.2f}x"],
         ["HPM step (student + scoring)", _g(r["hpm_step"]), f"{r['hpm_step'] / r['mae_step']:.2f}x"],
-        ["official HPM (PERF.md 1d, analytic)", "147.5", f"{147.5e9 / r['mae_step']:.2f}x"],
+        ["official Haochen-Wang409/HPM (analytic)", "147.5", f"{147.5e9 / r['mae_step']:.2f}x"],
     ]
     print(_table(["quantity", "GFLOPs", "vs MAE"], rows))
 

@@ -1,4 +1,5 @@
-"""C5: mask-generation cost per image for every masking strategy, and its share of a training step.
+"""Mask-generation cost per image for every masking strategy, and its share of a training step (the performance
+target: masks drawn inside the step cost ≤ 1 % of it).
 
 For every strategy in ``mim.masking`` (those added later — hard-patch, dual / running-cell, feature subsets — are
 timed when they import, and listed as absent otherwise) the script times one call at batch 256 on one thread,
@@ -201,7 +202,7 @@ def main() -> int:
     step_min = us(min(step_times), a.step_batch) if step_times else float("nan")
     budget_us = 1e6 / H100_VIT_B_IMG_S
     print(
-        f"mim mask generation (PERF.md C5): batch {a.batch_size} on {device} "
+        f"mim mask generation (target: ≤ 1 % of a step): batch {a.batch_size} on {device} "
         f"({a.threads} thread{'s' if a.threads > 1 else ''}), {a.rounds} interleaved rounds x {a.calls} calls"
     )
     print(
@@ -215,7 +216,7 @@ def main() -> int:
             f"per image, min {step_min / 1e3:.1f} ms ({len(step_times)} steps)"
         )
     print(
-        f"GPU budget: at {H100_VIT_B_IMG_S:,.0f} img/s (PERF.md, MAE ViT-B on one H100 at 40 % MFU) a step costs "
+        f"GPU budget: at {H100_VIT_B_IMG_S:,.0f} img/s (the target for MAE ViT-B on one H100: 40 % MFU) a step costs "
         f"{budget_us:.0f} µs per image; 1 % of it is {budget_us / 100:.2f} µs per image "
         f"({budget_us / 100 * 512 / 1e3:.2f} ms per step at 512 images per GPU)"
     )

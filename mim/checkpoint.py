@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import warnings
@@ -24,11 +25,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CheckpointError",
     "WorldSizeMismatchError",
     "check_resume",
     "checkpoint_kind",
     "checkpoint_world_size",
     "consolidate_checkpoint",
+    "read_checkpoint",
     "strategy_family",
 ]
 
@@ -58,6 +61,10 @@ _DEEPSPEED_KEYS = {  # DeepSpeed's own entries in a model-states file (everythin
     "compiled_autograd_config",
     "checkpoint_parallel_dimensions",
 }
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, truncated, corrupt, or not written by mim. The message is one line."""
 
 
 class WorldSizeMismatchError(RuntimeError):
@@ -179,8 +186,30 @@ def _fp32(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load(path: Path, *, trusted_internal: bool = False) -> dict[str, Any]:
+    """``torch.load`` on CPU with ``weights_only=True``; any failure becomes one :class:`CheckpointError` line.
+
+    ``trusted_internal``: DeepSpeed's own client-state file inside a checkpoint folder, which holds DeepSpeed objects
+    that weights-only unpickling refuses; it is read with ``weights_only=False`` (as DeepSpeed itself does).
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trusted_internal)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; one line names the file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e):
+            raise CheckpointError(
+                f"{path}: not a checkpoint mim can read safely (weights-only loading refused it: {reason[:160]}); "
+                "it may be a text file or a pickle of arbitrary objects"
+            ) from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {reason[:160]}); the file is truncated or corrupt "
+            "(an interrupted write or copy?): use another checkpoint of the run"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (the file holds a {type(obj).__name__}, not a dict)")
+    return obj
 
 
 def _consolidate_deepspeed(path: Path) -> dict[str, Any]:
@@ -190,7 +219,7 @@ def _consolidate_deepspeed(path: Path) -> dict[str, Any]:
     assert tag is not None
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
     files = sorted(tag.glob("*_model_states.pt"))
-    client = _load(next((f for f in files if f.name in names), files[0]))
+    client = _load(next((f for f in files if f.name in names), files[0]), trusted_internal=True)
     with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag.name)
     # zero_to_fp32 rebuilds parameters and buffers; module entries that are neither (``_extra_state``) come from the
@@ -210,7 +239,7 @@ def _consolidate_dcp(path: Path) -> dict[str, Any]:
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)
         loaded = _load_state_dict_from_keys(keys={"state_dict"}, checkpoint_id=str(path))
-    out = _load(path / _LIGHTNING_META) if (path / _LIGHTNING_META).is_file() else {}
+    out = _load(path / _LIGHTNING_META, trusted_internal=True) if (path / _LIGHTNING_META).is_file() else {}
     out.pop("optimizer_states", None)
     out["state_dict"] = _strip_wrapper(_fp32(loaded["state_dict"]))
     return out
@@ -244,7 +273,70 @@ def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return _consolidate_deepspeed(p)
     if kind == "dcp":
         return _consolidate_dcp(p)
-    ckpt = _load(p)
+    return _plain(_load(p))
+
+
+def _plain(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A loaded single-file checkpoint without optimizer state, its weights fp32 and unwrapped."""
     ckpt.pop("optimizer_states", None)
     ckpt["state_dict"] = _strip_wrapper(_fp32(ckpt.get("state_dict", {})))
+    return ckpt
+
+
+def _read_export(path: Path) -> dict[str, Any]:
+    """A ``mim export`` file (safetensors or torch) as a checkpoint-shaped dict of its (student) encoder."""
+    meta: dict[str, Any] | None
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e}); it is truncated or corrupt") from None
+        meta = json.loads(header["mim"]) if "mim" in header else None
+    else:
+        obj = _load(path)
+        meta, state = obj.get("mim"), obj.get("state_dict")
+    if not isinstance(meta, dict) or "encoder" not in meta or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a mim export (no 'mim' metadata with the encoder's config)")
+    return {
+        "state_dict": {f"encoder.vit.{k}": v for k, v in state.items()},
+        "mim": {"encoder": meta["encoder"], "export": meta},
+    }
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Any checkpoint mim writes, as one dict: ``state_dict`` (fp32, module keys) and the ``mim`` block.
+
+    Accepts a Lightning ``.ckpt`` file, a DeepSpeed or FSDP2 checkpoint folder (consolidated on the fly) and a
+    ``mim export`` file (``.safetensors`` or a torch file holding ``{"state_dict", "mim"}``; its weights appear under
+    ``encoder.vit.``, as in a pretraining checkpoint).
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt input, or a file mim did not write (one line naming the file).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint file or folder")
+    if p.is_file() and p.suffix == ".safetensors":
+        return _read_export(p)
+    if p.is_file():
+        ckpt = _load(p)
+        mim = ckpt.get("mim")
+        if isinstance(mim, dict) and "format" in mim and "arch" in mim and "state_dict" in ckpt:
+            return _read_export(p)  # a torch-format export
+        ckpt = _plain(ckpt)
+    else:
+        try:
+            checkpoint_kind(p)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+        ckpt = consolidate_checkpoint(p)
+    if not isinstance(ckpt.get("mim"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{p}: not a mim checkpoint (no 'mim' block: it was not written by `mim fit` / `mim finetune`)"
+        )
     return ckpt

@@ -17,6 +17,7 @@ submodules, so no strategy partitions them or puts them in the optimizer or the 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -25,6 +26,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from mim.checkpoint import check_resume
+from mim.checks import check_range
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -56,10 +58,8 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
     strategy_name = "mim_deepspeed"
 
     def __init__(self, *args: Any, param_persistence_threshold: int | None = None, **kwargs: Any) -> None:
-        if param_persistence_threshold is not None and param_persistence_threshold < 0:
-            raise ValueError(
-                f"DeepSpeedStrategy.param_persistence_threshold must be >= 0, got {param_persistence_threshold}"
-            )
+        if param_persistence_threshold is not None:
+            check_range("DeepSpeedStrategy", "param_persistence_threshold", param_persistence_threshold, 0, math.inf)
         super().__init__(*args, **kwargs)
         if param_persistence_threshold is not None and isinstance(self.config, dict):
             zero = self.config.setdefault("zero_optimization", {})

@@ -9,11 +9,11 @@ effective batch / 256; linear warmup from 0 then half-cosine to ``min_lr``, upda
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
-__all__ = ["cosine_anneal", "param_groups", "scaled_lr", "warmup_cosine"]
+__all__ = ["cosine_anneal", "layer_decay_groups", "param_groups", "scaled_lr", "warmup_cosine"]
 
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
@@ -69,6 +69,58 @@ def param_groups(
         {"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay], "decay": True},
         {"params": [p for _, p in no_decay], "weight_decay": 0.0, "names": [n for n, _ in no_decay], "decay": False},
     ]
+
+
+def layer_decay_groups(
+    module: nn.Module,
+    *,
+    weight_decay: float,
+    layer_decay: float,
+    num_layers: int,
+    layer_of: Callable[[str], int],
+    no_weight_decay: Iterable[str] = (),
+) -> list[dict]:
+    """Parameter groups with layer-wise lr decay, as MAE's fine-tuning (facebookresearch/mae util/lr_decay.py).
+
+    Each trainable parameter gets ``lr_scale = layer_decay ** (num_layers - layer_of(name))``: with ``num_layers =
+    depth + 1`` the embeddings (layer 0) get ``ld^(depth+1)``, block ``i`` (layer ``i + 1``) ``ld^(depth-i)`` and the
+    head and final norms (layer ``depth + 1``) 1. No weight decay for 1-D parameters and for ``no_weight_decay``
+    names (position embeddings, cls and register tokens). One group per (layer, decay) pair.
+
+    Args:
+        module: the module whose parameters are grouped.
+        weight_decay: the decay of the decayed groups.
+        layer_decay: the per-layer factor (MAE ViT-B: 0.65, ViT-L: 0.75); 1 gives every group scale 1.
+        num_layers: depth + 1.
+        layer_of: parameter name -> layer id in ``[0, num_layers]``.
+        no_weight_decay: names never decayed.
+
+    Returns:
+        Param-group dicts ``{"params", "weight_decay", "lr_scale", "names", "decay", "layer"}``, ordered by layer.
+    """
+    skip = set(no_weight_decay)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = layer_of(name)
+        if not 0 <= layer <= num_layers:
+            raise ValueError(f"layer_decay_groups: layer id {layer} of {name!r} is outside [0, {num_layers}]")
+        decay = not (p.ndim == 1 or name in skip)
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": layer_decay ** (num_layers - layer),
+                "decay": decay,
+                "layer": layer,
+            },
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
 
 
 def cosine_anneal(step: int, *, total_steps: int, start: float, end: float) -> float:

@@ -1,4 +1,5 @@
-"""Independent reference computations, written from methods/IMAGE.md (NumPy, float64, explicit loops).
+"""Independent reference computations (NumPy, float64, explicit loops), written from the papers and the official code
+named in each function.
 
 Nothing here imports mim: these are the specification against which mim's tensor code is checked.
 """
@@ -11,7 +12,7 @@ import numpy as np
 
 
 def patchify_loop(images: np.ndarray, ph: int, pw: int) -> np.ndarray:
-    """(B, C, H, W) -> (B, N, ph*pw*C) by explicit loops (IMAGE.md §1.0).
+    """(B, C, H, W) -> (B, N, ph*pw*C) by explicit loops (MAE's ``patchify``, facebookresearch/mae models_mae.py).
 
     Tokens in raster order ``k = gy * gw + gx``; inside a patch the channel varies fastest, then the column
     within the patch, then the row: ``index = (row * pw + col) * C + c``.
@@ -64,7 +65,10 @@ def hidden_mask_loop(visible: np.ndarray, num_tokens: int) -> np.ndarray:
 
 
 def norm_pix_reference(patches: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Per patch: (x - mean) / sqrt(unbiased var + eps), divisor P - 1 (IMAGE.md §1.1 step 13)."""
+    """Per patch: (x - mean) / sqrt(unbiased var + eps), divisor P - 1.
+
+    MAE's ``norm_pix_loss`` (facebookresearch/mae models_mae.py ``forward_loss``).
+    """
     p = patches.shape[-1]
     mean = patches.sum(axis=-1, keepdims=True) / p
     var = ((patches - mean) ** 2).sum(axis=-1, keepdims=True) / (p - 1)
@@ -72,7 +76,10 @@ def norm_pix_reference(patches: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 def mae_loss_reference(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """``l = mean_P (pred - target)^2``; ``loss = sum(mask * l) / sum(mask)`` (IMAGE.md §1.1 step 14)."""
+    """``l = mean_P (pred - target)^2``; ``loss = sum(mask * l) / sum(mask)``.
+
+    MAE's loss (facebookresearch/mae models_mae.py ``forward_loss``).
+    """
     per_token = ((pred - target) ** 2).mean(axis=-1)  # (B, N)
     return float((mask * per_token).sum() / mask.sum())
 
@@ -80,7 +87,10 @@ def mae_loss_reference(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -
 def warmup_cosine_epochs(
     it: int, *, iters_per_epoch: int, warmup_epochs: float, epochs: float, base: float, min_lr: float = 0.0
 ) -> float:
-    """MAE's per-iteration schedule with a fractional epoch ``e = it / iters_per_epoch`` (IMAGE.md §1.0)."""
+    """MAE's per-iteration schedule with a fractional epoch ``e = it / iters_per_epoch``.
+
+    As in facebookresearch/mae util/lr_sched.py ``adjust_learning_rate``.
+    """
     e = it / iters_per_epoch
     if e < warmup_epochs:
         return base * e / warmup_epochs
@@ -113,8 +123,9 @@ def tubelets_loop(videos: np.ndarray, pt: int, ph: int, pw: int) -> np.ndarray:
 
 
 def sincos_3d_uniform(dim: int, gt: int, gh: int, gw: int) -> np.ndarray:
-    """V-JEPA's 3-D table with uniform power (JEPA_VIDEO.md §2(a)): each axis ``2*ceil(dim/6)`` channels,
-    concatenated (time, height, width), truncated to ``dim``; rows in time-major raster order."""
+    """V-JEPA's 3-D table with uniform power (facebookresearch/jepa src/models/utils/pos_embs.py): each axis
+    ``2*ceil(dim/6)`` channels, concatenated (time, height, width), truncated to ``dim``; rows in time-major raster
+    order."""
     width = 2 * math.ceil(dim / 6)
     rows = []
     for t in range(gt):

@@ -1,4 +1,5 @@
-"""Count host synchronisations on CPU (PERF.md C6): calls that would block on a GPU stream.
+"""Count host synchronisations on CPU: calls that would block on a GPU stream (the target: none per training step
+outside periodic logging).
 
 On a CUDA device, ``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``, ``nonzero`` and boolean-mask indexing wait
 for the device. On CPU they are free, so tests wrap them and count the calls made by the code under test::

@@ -442,7 +442,7 @@ def test_deepspeed_strategy_is_a_drop_in_with_persistence_threshold():
     assert strategy.config["zero_optimization"]["stage"] == 3
     assert strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert "stage3_param_persistence_threshold" not in DeepSpeedStrategy(stage=3).config["zero_optimization"]
-    with pytest.raises(ValueError, match="DeepSpeedStrategy.param_persistence_threshold must be >= 0"):
+    with pytest.raises(ValueError, match="DeepSpeedStrategy.param_persistence_threshold must be a number >= 0"):
         DeepSpeedStrategy(param_persistence_threshold=-1)
 
 

@@ -73,7 +73,8 @@ def test_errors():
 
 
 def test_hpm_momentum_schedule():
-    """HPM: 0.999 + (e / 100) * (0.9999 - 0.999) for e < 100 of 800 epochs, then 0.9999 (methods/IMAGE.md §3.2)."""
+    """HPM: 0.999 + (e / 100) * (0.9999 - 0.999) for e < 100 of 800 epochs, then 0.9999 (Wang et al., "Hard Patches
+    Mining for Masked Image Modeling", CVPR 2023; official Haochen-Wang409/HPM engine_pretrain.py)."""
     kw = {"start": 0.999, "end": 0.9999, "ramp": 100 / 800}
     for epoch in (0, 50, 99, 100, 400, 799):
         expected = 0.999 + (epoch / 100) * (0.9999 - 0.999) if epoch < 100 else 0.9999

@@ -64,7 +64,7 @@ def test_export_loads_strictly_into_timm_with_the_same_features(tmp_path: Path, 
     encoder.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), encoder(x), rtol=1e-5, atol=1e-5)
-        # timm's own pretrained-file path (DESIGN.md §5): create_model(..., pretrained=True, overlay file=OUT)
+        # timm's own pretrained-file path: create_model(..., pretrained=True, overlay file=OUT)
         via_timm = timm.create_model(
             ARCH, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=0, **kwargs
         )

@@ -79,8 +79,9 @@ def test_loss_is_reconstruction_plus_ranking_loss():
 
 
 def test_ranking_gradient_reaches_shared_parts_not_teacher():
-    """L_pred trains the loss predictor, the shared decoder embedding / mask token and the encoder (IMAGE.md §3.2.7),
-    never the reconstructor head or the teacher: compare gradients with loss_predictor_weight 1 and 0."""
+    """L_pred trains the loss predictor, the shared decoder embedding / mask token and the encoder
+    (Haochen-Wang409/HPM engine_pretrain.py), never the reconstructor head or the teacher: compare gradients with
+    loss_predictor_weight 1 and 0."""
     grads = {}
     for w in (0.0, 1.0):
         encoder, target, batch = _parts(loss_predictor_weight=w)

@@ -10,7 +10,8 @@ from mim.targets.loss_prediction import relative_loss, standardized_mse_loss
 
 
 def _brute_relative(s: torch.Tensor, loss: torch.Tensor) -> float:
-    """The double loop of methods/IMAGE.md §3.2 step 6, in plain Python."""
+    """HPM's relative loss over ordered pairs of hidden patches as a double loop in plain Python (Wang et al., CVPR
+    2023; official Haochen-Wang409/HPM models_mae_learn_loss.py ``forward_learning_loss``)."""
     num, den = 0.0, 0
     for n in range(s.shape[0]):
         for a in range(s.shape[1]):

@@ -34,7 +34,7 @@ class TestRandomMaskingContractRatio06(MaskingStrategyContract):
         return RandomMasking(mask_ratio=0.6)
 
 
-# ---------------------------------------------------------------------- visible-count arithmetic (IMAGE.md §0.1)
+# ------------------------------ visible-count arithmetic: K = int(N * (1 - r)), facebookresearch/mae models_mae.py
 @pytest.mark.parametrize(
     ("side", "ratio", "k"),
     [(14, 0.75, 49), (14, 0.7, 58), (14, 0.6, 78), (14, 0.8, 39), (14, 0.9, 19), (14, 0.5, 98), (16, 0.75, 64)],

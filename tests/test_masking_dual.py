@@ -1,5 +1,6 @@
 """DualMasking (VideoMAE V2): running-cell decoder masks, the decoder's subset path, the dual loss, per-channel
-norm-pix, the recipes (methods/JEPA_VIDEO.md §3)."""
+norm-pix, the recipes (Wang et al., "VideoMAE V2: Scaling Video Masked Autoencoders with Dual Masking", CVPR 2023;
+official OpenGVLab/VideoMAEv2)."""
 
 from __future__ import annotations
 
@@ -164,7 +165,8 @@ def test_loss_token_count_on_the_videomae_grid() -> None:
 
 
 def test_zero_decoder_ratio_is_videomae_v1() -> None:
-    """decoder_mask_ratio = 0: the decoder keeps the complement of the visible tokens (3(a) V2 step 6)."""
+    """decoder_mask_ratio = 0: the decoder keeps the complement of the visible tokens, which is
+    VideoMAE V1 (as in OpenGVLab/VideoMAEv2)."""
     grid = TokenGrid(4, 6, 6)
     for kind in ("running_cell", "random"):
         dual = DualMasking(encoder=TubeMasking(mask_ratio=0.75), decoder_mask_ratio=0.0, decoder_mask=kind)
@@ -309,7 +311,8 @@ def test_subset_path_without_blocks_is_mask_token_plus_position() -> None:
 
 
 def test_mask_tokens_at_visible_kept_positions_change_the_context() -> None:
-    """3(d) pitfall 3: the decoder gets a mask token at every kept position, visible or not; they matter."""
+    """The decoder gets a mask token at every kept position, visible or not; they matter (OpenGVLab/VideoMAEv2
+    models/modeling_pretrain.py)."""
     grid = TokenGrid(2, 4, 4)
     dec = _decoder(grid)
     visible = torch.tensor([[0, 3, 6, 9, 12, 15, 18, 21]])
@@ -330,7 +333,8 @@ def test_mask_tokens_at_visible_kept_positions_change_the_context() -> None:
 
 # ---------------------------------------------------------------------------------------------- per-channel norm-pix
 def _norm_pix_channel_loop(patches: np.ndarray, channels: int, eps: float = 1e-6) -> np.ndarray:
-    """VideoMAE's target (3(a) step 7, 3(d).1): per token and channel, (x - mean) / (unbiased std + eps)."""
+    """VideoMAE's target (MCG-NJU/VideoMAE engine_for_pretraining.py): per token and channel,
+    (x - mean) / (unbiased std + eps)."""
     out = np.empty_like(patches)
     for idx in np.ndindex(*patches.shape[:-1]):
         for c in range(channels):

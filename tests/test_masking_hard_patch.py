@@ -27,7 +27,8 @@ class TestHardPatchMaskingContract(MaskingStrategyContract):
 
 
 def test_schedule_matches_hpm():
-    """alpha = 0.5 * progress; k = int(M * alpha): 0 at the start, int(147 * 0.5) = 73 at the end (IMAGE.md §3.2)."""
+    """alpha = 0.5 * progress; k = int(M * alpha): 0 at the start, int(147 * 0.5) = 73 at the end
+    (Haochen-Wang409/HPM models_mae_learn_loss.py ``generate_mask``)."""
     s = HardPatchMasking(mask_ratio=0.75, max_hard_fraction=0.5)
     assert s.alpha(0.0) == 0.0 and s.alpha(1.0) == 0.5 and s.alpha(0.5) == 0.25
     assert s.alpha(2.0) == 0.5 and s.alpha(-1.0) == 0.0  # clamped
@@ -57,7 +58,8 @@ def test_hardest_tokens_always_hidden(progress: float):
 
 
 def _official_like(scores: np.ndarray, k_vis: int, k_hard: int, rng: np.random.Generator) -> np.ndarray:
-    """The per-sample loop of HPM's generate_mask, re-derived from the spec (§3.2 step 3): returns hidden (B, N)."""
+    """The per-sample loop of HPM's ``generate_mask`` (Haochen-Wang409/HPM models_mae_learn_loss.py), written out
+    independently: returns hidden (B, N)."""
     b, n = scores.shape
     hidden = np.ones((b, n), dtype=bool)
     for i in range(b):

@@ -26,7 +26,7 @@ def _gen(seed: int) -> torch.Generator:
 TWO_BLOCKS = {**TINY_VIT, "depth": 2}
 
 
-# ---------------------------------------------------------------------- patch layout (IMAGE.md §1.0)
+# -------------------------------------------------- patch layout (facebookresearch/mae models_mae.py ``patchify``)
 @pytest.mark.parametrize(
     ("channels", "height", "width", "patch"),
     [(3, 12, 20, (4, 4)), (1, 12, 20, (4, 4)), (3, 8, 8, (2, 2)), (1, 6, 9, (2, 3)), (3, 6, 12, (3, 4))],
@@ -62,7 +62,7 @@ def test_patchify_rejects_indivisible_size() -> None:
         patchify(torch.zeros(1, 3, 10, 12), (4, 4))
 
 
-# ---------------------------------------------------------------------- sin-cos tables (IMAGE.md §1.0)
+# ------------------------------------------------------ sin-cos tables (facebookresearch/mae util/pos_embed.py)
 @pytest.mark.parametrize("dim", [64, 768])
 @pytest.mark.parametrize("grid", [(14, 14), (7, 7), (3, 5)])
 def test_sincos_2d_matches_reference(dim: int, grid: tuple[int, int]) -> None:
@@ -99,7 +99,7 @@ def test_encoder_pos_embed_is_frozen_sincos_table() -> None:
     torch.testing.assert_close(enc.tokenize(images), expected_tokens, rtol=0, atol=1e-6)
 
 
-# ---------------------------------------------------------------------- MAE initialisation (IMAGE.md §1.0)
+# --------------------------------------- MAE initialisation (facebookresearch/mae models_mae.py ``initialize_weights``)
 def _assert_xavier_uniform(weight: torch.Tensor, fan_out: int, fan_in: int, name: str) -> None:
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     w = weight.detach().double().flatten()

@@ -138,7 +138,7 @@ def test_warmup_epochs_are_loader_epochs(num_images: int, accumulate: int, max_e
     """``warmup_epochs`` counts passes over the loader, also when ``max_steps`` ends the run first.
 
     Lightning steps on the partial accumulation group at the end of an epoch, so an epoch is
-    ceil(batches / accumulate) optimizer steps; e = step / that (IMAGE.md §1.0).
+    ceil(batches / accumulate) optimizer steps; e = step / that (as in facebookresearch/mae util/lr_sched.py).
     """
     blr, warmup_epochs = 0.05, 1.0
     module = make_module(blr=blr, warmup_epochs=warmup_epochs)
@@ -297,7 +297,8 @@ def test_run_without_end_is_a_clear_error() -> None:
 
 
 def test_ijepa_schedules_warmup_start_and_weight_decay() -> None:
-    """I-JEPA: lr warms up from warmup_start_lr (not 0); weight decay rises on a cosine (JEPA_VIDEO.md §1(b))."""
+    """I-JEPA: lr warms up from warmup_start_lr (not 0); weight decay rises on a cosine
+    (facebookresearch/ijepa src/utils/schedulers.py)."""
     from mim.optim import cosine_anneal
 
     module = make_module(

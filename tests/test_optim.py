@@ -1,4 +1,9 @@
-"""Optimizer groups and the MAE warmup + cosine schedule (IMAGE.md §1.0, §1.4, §1.7 pitfall 7)."""
+"""Optimizer groups and the MAE warmup + cosine schedule.
+
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022; official facebookresearch/mae
+main_pretrain.py (AdamW, weight-decay groups) and util/lr_sched.py (per-iteration schedule). The official code decays
+``cls_token`` and ``mask_token``; mmpretrain's MAE (open-mmlab/mmpretrain, ColorMAE's base) does not.
+"""
 
 from __future__ import annotations
 
@@ -151,7 +156,8 @@ def test_adamw_accepts_groups(model: nn.ModuleDict) -> None:
 
 
 def test_ijepa_schedule_check_values() -> None:
-    """The official I-JEPA schedulers' values (JEPA_VIDEO.md §1(b); ipe 625, 300 epochs, warm-up 40 epochs).
+    """The official I-JEPA schedulers' values (facebookresearch/ijepa src/utils/schedulers.py with
+    configs/in1k_vith14_ep300.yaml: ipe 625, 300 epochs, warm-up 40 epochs).
 
     The official scheduler is stepped at the start of each iteration, so its step s is our 0-based step s.
     """

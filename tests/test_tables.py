@@ -10,7 +10,8 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer, load_wine
 
-from mim.data.tables import TableDataModule, TablePreprocessor, infer_column_kinds, sklearn_table
+from mim.data.table_preprocess import TablePreprocessor, infer_column_kinds
+from mim.data.tables import TableDataModule, sklearn_table
 from mim.models.tabular import FeatureTokenizer
 from tests.factories import cpu_trainer
 

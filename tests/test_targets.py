@@ -143,7 +143,7 @@ def test_loss_ignores_pixels_of_visible_patches() -> None:
 
 
 def test_loss_does_not_depend_on_visible_order() -> None:
-    """MAE feeds visible tokens in shuffle order, we sort them: the loss is the same either way (pitfall 2)."""
+    """MAE feeds visible tokens in shuffle order, we sort them: the loss is the same either way."""
     encoder, target, batch, masks = _setup(True)
     perm = torch.stack([torch.randperm(5, generator=_gen(b)) for b in range(4)])
     shuffled = type(masks)(visible=masks.visible.gather(1, perm), targets=masks.targets, num_tokens=20)

@@ -158,8 +158,8 @@ def _smooth_l1_x2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("layers", [2, [1]])
 def test_maskalign_loss_equals_independent_computation(layers):
-    """IMAGE.md §4.1 steps 4-7 written out with loops: fusion sum_j W_ij h_j, adapters, whitened teacher block
-    outputs at [CLS; visible patches], 2 * SmoothL1, mean over the aligned blocks."""
+    """MaskAlign's loss (OpenDriveLab/maskalign models_pretrain.py) written out with loops: fusion sum_j W_ij h_j,
+    adapters, whitened teacher block outputs at [CLS; visible patches], 2 * SmoothL1, mean over the aligned blocks."""
     enc = encoder(depth=2)
     target = teacher_target(layers=layers)
     target.bind(enc)
@@ -206,8 +206,9 @@ def test_mimic_loss_equals_independent_computation():
 
 
 def test_maskalign_unit_pieces():
-    """IMAGE.md §8 MaskAlign unit tests: top5 = [0]*7 + [1/5]*5, W = I + 0.01, whiten = LayerNorm without affine,
-    smooth-L1 scaled by 2, the mixing matrix listed for no weight decay."""
+    """MaskAlign's recommended settings (OpenDriveLab/maskalign models_pretrain.py): top5 = [0]*7 + [1/5]*5,
+    W = I + 0.01, whiten = LayerNorm without affine, smooth-L1 scaled by 2, the mixing matrix listed for no weight
+    decay."""
     enc = encoder(depth=12)
     target = teacher_target(teacher_kwargs={**TEACHER_KW, "depth": 12}, layers=None)  # the default: top5
     target.bind(enc)
@@ -469,8 +470,9 @@ def test_mr_mae_is_two_targets_sharing_one_encoder_pass():
 
 
 def test_mr_mae_token_partition():
-    """IMAGE.md §8 MR-MAE: L_mim never reaches the decoder, L_rec never reaches the mimic head; teacher features
-    at hidden positions do not change L_mim, those at visible positions do."""
+    """MR-MAE (Gao et al., "Mimic before Reconstruct", IJCV 2023; no official code): L_mim never reaches the decoder,
+    L_rec never reaches the mimic head; teacher features at hidden positions do not change L_mim, those at visible
+    positions do."""
     module = _mr_mae_module()
     mimic, pixels = module.target_list
     batch = {"image": images()}
@@ -505,7 +507,7 @@ def test_mr_mae_token_partition():
 
 def test_teacher_targets_gather_the_encoders_visible_order(monkeypatch):
     """A synthetic teacher whose features are the token index: the gathered targets are exactly the visible indices
-    in the encoder's order (IMAGE.md §5.4 pitfall 2), CLS first."""
+    in the encoder's order, CLS first."""
     from mim.models.teacher import TeacherOutput
 
     enc = encoder(depth=1)
@@ -613,7 +615,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def test_production_recipes_state_the_papers_settings():
-    """The headers state the expected results; the values are the papers' (IMAGE.md §4.2 and §5.2)."""
+    """The headers state the expected results; the values are the papers' (MaskAlign: Xue et al., CVPR 2023, and the
+    OpenDriveLab/maskalign README and ModelCard; MR-MAE: Gao et al., IJCV 2023, arXiv 2303.05475)."""
     text = (RECIPES / "maskalign" / "vit_b16_in1k.yaml").read_text()
     header = text.split("seed_everything")[0]
     assert "85.4" in header and "Expected" in header and "clip" in header.lower()

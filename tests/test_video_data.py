@@ -309,7 +309,7 @@ def test_missing_paths_name_the_path_and_layout(clips, tmp_path):
         ({"resize_short": 100}, r"resize_short must be None or an int >= image_size=224, got 100"),
         ({"in_chans": 2}, r"in_chans must be 1 or 3, got 2"),
         ({"decode_threads": -1}, r"decode_threads must be None or an int >= 0, got -1"),
-        ({"batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
+        ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),  # mim.checks wording
         ({"num_classes": 1}, r"num_classes=1 but the data has label 1"),
     ],
 )

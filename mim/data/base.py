@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "SkippedFilesMixin",
     "TensorImageDataset",
     "check_crops",
+    "class_index",
     "check_loader_settings",
     "check_positive_int",
     "default_stats",
@@ -149,6 +151,31 @@ def check_crops(owner: str, crop_scale: Sequence[float], eval_crop_pct: float | 
     if eval_crop_pct is not None:
         check_range(owner, "eval_crop_pct", eval_crop_pct, 0, 1, low_open=True)
     return scale
+
+
+def class_index(
+    owner: str, field: str, root: Path, subdirs: Sequence[str], classes: Sequence[str] | None, *, reference: str
+) -> tuple[list[str], dict[str, int]]:
+    """The class names of a class-per-subfolder ``root`` and their labels (label ``i`` is ``classes[i]``).
+
+    Args:
+        owner, field: name the argument in error messages.
+        root: the folder (for messages).
+        subdirs: its class subfolders.
+        classes: the names that define the labels (e.g. the training folder's); None: ``subdirs``.
+        reference: where ``classes`` come from, for the message ("training folder").
+
+    Raises:
+        ValueError: a subfolder is not among ``classes``.
+    """
+    classes = list(subdirs) if classes is None else list(classes)
+    unknown = [d for d in subdirs if d not in classes]
+    if unknown:
+        raise ValueError(
+            f"{owner}.{field}: {str(root)!r} has class folders {unknown} that the {reference} does not have "
+            f"(training classes: {classes})"
+        )
+    return classes, {name: i for i, name in enumerate(classes)}
 
 
 class TensorImageDataset(Dataset):

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from mim.checks import check_choice, check_range
-from mim.data.base import FileDataset, ImageDataModule, SkippedFilesMixin, check_crops
+from mim.data.base import FileDataset, ImageDataModule, SkippedFilesMixin, check_crops, class_index
 from mim.data.transforms import eval_transform, mae_train_transform
 from mim.types import Batch
 
@@ -100,17 +100,7 @@ def scan_image_folder(
             else "it has no subfolders"
         )
         raise ValueError(f"ImageFolderDataModule.{field}: {str(root)!r}: {hint}; {_LAYOUT}")
-    if classes is None:
-        classes = subdirs
-    else:
-        classes = list(classes)
-        unknown = [d for d in subdirs if d not in classes]
-        if unknown:
-            raise ValueError(
-                f"ImageFolderDataModule.{field}: {str(root)!r} has class folders {unknown} that the training "
-                f"folder does not have (training classes: {classes})"
-            )
-    index = {name: i for i, name in enumerate(classes)}
+    classes, index = class_index("ImageFolderDataModule", field, root, subdirs, classes, reference="training folder")
     samples: list[tuple[str, int]] = []
     empty = []
     for name in subdirs:

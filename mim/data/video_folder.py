@@ -83,7 +83,8 @@ def _entries(
 class VideoDataModule(SkippedFilesMixin, VideoDataModuleBase):
     """Video clips from a folder or a list file, as ``uint8`` batches normalised on the device.
 
-    Batches, clip sampling and the learning-rate scaling: :class:`~mim.data.video.VideoDataModuleBase`.
+    Batches, clip sampling, the learning-rate scaling and the clip settings (``num_frames`` ... ``seed``, documented
+    there): :class:`~mim.data.video.VideoDataModuleBase`.
 
     Args:
         root: folder of clips (flat, or one subfolder per class); with ``list_file``, the folder that the list's
@@ -91,26 +92,7 @@ class VideoDataModule(SkippedFilesMixin, VideoDataModuleBase):
         list_file: a VideoMAE (``path start_idx total_frames`` or ``path label``) or V-JEPA (``path label``) list.
         val_root: validation folder (same class names), or the base folder of ``val_list_file``.
         val_list_file: validation list file.
-        num_frames: frames per clip T (VideoMAE / V-JEPA: 16).
-        frame_stride: distance between sampled frames (VideoMAE K400: 4, SSv2: 2; V-JEPA ``frame_step``: 4).
-        image_size: side S of the square clips.
-        resize_short: resize the shorter side to this before cropping (done by FFmpeg's scaler while
-            converting, which also makes decoding of large videos cheaper); None keeps the decoded size for
-            training and resizes to ``image_size`` for validation. Must be >= ``image_size``.
-        batch_size: videos per device and step.
-        num_repeats: clips R per decoded video in training (VideoMAE V2 ``num_sample``: 4).
-        augment: training crop = random resized crop shared by all frames of a clip; False = centre crop.
-        crop_scale: area range of the training crop.
-        crop_ratio: aspect-ratio range of the training crop.
-        flip: flip training clips horizontally with probability 0.5 (VideoMAE does not flip).
-        in_chans: 3 decodes RGB, 1 grey.
         num_classes: label classes; default: the folder's classes or ``max(label) + 1`` of the list.
-        mean: per-channel means of the [0, 1] pixels; default ImageNet's.
-        std: per-channel standard deviations; default ImageNet's.
-        decode_threads: FFmpeg threads per decode; None: 1 with loader workers (they already use the cores,
-            as VideoMAE's ``num_threads=1``), one per core without.
-        num_workers: loader worker processes (decoding is CPU-bound: use several).
-        seed: seeds the training shuffle (and, through it, the workers' sampling and augmentation).
     """
 
     def __init__(

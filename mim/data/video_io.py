@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mim.data.base import class_index
+
 __all__ = [
     "DECODE_ERRORS",
     "VIDEO_EXTENSIONS",
@@ -179,14 +181,7 @@ def scan_video_folder(
         if not loose:
             raise ValueError(f"VideoDataModule.{field}: no video files under {str(root)!r}; {_FOLDER_LAYOUT}")
         return list(classes) if classes is not None else [""], [VideoEntry(p) for p in sorted(loose)]
-    classes = subdirs if classes is None else list(classes)
-    unknown = [d for d in subdirs if d not in classes]
-    if unknown:
-        raise ValueError(
-            f"VideoDataModule.{field}: {str(root)!r} has class folders {unknown} that the training data does not "
-            f"have (training classes: {classes})"
-        )
-    index = {name: i for i, name in enumerate(classes)}
+    classes, index = class_index("VideoDataModule", field, root, subdirs, classes, reference="training data")
     entries = [VideoEntry(p, index[d]) for d in subdirs for p in _video_files(root / d)]
     return list(classes), entries
 

@@ -81,7 +81,8 @@ class VideoShardDataModule(ShardLoadersMixin, VideoDataModuleBase):
     The shards are read like :class:`~mim.data.shards.ShardDataModule` reads image shards (seeded shard order
     split by rank and worker, a shuffle buffer, ``samples_per_epoch // world_size // batch_size`` batches on every
     rank, corrupt members skipped and counted up to ``max_corrupt``) and decoded from memory with PyAV. Batches,
-    clip sampling and the learning-rate scaling: :class:`~mim.data.video.VideoDataModuleBase`.
+    clip sampling, the learning-rate scaling and the clip settings (``num_frames`` ... ``seed``, documented
+    there): :class:`~mim.data.video.VideoDataModuleBase`.
 
     Args:
         urls: a ``mim pack`` output folder with index.json, brace-expanded paths or webdataset URLs.
@@ -91,25 +92,7 @@ class VideoShardDataModule(ShardLoadersMixin, VideoDataModuleBase):
         shuffle_buffer: videos held in each worker's shuffle buffer (1 disables it).
         max_corrupt: corrupt members tolerated (an int: a count; a float in [0, 1): a fraction of the videos
             read); beyond it the loader raises :class:`~mim.data.shards.TooManyCorruptError`.
-        num_frames: frames per clip T (VideoMAE / V-JEPA: 16).
-        frame_stride: distance between sampled frames (VideoMAE K400: 4, SSv2: 2; V-JEPA ``frame_step``: 4).
-        image_size: side S of the square clips.
-        resize_short: resize the shorter side to this before cropping (done by FFmpeg's scaler while
-            converting, which also makes decoding of large videos cheaper); None keeps the decoded size for
-            training and resizes to ``image_size`` for validation. Must be >= ``image_size``.
-        batch_size: videos per device and step.
-        num_repeats: clips R per decoded video in training (VideoMAE V2 ``num_sample``: 4).
-        augment: training crop = random resized crop shared by all frames of a clip; False = centre crop.
-        crop_scale: area range of the training crop.
-        crop_ratio: aspect-ratio range of the training crop.
-        flip: flip training clips horizontally with probability 0.5 (VideoMAE does not flip).
-        in_chans: 3 decodes RGB, 1 grey.
         num_classes: label classes; default: from the training index.
-        mean: per-channel means of the [0, 1] pixels; default ImageNet's.
-        std: per-channel standard deviations; default ImageNet's.
-        decode_threads: FFmpeg threads per decode; None: 1 with loader workers (they already use the cores,
-            as VideoMAE's ``num_threads=1``), one per core without.
-        num_workers: loader worker processes (decoding is CPU-bound: use several).
         seed: seeds the shard order, the shuffle buffer, the frame sampling and the crops (with epoch, rank,
             worker).
     """

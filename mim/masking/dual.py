@@ -49,7 +49,8 @@ def running_cell_maps(grid: TokenGrid, num_dropped: int, *, device: torch.device
     if grid.h % 2 or grid.w % 2:
         raise ValueError(
             f"running-cell decoder masking tiles 2x2 cells and needs an even token grid (H, W), got "
-            f"{(grid.h, grid.w)} (methods/JEPA_VIDEO.md 3(d).8); choose image and patch sizes giving even H and W"
+            f"{(grid.h, grid.w)} (so does VideoMAE V2's, OpenGVLab/VideoMAEv2 dataset/masking_generator.py); "
+            "choose image and patch sizes giving even H and W"
         )
     check_int("running_cell_maps", "num_dropped", num_dropped, minimum=1, maximum=3)
     p = torch.arange(NUM_PHASES, device=device).view(-1, 1, 1, 1)  # (4, 1, 1, 1)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mim.checks import check_choice, invalid
 from mim.models.align import DynamicAlignment, linear_adapters
 from mim.models.encoder import MaskedEncoder
 from mim.models.teacher import FrozenTeacher, TeacherOutput
@@ -69,9 +70,9 @@ def _channels(name: str, value: Sequence[float] | None) -> tuple[float, ...] | N
         return None
     out = tuple(float(v) for v in value)
     if not out:
-        raise ValueError(f"TeacherTarget.{name} must list one value per channel, got {value!r}")
+        raise invalid("TeacherTarget", name, "a list of one value per channel", value)
     if name.endswith("std") and not all(v > 0 for v in out):
-        raise ValueError(f"TeacherTarget.{name} must be > 0 per channel, got {value!r}")
+        raise invalid("TeacherTarget", name, "> 0 per channel", value)
     return out
 
 
@@ -144,10 +145,11 @@ class TeacherTarget(Target):
         super().__init__(weight=weight)
         import timm
 
+        owner = "TeacherTarget"
         if not isinstance(teacher_arch, str) or not timm.is_model(teacher_arch):
-            raise ValueError(f"TeacherTarget.teacher_arch: unknown timm model {teacher_arch!r}")
+            raise invalid(owner, "teacher_arch", "a timm model name", teacher_arch)
         if not str(teacher_checkpoint):
-            raise ValueError("TeacherTarget.teacher_checkpoint must be the path of a local weights file, got ''")
+            raise invalid(owner, "teacher_checkpoint", "the path of a local weights file", teacher_checkpoint)
         choices = {
             "student_layers": (student_layers, ("blocks", "output")),
             "fusion": (fusion, ("linear", "sum", "simple")),
@@ -156,12 +158,11 @@ class TeacherTarget(Target):
             "loss": (loss, ("smooth_l1", "l2", "l1")),
         }
         for field, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"TeacherTarget.{field} must be one of {allowed}, got {value!r}")
+            check_choice(owner, field, value, allowed)
         if isinstance(layers, bool) or (isinstance(layers, int) and layers < 1):
-            raise ValueError(f"TeacherTarget.layers must be a count >= 1 or a list of block indices, got {layers!r}")
+            raise invalid(owner, "layers", "a count >= 1 or a list of block indices", layers)
         if isinstance(layers, list) and (not layers or not all(isinstance(i, int) for i in layers)):
-            raise ValueError(f"TeacherTarget.layers must be a non-empty list of block indices, got {layers!r}")
+            raise invalid(owner, "layers", "a non-empty list of block indices", layers)
         means = {n: _channels(n, v) for n, v in (("input_mean", input_mean), ("input_std", input_std))}
         means |= {n: _channels(n, v) for n, v in (("teacher_mean", teacher_mean), ("teacher_std", teacher_std))}
         given = [n for n, v in means.items() if v is not None]
