@@ -578,9 +578,7 @@ def measure_hpm(*, batch_size: int = 1) -> dict[str, float]:
         ("hpm", HardPatchMasking(mask_ratio=0.75), HardPatchTarget(norm_pix=False)),
     ):
         torch.manual_seed(0)
-        module = PretrainModule(
-            encoder=MaskedEncoder(arch="vit_base_patch16_224"), masking=masking, targets=[target]
-        )
+        module = PretrainModule(encoder=MaskedEncoder(arch="vit_base_patch16_224"), masking=masking, targets=[target])
         gen = module.generator(torch.device("cpu"), 0, 0, 0)
         with torch.no_grad():
             scores, _, _ = _count(lambda m=module: m.target_list[0].token_scores(batch, m.encoder))

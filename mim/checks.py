@@ -170,7 +170,10 @@ def check_pair_range(
     if (
         isinstance(value, (str, bytes))
         or not (_is_number(lo) and _is_number(hi))
-        or not (_in_range(float(lo), low, high, low_open, high_open) and _in_range(float(hi), low, high, low_open, high_open))
+        or not (
+            _in_range(float(lo), low, high, low_open, high_open)
+            and _in_range(float(hi), low, high, low_open, high_open)
+        )
         or not float(lo) <= float(hi)
     ):
         raise invalid(owner, field, expected, value, hint=hint)

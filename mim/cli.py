@@ -1,6 +1,7 @@
 """The ``mim`` console script.
 
-* ``mim fit|validate -c RECIPE.yaml [--trainer.max_epochs ...]``: LightningCLI over any recipe.
+* ``mim fit|validate|test|predict -c RECIPE.yaml [--trainer.max_epochs ...]``: LightningCLI over any recipe.
+* ``mim finetune -c RECIPE.yaml [--encoder student|target]``: ``fit`` on a fine-tuning recipe (mim/finetune.py).
 * ``mim pack SRC OUT/``: pack images into webdataset tar shards (see mim/data/pack.py).
 * ``mim quickstart``: MAE on Fashion-MNIST on CPU, then a linear-probe table (see mim/quickstart.py).
 * ``mim masks --strategy NAME --grid 14x14 [--frames T] --out masks.png``: a picture of sample masks (mim/masks_cli.py).
@@ -19,6 +20,8 @@ _USAGE = """usage: mim <command> [options]
 
 commands:
   fit -c RECIPE.yaml [--trainer.max_epochs N ...]   pretrain with a recipe (LightningCLI; --help for all options)
+  finetune -c RECIPE.yaml [--encoder student|target] fine-tune a pretrained encoder (recipes/finetune/)
+  test -c RECIPE.yaml --ckpt_path CKPT               metrics of a checkpoint on the test loader
   validate -c RECIPE.yaml --ckpt_path CKPT           validation loss of a checkpoint
   print_config -c RECIPE.yaml                        print the fully resolved recipe
   quickstart [--help]                                MAE on Fashion-MNIST on CPU + linear-probe table
@@ -26,6 +29,24 @@ commands:
   masks --strategy NAME [--grid 14x14 --frames T --set k=v --out masks.png|.gif]  picture of sample masks
   export CKPT OUT.safetensors                        the encoder as a timm state dict (+ config)
 """
+
+
+def _finetune_args(args: list[str]) -> list[str]:
+    """``mim finetune`` is ``mim fit`` on a FinetuneModule recipe; ``--encoder X`` picks the checkpoint's encoder."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--encoder" and i + 1 < len(args):
+            out.append(f"--model.init_args.which_encoder={args[i + 1]}")
+            i += 2
+            continue
+        if arg.startswith("--encoder="):
+            out.append(f"--model.init_args.which_encoder={arg.split('=', 1)[1]}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from mim.export import main as export
 
         return export(argv[1:])
+    if argv[0] == "finetune":
+        argv = ["fit", *_finetune_args(argv[1:])]
     if argv[0] == "print_config":
         argv = ["fit", *argv[1:], "--print_config"]
     from mim.lightning_cli import run

@@ -6,7 +6,6 @@ computes its loss from the shared latent -> weighted sum -> optimizer step -> ``
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from typing import Any
@@ -21,15 +20,18 @@ from mim.masking.base import MaskingStrategy
 from mim.models.base import Encoder
 from mim.optim import cosine_anneal, param_groups, scaled_lr, warmup_cosine
 from mim.targets.base import Target
-from mim.types import Batch, Masks
+from mim.types import Batch, Masks, step_seed
 
-__all__ = ["PretrainModule", "step_seed"]
+__all__ = ["PretrainModule", "built_by_lightning_cli", "step_seed"]
 
 
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (seed, step, rank, ...); pure Python, no device work."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def built_by_lightning_cli() -> bool:
+    """True while LightningCLI constructs a module: it then hands the recipe's plain config over as hyperparameters."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - another Lightning: keep the plain arguments only
+        return False
+    return _given_hyperparameters.get() is not None
 
 
 def _target_names(targets: list[Target]) -> list[str]:
@@ -107,7 +109,9 @@ class PretrainModule(L.LightningModule):
             check_int(owner, "warmup_steps", warmup_steps, minimum=0)
         if batch_size is not None:
             check_int(owner, "batch_size", batch_size)
-        self.save_hyperparameters(ignore=["encoder", "masking", "targets"])
+        # Under LightningCLI the hyperparameters are the recipe's plain config (every class_path and init_args), which
+        # mim.load and load_from_checkpoint rebuild the module from; built in Python, the parts are objects: not saved.
+        self.save_hyperparameters(ignore=["encoder", "masking", "targets"] if not built_by_lightning_cli() else [])
         self.seed, self.batch_size = seed, batch_size
         self.encoder = encoder
         self.masking: MaskingStrategy = masking
@@ -222,6 +226,13 @@ class PretrainModule(L.LightningModule):
         gen = self.generator(inputs.device, -1, self.global_rank, batch_idx)
         out = self.compute_losses(batch, self.draw_masks(batch, gen, inputs), inputs)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=inputs.shape[0])
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """The validation loss on the test loader (fixed masks per batch), logged as ``test/loss``."""
+        inputs = self.inputs(batch)
+        gen = self.generator(inputs.device, -2, self.global_rank, batch_idx)
+        out = self.compute_losses(batch, self.draw_masks(batch, gen, inputs), inputs)
+        self.log("test/loss", out["loss"], sync_dist=True, batch_size=inputs.shape[0])
 
     def on_train_epoch_end(self) -> None:
         # Corrupt samples the datamodule skipped so far (a host-side counter: no device sync).

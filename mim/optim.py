@@ -72,7 +72,7 @@ def param_groups(
 
 
 def layer_decay_groups(
-    module: nn.Module,
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
     *,
     weight_decay: float,
     layer_decay: float,
@@ -88,7 +88,7 @@ def layer_decay_groups(
     names (position embeddings, cls and register tokens). One group per (layer, decay) pair.
 
     Args:
-        module: the module whose parameters are grouped.
+        named_parameters: (name, parameter) pairs, e.g. ``module.named_parameters()``.
         weight_decay: the decay of the decayed groups.
         layer_decay: the per-layer factor (MAE ViT-B: 0.65, ViT-L: 0.75); 1 gives every group scale 1.
         num_layers: depth + 1.
@@ -100,7 +100,7 @@ def layer_decay_groups(
     """
     skip = set(no_weight_decay)
     groups: dict[tuple[int, bool], dict] = {}
-    for name, p in module.named_parameters():
+    for name, p in named_parameters:
         if not p.requires_grad:
             continue
         layer = layer_of(name)

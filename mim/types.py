@@ -29,13 +29,14 @@ float images normalised with the dataset's mean and std.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TypedDict
 
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Masks", "TokenGrid", "num_visible"]
+__all__ = ["Batch", "Masks", "TokenGrid", "num_visible", "step_seed"]
 
 
 class Batch(TypedDict, total=False):
@@ -124,3 +125,13 @@ class Masks:
             self.num_tokens,
             decoder,
         )
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (seed, step, rank, micro-batch, ...): pure Python, no device work.
+
+    Every random draw of a training step comes from a generator seeded with this (masks on the device, augmentation
+    draws on the host), so a resumed run replays the same draws.
+    """
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

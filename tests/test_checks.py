@@ -110,7 +110,12 @@ def test_check_range_accepts_and_converts(args, kwargs, value):
         ((0, math.inf), {"high_open": True}, math.inf, "X.r must be a finite number >= 0, got inf"),
         ((0, math.inf), {"low_open": True, "high_open": True}, math.nan, "X.r must be a finite number > 0, got nan"),
         ((-math.inf, 1), {"high_open": True}, 1, "X.r must be a number < 1, got 1"),
-        ((-math.inf, math.inf), {"low_open": True, "high_open": True}, math.inf, "X.r must be a finite number, got inf"),
+        (
+            (-math.inf, math.inf),
+            {"low_open": True, "high_open": True},
+            math.inf,
+            "X.r must be a finite number, got inf",
+        ),
         ((-math.inf, math.inf), {"low_open": True}, -math.inf, "X.r must be a number > -inf, got -inf"),
     ],
 )

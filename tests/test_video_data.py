@@ -301,14 +301,14 @@ def test_missing_paths_name_the_path_and_layout(clips, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_frames": 0}, r"num_frames must be an int >= 1, got 0"),
-        ({"frame_stride": -1}, r"frame_stride must be an int >= 1, got -1"),
-        ({"num_repeats": 0}, r"num_repeats must be an int >= 1, got 0"),
-        ({"crop_scale": (0.5, 0.2)}, r"crop_scale must satisfy"),
-        ({"crop_ratio": (0.0, 1.0)}, r"crop_ratio must satisfy"),
-        ({"resize_short": 100}, r"resize_short must be None or an int >= image_size=224, got 100"),
-        ({"in_chans": 2}, r"in_chans must be 1 or 3, got 2"),
-        ({"decode_threads": -1}, r"decode_threads must be None or an int >= 0, got -1"),
+        ({"num_frames": 0}, r"num_frames must be an integer >= 1, got 0"),
+        ({"frame_stride": -1}, r"frame_stride must be an integer >= 1, got -1"),
+        ({"num_repeats": 0}, r"num_repeats must be an integer >= 1, got 0"),
+        ({"crop_scale": (0.5, 0.2)}, r"crop_scale must be a pair \(lo, hi\) with 0 < lo <= hi <= 1, got \(0.5, 0.2\)"),
+        ({"crop_ratio": (0.0, 1.0)}, r"crop_ratio must be a pair \(lo, hi\) with 0 < lo <= hi, got \(0.0, 1.0\)"),
+        ({"resize_short": 100}, r"resize_short must be an integer >= 224 \(image_size, or None\), got 100"),
+        ({"in_chans": 2}, r"in_chans must be one of \(1, 3\), got 2"),
+        ({"decode_threads": -1}, r"decode_threads must be an integer >= 0 \(or None\), got -1"),
         ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),  # mim.checks wording
         ({"num_classes": 1}, r"num_classes=1 but the data has label 1"),
     ],

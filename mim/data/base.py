@@ -35,7 +35,6 @@ __all__ = [
     "check_crops",
     "class_index",
     "check_loader_settings",
-    "check_positive_int",
     "default_stats",
     "normalize_image",
     "normalize_video",
@@ -127,14 +126,6 @@ def normalize_video(videos: Tensor, mean: Sequence[float] | Tensor, std: Sequenc
     """
     layout = "(B, C, T, H, W) or (C, T, H, W)"
     return _normalize(videos, mean, std, name="normalize_video", noun="videos", layout=layout, num_spatial=3)
-
-
-def check_positive_int(owner: str, name: str, value: Any, *, minimum: int = 1) -> None:
-    """Raise ``ValueError`` naming ``owner.name``, the value and the valid range unless ``value >= minimum``.
-
-    Kept for the modules not yet moved to :func:`mim.checks.check_int`, which it calls.
-    """
-    check_int(owner, name, value, minimum=minimum)
 
 
 def check_loader_settings(owner: str, *, batch_size: Any, num_workers: Any, seed: Any) -> None:

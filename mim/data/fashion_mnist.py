@@ -190,6 +190,7 @@ class FashionMNISTDataModule(ImageDataModule):
         augment: MAE augmentation on the training split (random resized crop with ``crop_scale``, bicubic,
             and horizontal flip); False resizes only.
         crop_scale: area range of the random resized crop (MAE: (0.2, 1.0)).
+        rand_augment: RandAugment magnitude on the training split (fine-tuning: 9, as MAE); None: off.
         num_workers: loader worker processes.
         seed: seeds the subsets and the training shuffle.
     """
@@ -204,6 +205,7 @@ class FashionMNISTDataModule(ImageDataModule):
         num_val: int | None = None,
         augment: bool = True,
         crop_scale: tuple[float, float] = (0.2, 1.0),
+        rand_augment: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -226,6 +228,9 @@ class FashionMNISTDataModule(ImageDataModule):
         self.num_val = num_val
         self.augment = augment
         self.crop_scale = crop_scale
+        if rand_augment is not None:
+            check_int("FashionMNISTDataModule", "rand_augment", rand_augment, minimum=0, maximum=30)
+        self.rand_augment = rand_augment
 
     def train_indices(self) -> Tensor | None:
         """(num_train,) sorted indices of the training subset, or None for all 60,000."""
@@ -237,7 +242,11 @@ class FashionMNISTDataModule(ImageDataModule):
 
     def build_datasets(self) -> tuple[TensorImageDataset, TensorImageDataset]:
         evaluate = eval_transform(self.image_size)  # the identity at 28
-        train_tf = mae_train_transform(self.image_size, scale=self.crop_scale) if self.augment else evaluate
+        train_tf = (
+            mae_train_transform(self.image_size, scale=self.crop_scale, rand_augment=self.rand_augment)
+            if self.augment
+            else evaluate
+        )
         datasets = []
         splits: tuple[tuple[Literal["train", "test"], Tensor | None, Callable[[Tensor], Tensor]], ...] = (
             ("train", self.train_indices(), train_tf),

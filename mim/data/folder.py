@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mim.checks import check_choice, check_range
+from mim.checks import check_choice, check_int, check_range
 from mim.data.base import FileDataset, ImageDataModule, SkippedFilesMixin, check_crops, class_index
 from mim.data.transforms import eval_transform, mae_train_transform
 from mim.types import Batch
@@ -196,6 +196,7 @@ class ImageFolderDataModule(SkippedFilesMixin, ImageDataModule):
         augment: training transform = MAE augmentation (random resized crop with ``crop_scale``, bicubic, and
             horizontal flip); False uses the evaluation transform for training too.
         crop_scale: area range of the training random resized crop (MAE: (0.2, 1.0)).
+        rand_augment: RandAugment magnitude on the training split (fine-tuning: 9, as MAE); None: off.
         eval_crop_pct: validation resizes the shorter side to ``image_size / eval_crop_pct`` and centre-crops
             (MAE: 0.875, i.e. 256 -> 224).
         num_workers: loader worker processes.
@@ -215,6 +216,7 @@ class ImageFolderDataModule(SkippedFilesMixin, ImageDataModule):
         std: Sequence[float] | None = None,
         augment: bool = True,
         crop_scale: tuple[float, float] = (0.2, 1.0),
+        rand_augment: int | None = None,
         eval_crop_pct: float = 0.875,
         num_workers: int = 0,
         seed: int = 0,
@@ -242,6 +244,9 @@ class ImageFolderDataModule(SkippedFilesMixin, ImageDataModule):
         self.val_fraction = val_fraction
         self.augment = augment
         self.crop_scale = crop_scale
+        if rand_augment is not None:
+            check_int("ImageFolderDataModule", "rand_augment", rand_augment, minimum=0, maximum=30)
+        self.rand_augment = rand_augment
         self.eval_crop_pct = eval_crop_pct
         self.classes = classes
         if val_root is not None:
@@ -263,7 +268,11 @@ class ImageFolderDataModule(SkippedFilesMixin, ImageDataModule):
     def build_datasets(self) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
         mode: Literal["RGB", "L"] = "RGB" if self.in_chans == 3 else "L"
         evaluate = eval_transform(self.image_size, crop_pct=self.eval_crop_pct)
-        train_tf = mae_train_transform(self.image_size, scale=self.crop_scale) if self.augment else evaluate
+        train_tf = (
+            mae_train_transform(self.image_size, scale=self.crop_scale, rand_augment=self.rand_augment)
+            if self.augment
+            else evaluate
+        )
         train = ImageFolderDataset(self.train_samples, mode=mode, transform=train_tf)
         val = ImageFolderDataset(self.val_samples, mode=mode, transform=evaluate) if self.val_samples else None
         return train, val

@@ -1,4 +1,5 @@
-"""Tables (CSV or Parquet) as feature batches for tabular pretraining (T-JEPA, methods/JEPA_VIDEO.md §4).
+"""Tables (CSV or Parquet) as feature batches for tabular pretraining (T-JEPA: Thimonier et al.,
+"T-JEPA: Augmentation-Free Self-Supervised Learning for Tabular Data", ICLR 2025).
 
 A table of F feature columns is the token grid (1, 1, F) (see :mod:`mim.types`): feature j is token j, numeric
 features first, then categorical ones, each group in the order of the file's columns.
@@ -28,6 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from mim.checks import check_choice, check_range, invalid
 from mim.data.base import check_loader_settings, eval_loader, loader_kwargs, train_loader
 from mim.data.table_preprocess import LabelTask, TableBatch, TablePreprocessor, infer_column_kinds
 
@@ -145,14 +147,12 @@ class TableDataModule(LightningDataModule):
         super().__init__()
         owner = type(self).__name__
         check_loader_settings(owner, batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"{owner}.val_fraction must be in [0, 1), got {val_fraction!r}")
+        check_range(owner, "val_fraction", val_fraction, 0, 1, high_open=True)
         if val_path is not None and val_fraction > 0:
             raise ValueError(f"{owner}: give val_path or val_fraction > 0, not both (got val_fraction={val_fraction})")
-        if label_task not in ("auto", "classification", "regression"):
-            raise ValueError(f"{owner}.label_task must be 'auto', 'classification' or 'regression', got {label_task!r}")
+        check_choice(owner, "label_task", label_task, ("auto", "classification", "regression"))
         if isinstance(drop_columns, str):
-            raise ValueError(f"{owner}.drop_columns must be a list of column names, got the string {drop_columns!r}")
+            raise invalid(owner, "drop_columns", "a list of column names, not a string", drop_columns)
         self.train_path = Path(train_path)
         self.val_path = None if val_path is None else Path(val_path)
         self.val_fraction = float(val_fraction)
@@ -292,10 +292,8 @@ def sklearn_table(name: SklearnTable, out_dir: str | Path, *, file_format: Liter
         "iris": datasets.load_iris,
         "diabetes": datasets.load_diabetes,
     }
-    if name not in loaders:
-        raise ValueError(f"sklearn_table.name must be one of {sorted(loaders)}, got {name!r}")
-    if file_format not in ("csv", "parquet"):
-        raise ValueError(f"sklearn_table.file_format must be 'csv' or 'parquet', got {file_format!r}")
+    check_choice("sklearn_table", "name", name, sorted(loaders))
+    check_choice("sklearn_table", "file_format", file_format, ("csv", "parquet"))
     bunch = loaders[name]()
     frame = pd.DataFrame(bunch.data, columns=[str(c) for c in bunch.feature_names])
     frame["target"] = bunch.target

@@ -33,14 +33,21 @@ ImageLike = Image.Image | Tensor
 
 
 def mae_train_transform(
-    size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5
+    size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, rand_augment: int | None = None
 ) -> Callable[[ImageLike], Tensor]:
     """The MAE pretraining augmentation: random resized crop (bicubic, antialiased) + horizontal flip.
 
+    With ``rand_augment`` it is MAE's fine-tuning augmentation (facebookresearch/mae util/datasets.py: scale
+    (0.08, 1), RandAugment magnitude 9): RandAugment (Cubuk et al., CVPR Workshops 2020) with 2 operations at this
+    magnitude follows the flip. This is torchvision's RandAugment, which works on tensors and grey images; timm's
+    ``rand-m9-mstd0.5-inc1`` (the official choice) also jitters the magnitude (std 0.5) and uses increasing-severity
+    operations.
+
     Args:
         size: side of the square output.
-        scale: range of the crop's area as a fraction of the image's area (MAE: (0.2, 1.0)).
+        scale: range of the crop's area as a fraction of the image's area (MAE: (0.2, 1.0); fine-tuning (0.08, 1)).
         hflip: probability of a horizontal flip.
+        rand_augment: RandAugment magnitude in [0, 30] (MAE fine-tuning: 9); None: off.
 
     Returns:
         A callable mapping a PIL image or (C, H, W) uint8 tensor to a (C, size, size) uint8 tensor.
@@ -48,15 +55,20 @@ def mae_train_transform(
     check_int("mae_train_transform", "size", size)
     scale = check_pair_range("mae_train_transform", "scale", scale, 0, 1, low_open=True)
     hflip = check_range("mae_train_transform", "hflip", hflip, 0, 1)
-    return v2.Compose(
-        [
-            # Crop and flip before the tensor conversion: on PIL input PIL resamples (fast for large images).
-            v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(hflip),
-            v2.ToImage(),  # PIL -> (C, size, size) uint8; tensors pass through
-            v2.ToPureTensor(),  # a plain Tensor, for collation
-        ]
-    )
+    if rand_augment is not None:
+        check_int("mae_train_transform", "rand_augment", rand_augment, minimum=0, maximum=30)
+    steps: list[Callable] = [
+        # Crop and flip before the tensor conversion: on PIL input PIL resamples (fast for large images).
+        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(hflip),
+    ]
+    if rand_augment is not None:
+        steps.append(v2.RandAugment(num_ops=2, magnitude=rand_augment, interpolation=InterpolationMode.BICUBIC))
+    steps += [
+        v2.ToImage(),  # PIL -> (C, size, size) uint8; tensors pass through
+        v2.ToPureTensor(),  # a plain Tensor, for collation
+    ]
+    return v2.Compose(steps)
 
 
 def eval_transform(size: int, *, crop_pct: float = 1.0) -> Callable[[ImageLike], Tensor]:

@@ -4,7 +4,7 @@ Every video is decoded once by a :class:`ClipDecoder` (PyAV, :func:`~mim.data.vi
 ``num_repeats`` clips of the same frames with independent spatial augmentation (VideoMAE V2's ``num_sample``),
 and :func:`collate_clips` flattens them, so a batch of ``batch_size`` videos holds ``batch_size * num_repeats``
 ``uint8`` (C, T, H, W) clips, normalised on the device. **Learning rates scale with videos, not clips**
-(methods/JEPA_VIDEO.md 3(d).4): VideoMAE V2 computes ``lr = base_lr * videos_per_step / 256`` although each
+(as VideoMAE V2's official code, OpenGVLab/VideoMAEv2 run_mae_pretraining.py): it computes ``lr = base_lr * videos_per_step / 256`` although each
 step trains on 4x as many clips.
 
 Sources: :class:`~mim.data.video_folder.VideoDataModule` reads a folder or a list file of videos,
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from mim.checks import check_choice, check_int, check_pair_range
 from mim.data.base import ImageDataModule, normalize_video
 from mim.data.transforms import ClipCenterCrop, ClipRandomResizedCrop
 from mim.data.video_io import read_frames
@@ -116,16 +117,6 @@ def collate_clips(samples: Sequence[Batch]) -> Batch:
     return {"video": batch["video"].flatten(0, 1), "label": batch["label"].flatten(0, 1)}  # (B * R, ...)
 
 
-def _check_range(owner: str, name: str, value: Any, low: float, high: float) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}.{name} must be a pair (low, high), got {value!r}") from None
-    if not (low < a <= b <= high):
-        raise ValueError(f"{owner}.{name} must satisfy {low} < low <= high <= {high}, got {value!r}")
-    return a, b
-
-
 class VideoDataModuleBase(ImageDataModule):
     """Base of the video datamodules: the clip settings, the clip decoders, clip batches normalised on the device.
 
@@ -133,7 +124,7 @@ class VideoDataModuleBase(ImageDataModule):
     batch_size`` videos, ``R = num_repeats`` clips per video in training (1 in validation), ``T =
     num_frames`` and ``S = image_size``; :meth:`on_after_batch_transfer` turns ``video`` into float32
     ``(x / 255 - mean) / std`` on the device. ``batch_size`` counts videos: scale the learning rate by videos,
-    not clips (methods/JEPA_VIDEO.md 3(d).4).
+    not clips (as VideoMAE V2's official code does).
 
     A subclass checks and resolves its source (files or shards), calls ``super().__init__`` with the clip
     settings and builds its datasets from :meth:`clip_decoders`.
@@ -184,22 +175,14 @@ class VideoDataModuleBase(ImageDataModule):
     ) -> None:
         owner = type(self).__name__
         for name, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("num_repeats", num_repeats)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
-        if decode_threads is not None and (
-            isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 0
-        ):
-            raise ValueError(f"{owner}.decode_threads must be None or an int >= 0, got {decode_threads!r}")
-        if in_chans not in (1, 3):
-            raise ValueError(f"{owner}.in_chans must be 1 or 3, got {in_chans!r}")
-        if resize_short is not None and (
-            isinstance(resize_short, bool) or not isinstance(resize_short, int) or resize_short < image_size
-        ):
-            raise ValueError(
-                f"{owner}.resize_short must be None or an int >= image_size={image_size}, got {resize_short!r}"
-            )
-        crop_scale = _check_range(owner, "crop_scale", crop_scale, 0.0, 1.0)
-        crop_ratio = _check_range(owner, "crop_ratio", crop_ratio, 0.0, math.inf)
+            check_int(owner, name, value)
+        if decode_threads is not None:
+            check_int(owner, "decode_threads", decode_threads, minimum=0, hint="or None")
+        check_choice(owner, "in_chans", in_chans, (1, 3))
+        if resize_short is not None:
+            check_int(owner, "resize_short", resize_short, minimum=image_size, hint="image_size, or None")
+        crop_scale = check_pair_range(owner, "crop_scale", crop_scale, 0, 1, low_open=True)
+        crop_ratio = check_pair_range(owner, "crop_ratio", crop_ratio, 0, math.inf, low_open=True)
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,

@@ -9,8 +9,9 @@ line, relative paths resolved against ``root`` (default: the list file's folder)
 - VideoMAE fine-tuning lists and V-JEPA's space-separated CSVs ``path label``;
 - bare ``path`` lines (label 0). Blank lines and lines starting with ``#`` are ignored.
 
-Sampling (methods/JEPA_VIDEO.md 3(a).1 and 6): ``num_frames`` frames ``frame_stride`` apart from a start drawn
-uniformly over the valid starts; a video shorter than the clip span repeats its last frame. :func:`read_frames`
+Sampling (as VideoMAE's and V-JEPA's loaders, MCG-NJU/VideoMAE and facebookresearch/jepa): ``num_frames`` frames
+``frame_stride`` apart from a start drawn uniformly over the valid starts; a video shorter than the clip span repeats
+its last frame. :func:`read_frames`
 seeks to the clip's first frame of a file or of in-memory bytes (a shard member). PyAV is an optional
 dependency (``pip install mim[video]``), imported when a video is first opened.
 """

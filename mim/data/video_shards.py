@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mim.data.base import check_positive_int
+from mim.checks import check_int
 from mim.data.shards import ShardDataset, ShardLoadersMixin, check_max_corrupt, resolve_shards
 from mim.data.video import ClipDecoder, CorruptVideoWarning, VideoDataModuleBase
 from mim.data.video_io import DECODE_ERRORS, VIDEO_EXTENSIONS
@@ -125,7 +125,7 @@ class VideoShardDataModule(ShardLoadersMixin, VideoDataModuleBase):
         seed: int = 0,
     ) -> None:
         owner = "VideoShardDataModule"
-        check_positive_int(owner, "shuffle_buffer", shuffle_buffer)
+        check_int(owner, "shuffle_buffer", shuffle_buffer)
         check_max_corrupt(owner, max_corrupt)
         spec = resolve_shards(
             owner,

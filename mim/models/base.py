@@ -12,8 +12,9 @@ Implementations: :class:`~mim.models.encoder.MaskedEncoder` (images and video, a
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -22,6 +23,7 @@ from mim.types import Batch, TokenGrid
 __all__ = ["Encoder", "PoolMode"]
 
 PoolMode = Literal["cls", "avg"]
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 class Encoder(nn.Module, ABC):
@@ -45,6 +47,10 @@ class Encoder(nn.Module, ABC):
     num_heads: int
     depth: int
     has_class_token: bool
+    embedding_prefixes: ClassVar[tuple[str, ...]] = ()
+    """Names (prefixes, relative to the encoder) of the parameters before the first block: layer 0 of :meth:`layer_id`."""
+    final_norm_name: ClassVar[str] = "vit.norm"
+    """The submodule that normalises the output (replaced by :meth:`drop_final_norm`)."""
 
     @property
     @abstractmethod
@@ -88,3 +94,28 @@ class Encoder(nn.Module, ABC):
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of position embeddings and special tokens."""
         return set()
+
+    def layer_id(self, name: str) -> int:
+        """Layer of a parameter for layer-wise lr decay (facebookresearch/mae util/lr_decay.py).
+
+        0 for the embeddings and prefix tokens, ``i + 1`` for block ``i``, ``depth + 1`` for what follows the blocks.
+
+        Args:
+            name: a parameter name relative to this encoder.
+        """
+        block = _BLOCK.search(name)
+        if block is not None:
+            return int(block.group(1)) + 1
+        return 0 if name.startswith(self.embedding_prefixes) else self.depth + 1
+
+    def drop_final_norm(self) -> nn.Module:
+        """Replace the final norm by the identity and return it.
+
+        MAE's fine-tuning with global average pooling deletes the pretrained final norm and normalises the pooled
+        features with a new ``fc_norm`` instead (facebookresearch/mae models_vit.py).
+        """
+        parent_name, _, attr = self.final_norm_name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        norm = getattr(parent, attr)
+        setattr(parent, attr, nn.Identity())
+        return norm

@@ -86,6 +86,8 @@ class MaskedEncoder(Encoder):
         tubelet_size: frames per tubelet (VideoMAE: 2); ``num_frames`` must be a multiple.
     """
 
+    embedding_prefixes = ("vit.cls_token", "vit.reg_token", "vit.pos_embed", "vit.patch_embed", "vit.norm_pre")
+
     def __init__(
         self,
         *,

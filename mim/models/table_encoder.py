@@ -51,6 +51,7 @@ class MaskedTableEncoder(Encoder):
     """
 
     modality = "table"
+    embedding_prefixes = ("vit.cls_token", "vit.reg_token", "vit.norm_pre", "tokenizer")
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 Each feature of a row becomes one D-wide token, so a table of F features is the token grid (1, 1, F) with
 token j = feature j (raster order = feature order): numeric features first, then categorical ones, as in
-:class:`mim.data.tables.TablePreprocessor`.
+:class:`mim.data.table_preprocess.TablePreprocessor`.
 
 * numeric feature j:      ``x_j * W_j + b_j``               (W_j, b_j in R^D, one pair per feature)
 * missing numeric value:  ``m + b_j``                        (m in R^D, one learned vector shared by all

@@ -1,0 +1,400 @@
+"""FinetuneModule: full fine-tuning of a pretrained encoder with a linear classifier (``mim finetune``).
+
+MAE's fine-tuning recipe (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022, Appendix A.2;
+facebookresearch/mae main_finetune.py, models_vit.py, util/lr_decay.py) is the reference: global average pooling of
+the patch tokens normalised by a new ``fc_norm`` (the pretrained final norm is dropped) or the cls token after the
+final norm; a linear head initialised with a truncated normal of std 2e-5; the position table trained; drop path;
+AdamW with layer-wise lr decay and no decay on 1-D parameters and special tokens; lr = blr x effective batch / 256 with
+per-step warmup and cosine; Mixup / CutMix with label smoothing and random erasing on the device (:mod:`mim.augment`);
+RandAugment in the datamodule (``rand_augment``); optionally an EMA of the weights. Validation logs top-1 / top-5.
+The encoder comes from any checkpoint mim reads (:func:`mim.load.load_encoder`) or is given in the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from mim.augment import MixupCutmix, random_erase
+from mim.checkpoint import CheckpointError, read_checkpoint
+from mim.checks import check_choice, check_int, check_range
+from mim.ema import EMA
+from mim.load import build_encoder, encoder_state, load_encoder_weights
+from mim.models.base import Encoder
+from mim.module import built_by_lightning_cli
+from mim.optim import layer_decay_groups, scaled_lr, warmup_cosine
+from mim.types import Batch, step_seed
+
+__all__ = ["FinetuneModule", "topk_correct"]
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, Tensor]:
+    """Number of samples whose label is among the k highest logits, for each k (k is capped at the class count).
+
+    Args:
+        logits: (B, K).
+        labels: (B,) int64.
+
+    Returns:
+        k -> scalar count (float32), on the logits' device.
+    """
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, kmax)
+    hit = top == labels.unsqueeze(1)  # (B, kmax)
+    return {k: hit[:, : min(k, logits.shape[1])].any(dim=1).float().sum() for k in ks}
+
+
+class FinetuneModule(L.LightningModule):
+    """An encoder plus a linear classifier, fine-tuned end to end with MAE's recipe.
+
+    Args:
+        checkpoint: pretrained weights: a ``mim fit`` checkpoint (``.ckpt``, DeepSpeed or FSDP2 folder) or a
+            ``mim export`` file; None trains from random init (a baseline). Without ``encoder`` the encoder is rebuilt
+            from the config the checkpoint records.
+        encoder: the encoder; None: rebuilt from ``checkpoint``. Given with ``checkpoint``, the checkpoint's weights
+            are loaded into it (its architecture must match; another image size keeps the fixed sin-cos table).
+        which_encoder: which encoder of the checkpoint: ``student``, ``target`` (a JEPA target encoder, what I-JEPA
+            evaluates) or a state-dict prefix.
+        img_size: with an encoder rebuilt from ``checkpoint``: fine-tune at this image size instead of the recorded
+            one (the sin-cos position table is computed for the new grid).
+        drop_path_rate: stochastic depth of an encoder rebuilt from ``checkpoint`` (MAE ViT-B: 0.1, ViT-L: 0.2).
+        num_classes: classes; None: the datamodule's ``num_classes``.
+        global_pool: ``avg`` (mean of the patch tokens, then ``fc_norm``; MAE's default) or ``cls``.
+        train_pos_embed: train the position table (MAE fine-tuning does; it starts from the sin-cos values).
+        head_init_std: std of the head's truncated-normal init (MAE: 2e-5).
+        blr: base lr; lr = blr x effective batch / 256 (MAE ViT-B: 5e-4, ViT-L: 1e-3).
+        lr: absolute lr, overriding ``blr``.
+        layer_decay: layer-wise lr decay (MAE ViT-B: 0.65, ViT-L: 0.75; 1 disables it).
+        weight_decay: AdamW weight decay (MAE: 0.05).
+        betas: AdamW betas (MAE fine-tuning: PyTorch's default (0.9, 0.999)).
+        warmup_epochs: linear warmup in epochs (MAE: 5); ``warmup_steps`` overrides it.
+        warmup_steps: linear warmup in optimizer steps.
+        min_lr: final lr of the cosine (MAE: 1e-6).
+        label_smoothing: label smoothing (MAE: 0.1).
+        mixup: Mixup alpha (MAE: 0.8; 0 disables it). Images and clips only.
+        cutmix: CutMix alpha (MAE: 1.0; 0 disables it). Images and clips only.
+        mixup_prob: probability that a batch is mixed.
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
+        random_erasing: random-erasing probability per image (MAE: 0.25). Images only.
+        ema_decay: keep an EMA of the weights with this decay (e.g. 0.9999) and validate it too; None: no EMA.
+        batch_size: per-device batch for the lr scaling; default: the datamodule's ``batch_size``.
+        seed: seeds the per-step augmentation draws (Mixup, CutMix, erasing).
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoint: str | None = None,
+        encoder: Encoder | None = None,
+        which_encoder: str = "student",
+        img_size: int | None = None,
+        drop_path_rate: float = 0.1,
+        num_classes: int | None = None,
+        global_pool: Literal["avg", "cls"] = "avg",
+        train_pos_embed: bool = True,
+        head_init_std: float = 2e-5,
+        blr: float = 1e-3,
+        lr: float | None = None,
+        layer_decay: float = 0.75,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        warmup_steps: int | None = None,
+        min_lr: float = 1e-6,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        random_erasing: float = 0.25,
+        ema_decay: float | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        owner = "FinetuneModule"
+        if checkpoint is None and encoder is None:
+            raise ValueError(
+                "FinetuneModule needs a checkpoint (pretrained weights) or an encoder (to train from random init)"
+            )
+        check_range(owner, "drop_path_rate", drop_path_rate, 0, 1, high_open=True)
+        check_choice(owner, "global_pool", global_pool, ("avg", "cls"))
+        check_range(owner, "head_init_std", head_init_std, 0, math.inf, low_open=True)
+        check_range(owner, "blr", blr, 0, math.inf, low_open=True)
+        if lr is not None:
+            check_range(owner, "lr", lr, 0, math.inf, low_open=True)
+        check_range(owner, "layer_decay", layer_decay, 0, 1, low_open=True)
+        check_range(owner, "weight_decay", weight_decay, 0, math.inf)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"FinetuneModule.betas must be two numbers in [0, 1), got {betas}")
+        check_range(owner, "warmup_epochs", warmup_epochs, 0, math.inf)
+        if warmup_steps is not None:
+            check_int(owner, "warmup_steps", warmup_steps, minimum=0)
+        check_range(owner, "min_lr", min_lr, 0, math.inf)
+        check_range(owner, "random_erasing", random_erasing, 0, 1)
+        if ema_decay is not None:
+            check_range(owner, "ema_decay", ema_decay, 0, 1, high_open=True)
+        if batch_size is not None:
+            check_int(owner, "batch_size", batch_size)
+        if num_classes is not None:
+            check_int(owner, "num_classes", num_classes, minimum=2)
+        self.save_hyperparameters(ignore=["encoder"] if not built_by_lightning_cli() else [])
+        self.encoder = self._build_encoder(checkpoint, encoder, which_encoder, img_size, drop_path_rate)
+        pos_embed = getattr(self.encoder, "pos_embed", None)
+        if isinstance(pos_embed, nn.Parameter):  # MAE trains the table, starting from the sin-cos values
+            pos_embed.requires_grad_(train_pos_embed)
+        self.fc_norm: nn.Module = nn.Identity()
+        if global_pool == "avg":
+            norm = self.encoder.drop_final_norm()  # MAE: the pretrained norm is deleted, a new fc_norm follows the pool
+            self.fc_norm = nn.LayerNorm(self.encoder.embed_dim, eps=getattr(norm, "eps", 1e-6))
+        elif not self.encoder.has_class_token:
+            raise ValueError("FinetuneModule.global_pool 'cls' needs an encoder with a class token; use 'avg'")
+        self.head: nn.Linear | None = None
+        self.ema: EMA | None = None
+        self.mixer: MixupCutmix | None = None
+        self._mix_kwargs = dict(
+            mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
+        MixupCutmix(num_classes=2, **self._mix_kwargs)  # validate now, not at the first step
+        if num_classes is not None:
+            self._build_head(num_classes)
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _build_encoder(
+        checkpoint: str | None, encoder: Encoder | None, which: str, img_size: int | None, drop_path_rate: float
+    ) -> Encoder:
+        if checkpoint is None:
+            assert encoder is not None
+            return encoder
+        ckpt = read_checkpoint(checkpoint)
+        config = ckpt["mim"].get("encoder")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{checkpoint}: the checkpoint records no encoder config")
+        if encoder is None:
+            overrides: dict[str, Any] = {}
+            if config.get("class", "MaskedEncoder") == "MaskedEncoder":
+                overrides["drop_path_rate"] = drop_path_rate
+                if img_size is not None:
+                    overrides["img_size"] = img_size
+            encoder = build_encoder(config, **overrides)
+        elif encoder.modality != _modality(config):
+            raise CheckpointError(
+                f"{checkpoint}: a {_modality(config)} encoder's checkpoint cannot initialise the recipe's "
+                f"{encoder.modality} encoder"
+            )
+        prefix, state = encoder_state(ckpt, which)
+        load_encoder_weights(encoder, state, source=str(checkpoint))
+        rank_zero_info(f"mim: fine-tuning the {which} encoder ({prefix.rstrip('.')}) of {checkpoint}")
+        return encoder
+
+    def _build_head(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=self.hparams.head_init_std)  # type: ignore[attr-defined]
+        nn.init.zeros_(self.head.bias)
+        hp: Any = self.hparams
+        if hp.ema_decay is not None:
+            self.ema = EMA(nn.ModuleDict({"encoder": self.encoder, "fc_norm": self.fc_norm, "head": self.head}))
+        if self.encoder.modality in ("image", "video"):
+            mixer = MixupCutmix(num_classes=num_classes, **self._mix_kwargs)
+            self.mixer = mixer if mixer.enabled else None
+
+    def configure_model(self) -> None:
+        """Take the class count from the datamodule and check its inputs against the encoder, before training."""
+        data = self._trainer.datamodule if self._trainer is not None else None  # type: ignore[union-attr]
+        check_data(self.encoder, data, self.num_classes if self.head is not None else None)
+        if self.head is None:
+            self._build_head(int(data.num_classes))  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: Tensor) -> Tensor:
+        """(encoder input) -> (B, num_classes) logits."""
+        return self._logits(self.encoder, self.fc_norm, self._head(), inputs)
+
+    def _head(self) -> nn.Linear:
+        if self.head is None:
+            raise RuntimeError("FinetuneModule has no head yet: set num_classes or fit with a labelled datamodule")
+        return self.head
+
+    def _logits(self, encoder: Encoder, fc_norm: nn.Module, head: nn.Module, inputs: Tensor) -> Tensor:
+        latent = encoder(inputs)  # (B, prefix + N, D)
+        features = fc_norm(encoder.pool(latent, self.hparams.global_pool))  # type: ignore[attr-defined]  # (B, D)
+        return head(features)  # (B, K)
+
+    def _rng(self, *parts: int) -> random.Random:
+        return random.Random(step_seed(self.hparams.seed, *parts))  # type: ignore[attr-defined]
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        hp: Any = self.hparams
+        inputs, labels = self.encoder.inputs(batch), _labels(batch)
+        rng = self._rng(self.trainer.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches)
+        if hp.random_erasing > 0 and self.encoder.modality == "image":
+            inputs = random_erase(inputs, rng, prob=hp.random_erasing)
+        if self.mixer is not None and inputs.shape[0] > 1:
+            inputs, target = self.mixer(inputs, labels, rng)  # (B, K) soft targets
+            logits = self(inputs).float()
+            loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            logits = self(inputs).float()
+            loss = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=labels.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], batch_size=labels.shape[0])
+        return loss
+
+    def _evaluate(self, batch: Batch, stage: str) -> None:
+        inputs, labels = self.encoder.inputs(batch), _labels(batch)
+        bs = labels.shape[0]
+        runs = [("", self.encoder, self.fc_norm, self._head())]
+        if self.ema is not None:
+            parts = self.ema.module
+            runs.append(("ema_", parts["encoder"], parts["fc_norm"], parts["head"]))
+        for tag, encoder, fc_norm, head in runs:
+            logits = self._logits(encoder, fc_norm, head, inputs).float()  # (B, K)
+            hits = topk_correct(logits, labels)
+            values = {
+                f"{stage}/{tag}loss": F.cross_entropy(logits, labels),
+                f"{stage}/{tag}top1": hits[1] / bs,
+                f"{stage}/{tag}top5": hits[5] / bs,
+            }
+            self.log_dict(values, prog_bar=not tag, sync_dist=True, batch_size=bs)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        """``{"probs": (B, K), "pred": (B,)}`` (and ``label`` when the batch has one)."""
+        probs = self(self.encoder.inputs(batch)).float().softmax(dim=-1)
+        out = {"probs": probs, "pred": probs.argmax(dim=-1)}
+        if "label" in batch:
+            out["label"] = batch["label"]
+        return out
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            parts = nn.ModuleDict({"encoder": self.encoder, "fc_norm": self.fc_norm, "head": self._head()})
+            self.ema.update(parts, self.hparams.ema_decay)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> Any:
+        hp: Any = self.hparams
+        per_device = hp.batch_size or getattr(self.trainer.datamodule, "batch_size", None)  # type: ignore[attr-defined]
+        if per_device is None:
+            raise ValueError("FinetuneModule.batch_size is not set and the datamodule has no batch_size")
+        accum, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        eff = per_device * accum * world
+        lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, eff)
+        if self.trainer.estimated_stepping_batches == float("inf"):
+            raise ValueError(
+                "FinetuneModule: set trainer.max_epochs or trainer.max_steps (the lr schedule needs an end)"
+            )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.warmup_steps is not None:
+            warmup = hp.warmup_steps
+        else:
+            if self.trainer.train_dataloader is None:
+                self.trainer.fit_loop.setup_data()
+            batches = self.trainer.num_training_batches
+            per_epoch = math.ceil(batches / accum) if 0 < batches < float("inf") else total
+            warmup = round(hp.warmup_epochs * per_epoch)
+        if warmup >= total:
+            rank_zero_info(f"mim: warning: warmup ({warmup} steps) is not shorter than the run ({total} steps)")
+        rank_zero_info(
+            f"mim: fine-tuning, effective batch = {per_device} x {accum} x {world} = {eff}; "
+            f"lr = {'' if hp.lr is not None else f'blr {hp.blr:g} x {eff}/256 = '}{lr:.4g}; layer decay "
+            f"{hp.layer_decay}; {total} optimizer steps, {warmup} warmup"
+        )
+        encoder_names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        depth = self.encoder.depth
+
+        def layer_of(name: str) -> int:
+            return self.encoder.layer_id(name.removeprefix("encoder.")) if name.startswith("encoder.") else depth + 1
+
+        groups = layer_decay_groups(
+            ((n, p) for n, p in self.named_parameters() if not n.startswith("ema.")),  # the EMA copy is not optimized
+            weight_decay=hp.weight_decay,
+            layer_decay=hp.layer_decay,
+            num_layers=depth + 1,
+            layer_of=layer_of,
+            no_weight_decay=encoder_names,
+        )
+        for group in groups:
+            group["lr"] = lr * group["lr_scale"]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step, warmup_steps=warmup, total_steps=total, base_lr=1.0, min_lr=hp.min_lr / lr)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mim"] = {
+            "encoder": self.encoder.config,
+            "format": 1,
+            "kind": "finetune",
+            "num_classes": self.num_classes if self.head is not None else None,
+        }
+
+
+def _labels(batch: Batch) -> Tensor:
+    labels = batch.get("label")  # type: ignore[union-attr]
+    if labels is None:
+        raise ValueError(f"FinetuneModule needs labelled batches (a 'label' entry); the batch has {sorted(batch)}")
+    return labels
+
+
+def _modality(config: dict[str, Any]) -> str:
+    if config.get("class") == "MaskedTableEncoder":
+        return "table"
+    return "video" if int(config.get("num_frames", 1)) > 1 else "image"
+
+
+def check_data(encoder: Encoder, datamodule: Any, num_classes: int | None) -> None:
+    """Refuse a datamodule the encoder cannot read, before training, naming both values.
+
+    Args:
+        encoder: the encoder.
+        datamodule: the trainer's datamodule (None: nothing to check).
+        num_classes: the head's class count, if already set.
+    """
+    if datamodule is None:
+        if num_classes is None:
+            raise ValueError("FinetuneModule.num_classes is not set and there is no datamodule to take it from")
+        return
+    classes = getattr(datamodule, "num_classes", None)
+    if classes is None:
+        raise ValueError(
+            f"{type(datamodule).__name__} has no labels (num_classes is None): fine-tuning needs a labelled dataset "
+            "(for a table, set label_column)"
+        )
+    if num_classes is not None and int(classes) != num_classes:
+        raise ValueError(f"FinetuneModule.num_classes is {num_classes} but {type(datamodule).__name__} has {classes}")
+    kind = "table" if hasattr(datamodule, "num_numeric") else "video" if hasattr(datamodule, "num_frames") else "image"
+    if kind != encoder.modality:
+        raise ValueError(f"the encoder reads {encoder.modality}s but {type(datamodule).__name__} yields {kind}s")
+    if kind == "table":
+        return
+    in_chans, size = getattr(datamodule, "in_chans", None), getattr(datamodule, "image_size", None)
+    own_chans, own_size = getattr(encoder, "in_chans", None), getattr(encoder, "img_size", None)
+    if in_chans is not None and own_chans is not None and in_chans != own_chans:
+        raise ValueError(
+            f"the encoder takes {own_chans}-channel input but {type(datamodule).__name__} yields {in_chans} channels"
+        )
+    if size is not None and own_size is not None and tuple(own_size) != (size, size):
+        raise ValueError(
+            f"the encoder takes {tuple(own_size)} images but {type(datamodule).__name__} yields {size} x {size}: set "
+            f"model.init_args.img_size {size} (the sin-cos position table is rebuilt for the new grid) or "
+            f"data.init_args.image_size {own_size[0]}"
+        )
