@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import lightning as L
@@ -190,6 +191,8 @@ class FinetuneModule(L.LightningModule):
                 f"{checkpoint}: a {_modality(config)} encoder's checkpoint cannot initialise the recipe's "
                 f"{encoder.modality} encoder"
             )
+        elif not encoder.is_configured:  # a table encoder: the schema the checkpoint was trained on
+            encoder.configure_data(SimpleNamespace(**{k: config[k] for k in ("num_numeric", "category_cardinalities")}))
         prefix, state = encoder_state(ckpt, which)
         load_encoder_weights(encoder, state, source=str(checkpoint))
         rank_zero_info(f"mim: fine-tuning the {which} encoder ({prefix.rstrip('.')}) of {checkpoint}")
@@ -211,6 +214,8 @@ class FinetuneModule(L.LightningModule):
         """Take the class count from the datamodule and check its inputs against the encoder, before training."""
         data = self._trainer.datamodule if self._trainer is not None else None  # type: ignore[union-attr]
         check_data(self.encoder, data, self.num_classes if self.head is not None else None)
+        if not self.encoder.is_configured:
+            self.encoder.configure_data(data)  # a table encoder trained from scratch takes the table's schema
         if self.head is None:
             self._build_head(int(data.num_classes))  # type: ignore[union-attr]
 
@@ -385,6 +390,13 @@ def check_data(encoder: Encoder, datamodule: Any, num_classes: int | None) -> No
     if kind != encoder.modality:
         raise ValueError(f"the encoder reads {encoder.modality}s but {type(datamodule).__name__} yields {kind}s")
     if kind == "table":
+        schema = (getattr(encoder, "num_numeric", None), getattr(encoder, "category_cardinalities", None))
+        wanted = (datamodule.num_numeric, list(datamodule.category_cardinalities))
+        if encoder.is_configured and (schema[0], list(schema[1] or [])) != wanted:
+            raise ValueError(
+                f"the encoder was trained on a table with (numeric, category sizes) = {schema} but "
+                f"{type(datamodule).__name__} has {wanted}: fine-tune on a table with the same columns"
+            )
         return
     in_chans, size = getattr(datamodule, "in_chans", None), getattr(datamodule, "image_size", None)
     own_chans, own_size = getattr(encoder, "in_chans", None), getattr(encoder, "img_size", None)

@@ -32,6 +32,7 @@ __all__ = [
     "ImageDataModule",
     "SkippedFilesMixin",
     "TensorImageDataset",
+    "HeldOutLoadersMixin",
     "check_crops",
     "class_index",
     "check_loader_settings",
@@ -358,7 +359,19 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 
-class ImageDataModule(LightningDataModule, ABC):
+class HeldOutLoadersMixin:
+    """``test_dataloader`` and ``predict_dataloader`` read the held-out split: ``mim test`` / ``mim predict`` work."""
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The validation loader."""
+        return self.val_dataloader()  # type: ignore[attr-defined]
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """The validation loader."""
+        return self.val_dataloader()  # type: ignore[attr-defined]
+
+
+class ImageDataModule(HeldOutLoadersMixin, LightningDataModule, ABC):
     """Base for image datamodules: ``uint8`` batches from the loaders, normalised on the device.
 
     Subclasses implement :meth:`build_datasets`. The loaders yield ``{"image": (B, C, H, W) uint8,

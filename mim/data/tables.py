@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mim.checks import check_choice, check_range, invalid
-from mim.data.base import check_loader_settings, eval_loader, loader_kwargs, train_loader
+from mim.data.base import HeldOutLoadersMixin, check_loader_settings, eval_loader, loader_kwargs, train_loader
 from mim.data.table_preprocess import LabelTask, TableBatch, TablePreprocessor, infer_column_kinds
 
 __all__ = ["TableDataModule", "TableDataset", "read_table", "sklearn_table"]
@@ -102,7 +102,7 @@ def _collate_table(samples: Any) -> Any:
 # ------------------------------------------------------------------------------------------- datamodule
 
 
-class TableDataModule(LightningDataModule):
+class TableDataModule(HeldOutLoadersMixin, LightningDataModule):
     """A CSV or Parquet table as :class:`TableBatch` batches, with the preprocessing fitted on the train split.
 
     Args:

@@ -63,7 +63,8 @@ def mae_train_transform(
         v2.RandomHorizontalFlip(hflip),
     ]
     if rand_augment is not None:
-        steps.append(v2.RandAugment(num_ops=2, magnitude=rand_augment, interpolation=InterpolationMode.BICUBIC))
+        # Bilinear: torchvision's affine ops refuse bicubic on tensors (timm's RandAugment resamples PIL bicubically).
+        steps.append(v2.RandAugment(num_ops=2, magnitude=rand_augment, interpolation=InterpolationMode.BILINEAR))
     steps += [
         v2.ToImage(),  # PIL -> (C, size, size) uint8; tensors pass through
         v2.ToPureTensor(),  # a plain Tensor, for collation
