@@ -186,6 +186,19 @@ def _fp32(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _text_line(path: Path) -> str | None:
+    """The first line of ``path`` when it is a text file, else None (a checkpoint is a zip archive or a pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    control = set(range(32)) - {9, 10, 13}  # bytes that text (ASCII or UTF-8) never holds besides tab and newlines
+    if not head or head.startswith((b"PK", b"\x80")) or any(byte in control for byte in head):
+        return None
+    return head.decode("utf-8", errors="replace").strip().splitlines()[0][:60] if head.strip() else None
+
+
 def _load(path: Path, *, trusted_internal: bool = False) -> dict[str, Any]:
     """``torch.load`` on CPU with ``weights_only=True``; any failure becomes one :class:`CheckpointError` line.
 
@@ -197,6 +210,8 @@ def _load(path: Path, *, trusted_internal: bool = False) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; one line names the file
+        if (line := _text_line(path)) is not None:
+            raise CheckpointError(f"{path}: a text file, not a checkpoint (it begins {line!r})") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e):
             raise CheckpointError(
@@ -286,6 +301,7 @@ def _plain(ckpt: dict[str, Any]) -> dict[str, Any]:
 def _read_export(path: Path) -> dict[str, Any]:
     """A ``mim export`` file (safetensors or torch) as a checkpoint-shaped dict of its (student) encoder."""
     meta: dict[str, Any] | None
+    state: Any
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
@@ -294,18 +310,19 @@ def _read_export(path: Path) -> dict[str, Any]:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
             state = load_file(str(path), device="cpu")
+            meta = json.loads(header["mim"]) if "mim" in header else None
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e}); it is truncated or corrupt") from None
-        meta = json.loads(header["mim"]) if "mim" in header else None
     else:
         obj = _load(path)
         meta, state = obj.get("mim"), obj.get("state_dict")
     if not isinstance(meta, dict) or "encoder" not in meta or not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a mim export (no 'mim' metadata with the encoder's config)")
-    return {
-        "state_dict": {f"encoder.vit.{k}": v for k, v in state.items()},
-        "mim": {"encoder": meta["encoder"], "export": meta},
-    }
+    if meta.get("layout", "timm") == "mim":  # a video or table encoder: its own state dict
+        weights = {f"encoder.{k}": v for k, v in state.items()}
+    else:  # timm's names; a fine-tuned export's classifier (fc_norm, head) sits beside the encoder, as in FinetuneModule
+        weights = {(k if k.split(".")[0] in ("fc_norm", "head") else f"encoder.vit.{k}"): v for k, v in state.items()}
+    return {"state_dict": weights, "mim": {"encoder": meta["encoder"], "export": meta}}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -326,7 +343,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if p.is_file():
         ckpt = _load(p)
         mim = ckpt.get("mim")
-        if isinstance(mim, dict) and "format" in mim and "arch" in mim and "state_dict" in ckpt:
+        if isinstance(mim, dict) and str(mim.get("format", "")).startswith("mim-encoder/") and "state_dict" in ckpt:
             return _read_export(p)  # a torch-format export
         ckpt = _plain(ckpt)
     else:

@@ -4,6 +4,7 @@
 * ``mim finetune -c RECIPE.yaml [--encoder student|target]``: ``fit`` on a fine-tuning recipe (mim/finetune.py).
 * ``mim pack SRC OUT/``: pack images into webdataset tar shards (see mim/data/pack.py).
 * ``mim quickstart``: MAE on Fashion-MNIST on CPU, then a linear-probe table (see mim/quickstart.py).
+* ``mim eval CKPT --data RECIPE.yaml``: linear / k-NN / attentive probes on frozen features (mim/evaluation.py).
 * ``mim masks --strategy NAME --grid 14x14 [--frames T] --out masks.png``: a picture of sample masks (mim/masks_cli.py).
 
 Lightning is imported only by the commands that train (``fit``, ``validate``, ``print_config``: through
@@ -27,7 +28,8 @@ commands:
   quickstart [--help]                                MAE on Fashion-MNIST on CPU + linear-probe table
   pack SRC OUT/ [--shard-size 1GB --resize-short 256]  pack an image folder or list file into tar shards
   masks --strategy NAME [--grid 14x14 --frames T --set k=v --out masks.png|.gif]  picture of sample masks
-  export CKPT OUT.safetensors                        the encoder as a timm state dict (+ config)
+  export CKPT OUT/ [--img-size S]                   the encoder as a timm model folder (weights, config, data)
+  eval CKPT --data RECIPE.yaml [--out results.json]  linear, k-NN, attentive probes on frozen features
 """
 
 
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from mim.masks_cli import main as masks
 
         return masks(argv[1:])
+    if argv[0] == "eval":
+        from mim.evaluation import main as evaluate
+
+        return evaluate(argv[1:])
     if argv[0] == "export":
         from mim.export import main as export
 

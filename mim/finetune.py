@@ -351,6 +351,9 @@ class FinetuneModule(L.LightningModule):
             "kind": "finetune",
             "num_classes": self.num_classes if self.head is not None else None,
         }
+        data_config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
+        if callable(data_config):  # input size, mean, std ...: what `mim export` writes for timm
+            checkpoint["mim"]["data"] = data_config()
 
 
 def _labels(batch: Batch) -> Tensor:

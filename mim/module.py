@@ -331,3 +331,6 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mim"] = {"encoder": self.encoder.config, "format": 1}
+        data_config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
+        if callable(data_config):  # input size, mean, std ...: what `mim export` writes for timm
+            checkpoint["mim"]["data"] = data_config()

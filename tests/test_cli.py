@@ -128,6 +128,8 @@ def test_quickstart_small(tmp_path: Path):
         "300",
         "--probe-test",
         "300",
+        "--finetune-steps",
+        "3",
         "--",
         "--data.init_args.num_val=256",
         "--trainer.log_every_n_steps=1",
@@ -138,8 +140,17 @@ def test_quickstart_small(tmp_path: Path):
     assert "Linear probe on Fashion-MNIST" in out
     for row in ("MAE-pretrained ViT", "random init", "raw pixels"):
         assert row in out
+    assert "Fine-tuned end to end, 3 steps each, top-1 on the 10000 test images" in out
+    assert "pretrained - random init = " in out
     for name in ("reconstructions.png", "loss_curve.png", "results.json"):
         assert (tmp_path / "qs" / name).stat().st_size > 1000 or name == "results.json"
     assert list((tmp_path / "qs").rglob("last.ckpt"))
     with Image.open(tmp_path / "qs" / "reconstructions.png") as img:
         assert img.width > 200 and img.height > 600  # 8 rows x 3 columns
+
+
+def test_quickstart_sizes_runs_to_the_budget():
+    from mim.quickstart import size_run
+
+    assert size_run(300, 0.5) == 510  # 85 % of 300 s at 0.5 s per step
+    assert size_run(300, 60.0) == 20  # a very slow machine still gets a (short) complete schedule

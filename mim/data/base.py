@@ -391,8 +391,12 @@ class ImageDataModule(HeldOutLoadersMixin, LightningDataModule, ABC):
     Attributes:
         batch_size, image_size, in_chans, mean, std, num_classes, num_workers, seed: the arguments
             (``mean`` and ``std`` as tuples of floats).
+        eval_crop_pct: the evaluation transform's centre-crop fraction (1.0: no crop; subclasses that resize and
+            crop set their own).
         train_dataset, val_dataset: built by :meth:`setup`; ``val_dataset`` is None without a validation split.
     """
+
+    eval_crop_pct: float = 1.0
 
     def __init__(
         self,
@@ -453,6 +457,24 @@ class ImageDataModule(HeldOutLoadersMixin, LightningDataModule, ABC):
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
         return eval_loader(self.val_dataset, **self._loader_kwargs())
+
+    def data_config(self) -> dict[str, Any]:
+        """The data settings in the fields of timm's ``pretrained_cfg`` (timm/models/_pretrained.py ``PretrainedCfg``).
+
+        Checkpoints record them (``checkpoint["mim"]["data"]``) and ``mim export`` writes them out, so that
+        ``timm.data.resolve_data_config`` gives the model the input it was trained on.
+
+        Returns:
+            ``input_size`` [C, H, W], ``mean`` and ``std`` (C values each), ``interpolation`` ("bicubic", as the
+            transforms resize) and ``crop_pct`` (:attr:`eval_crop_pct`), as plain JSON types.
+        """
+        return {
+            "input_size": [self.in_chans, self.image_size, self.image_size],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": "bicubic",
+            "crop_pct": float(self.eval_crop_pct),
+        }
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Normalise ``batch["image"]`` on the device: (B, C, H, W) uint8 -> (B, C, H, W) float32."""

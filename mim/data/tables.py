@@ -259,6 +259,22 @@ class TableDataModule(HeldOutLoadersMixin, LightningDataModule):
         self.setup("validate")
         return eval_loader(self.val_dataset, **self._loader_kwargs())
 
+    def data_config(self) -> dict[str, Any]:
+        """The data settings as checkpoints (``checkpoint["mim"]["data"]``) and ``mim export`` record them.
+
+        Returns:
+            ``input_size`` [F] (tokens per row), ``mean`` and ``std`` (the standardisation of the Fn numeric
+            columns, in raw units) and ``preprocessor`` (the whole fitted :class:`TablePreprocessor` state: columns,
+            vocabularies, label), so that an exported table encoder can read new rows. Plain JSON types.
+        """
+        pre = self.fit_preprocessor()
+        return {
+            "input_size": [pre.num_features],
+            "mean": list(pre.means),
+            "std": list(pre.stds),
+            "preprocessor": pre.state_dict(),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The fitted preprocessing as plain python types (Lightning stores it in the checkpoint)."""
         return {"preprocessor": self.fit_preprocessor().state_dict()}

@@ -203,6 +203,15 @@ class VideoDataModuleBase(ImageDataModule):
         """(C, T, S, S): the shape of one clip."""
         return (self.in_chans, self.num_frames, self.image_size, self.image_size)
 
+    def data_config(self) -> dict[str, Any]:
+        """:meth:`ImageDataModule.data_config` of one frame plus ``num_frames``; ``crop_pct`` is
+        ``image_size / resize_short`` (validation resizes the shorter side to ``resize_short``, bicubic, and
+        centre-crops ``image_size``), 1.0 without ``resize_short``."""
+        config = super().data_config()
+        config["num_frames"] = self.num_frames
+        config["crop_pct"] = self.image_size / self.resize_short if self.resize_short else 1.0
+        return config
+
     def clip_decoders(self) -> tuple[ClipDecoder, ClipDecoder]:
         """The (training, validation) decoders.
 
