@@ -176,7 +176,9 @@ def loaders(datamodule: Any) -> tuple[Any, Any]:
     return in_order(datamodule.train_dataloader()), val
 
 
-def raw_table_baseline(datamodule: Any, *, seed: int = 0, max_train: int | None = None) -> Accuracy:
+def raw_table_baseline(
+    datamodule: Any, *, seed: int = 0, max_train: int | None = None, max_val: int | None = None
+) -> Accuracy:
     """scikit-learn's ``HistGradientBoostingClassifier`` on the table's own columns, same train / val rows.
 
     It reads the columns the encoder tokenises, before tokenisation: the numeric ones standardised (a tree does not
@@ -186,7 +188,8 @@ def raw_table_baseline(datamodule: Any, *, seed: int = 0, max_train: int | None 
     Args:
         datamodule: a set-up :class:`mim.data.TableDataModule`.
         seed: the model's ``random_state``.
-        max_train: use the first rows only, as the probes do.
+        max_train: use the first training rows only, as the probes do.
+        max_val: use the first validation rows only.
     """
     import numpy as np
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -198,7 +201,7 @@ def raw_table_baseline(datamodule: Any, *, seed: int = 0, max_train: int | None 
         return x.numpy(), t["label"][:limit].numpy()
 
     x_train, y_train = columns(datamodule.train_dataset, max_train)
-    x_val, y_val = columns(datamodule.val_dataset, None)
+    x_val, y_val = columns(datamodule.val_dataset, max_val)
     num_numeric = datamodule.num_numeric
     categorical = [False] * num_numeric + [c <= 255 for c in datamodule.category_cardinalities]
     model = HistGradientBoostingClassifier(
@@ -266,6 +269,8 @@ def evaluate(
         check_int(owner, "epochs", epochs)
     check_range(owner, "token_cache_gb", token_cache_gb, 0, math.inf)
     num_classes = check_data(encoder, datamodule)
+    if "hgb" in (probes or []) and encoder.modality != "table":
+        raise ValueError(f"evaluate: the hgb probe reads a table's columns, but the data are {encoder.modality}s")
     train_loader, val_loader = loaders(datamodule)
     encoder = encoder.to(device)
     modality = encoder.modality
@@ -273,9 +278,9 @@ def evaluate(
     def transfer(batch: dict[str, Any]) -> dict[str, Any]:
         return datamodule.on_after_batch_transfer(batch, 0)
 
-    def features(loader: Any, limit: int | None, what: str, pooling: str = pool) -> tuple[Tensor, Tensor]:
+    def features(loader: Any, limit: int | None, what: str) -> tuple[Tensor, Tensor]:
         bar = f"{what} features" if progress else None
-        return loader_features(encoder, loader, transfer=transfer, pool=pooling, max_samples=limit, progress=bar)  # type: ignore[arg-type]
+        return loader_features(encoder, loader, transfer=transfer, pool=pool, max_samples=limit, progress=bar)
 
     start = time.perf_counter()
     train_x, train_y = features(train_loader, max_train, "train")
@@ -285,7 +290,12 @@ def evaluate(
     chosen = probes if probes is not None else _default_probes(modality, train_x.shape[0])
     rows: list[ProbeRow] = []
     for probe in chosen:
-        trained = {"num_classes": num_classes, "seed": seed, "device": device, "progress": probe if progress else None}
+        trained: dict[str, Any] = {
+            "num_classes": num_classes,
+            "seed": seed,
+            "device": device,
+            "progress": probe if progress else None,
+        }
         tic = time.perf_counter()
         note = ""
         if probe == "linear":
@@ -294,6 +304,7 @@ def evaluate(
             note = f"LARS, {n} epochs"
         elif probe == "lbfgs":
             fit = linear_probe(train_x, train_y, val_x, val_y, num_classes=num_classes)
+            assert fit.test_top5 is not None
             acc, note = Accuracy(top1=fit.test_accuracy, top5=fit.test_top5), "full-batch L-BFGS"
         elif probe == "knn":
             acc = knn_classify(
@@ -305,9 +316,10 @@ def evaluate(
             acc = mlp_probe(train_x, train_y, val_x, val_y, epochs=n, **trained)
             note = f"AdamW, {n} epochs"
         elif probe == "hgb":
-            if modality != "table":
-                raise ValueError(f"evaluate: the hgb probe reads a table's columns, but the data are {modality}s")
-            acc, note = raw_table_baseline(datamodule, seed=seed, max_train=max_train), "raw columns, not the encoder"
+            acc, note = (
+                raw_table_baseline(datamodule, seed=seed, max_train=max_train, max_val=max_val),
+                "raw columns, not the encoder",
+            )
         else:  # attentive
             n = epochs or DEFAULT_EPOCHS["attentive"]
             acc, note = _attentive(encoder, datamodule, (train_loader, val_loader), transfer, num_classes, n,
@@ -330,7 +342,7 @@ def evaluate(
 def _attentive(
     encoder: Encoder,
     datamodule: Any,
-    loaders: tuple[Any, Any],
+    split_loaders: tuple[Any, Any],
     transfer: Callable[[dict[str, Any]], dict[str, Any]],
     num_classes: int,
     epochs: int,
@@ -342,7 +354,7 @@ def _attentive(
     progress: bool,
 ) -> tuple[Accuracy, str]:
     """V-JEPA's attentive probe on the patch tokens: cached (float16) when they fit, else the encoder every epoch."""
-    (train_loader, val_loader), (max_train, max_val) = loaders, limits
+    (train_loader, val_loader), (max_train, max_val) = split_loaders, limits
     dataset = getattr(train_loader, "dataset", None)
     num_train = len(dataset) if hasattr(dataset, "__len__") else math.inf  # type: ignore[arg-type]
     num_train = min(num_train, max_train or math.inf)

@@ -112,19 +112,15 @@ def _export(src: Path, out: Path, *, encoder: str = "encoder", img_size: int | t
     kind = mim.get("kind") or exported.get("kind") or "pretrain"
     timm_layout = config.get("class", "MaskedEncoder") == "MaskedEncoder" and int(config.get("num_frames", 1)) == 1
     root = encoder.rstrip(".")
-    prefix = f"{root}.vit." if timm_layout else f"{root}."
-    state_dict: dict[str, Any] = checkpoint["state_dict"]
-    state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
-    if not state:
-        found = sorted({k.split(".vit.")[0] for k in state_dict if ".vit." in k})
-        raise CheckpointError(f"{src}: no '{prefix}*' weights in the checkpoint's state_dict; encoders found: {found}")
+    state = _encoder_state(src, checkpoint["state_dict"], f"{root}.vit." if timm_layout else f"{root}.")
     num_classes = 0
     extra_kwargs: dict[str, Any] = {}
-    if timm_layout and kind == "finetune" and root == "encoder" and "head.weight" in state_dict:
+    if timm_layout and kind == "finetune" and root == "encoder" and "head.weight" in checkpoint["state_dict"]:
         # MAE's classifier (facebookresearch/mae models_vit.py) is timm's: pool -> fc_norm -> head.
-        state.update({k: v for k, v in state_dict.items() if k.split(".")[0] in _HEAD_MODULES})
-        num_classes = int(state_dict["head.weight"].shape[0])
-        extra_kwargs["global_pool"] = "avg" if "fc_norm.weight" in state_dict else "token"
+        head = {k: v for k, v in checkpoint["state_dict"].items() if k.split(".")[0] in _HEAD_MODULES}
+        state.update(head)
+        num_classes = int(head["head.weight"].shape[0])
+        extra_kwargs["global_pool"] = "avg" if "fc_norm.weight" in head else "token"
     notes: list[str] = []
     if img_size is not None:
         key = "pos_embed" if timm_layout else "vit.pos_embed"
@@ -167,22 +163,37 @@ def _export(src: Path, out: Path, *, encoder: str = "encoder", img_size: int | t
     _write_weights(state, meta, weights)
     result = Export(path=weights, meta=meta, notes=notes)
     if timm_layout:
-        result.config_path = weights.parent / _CONFIG_NAME
-        previous = _read_json(result.config_path)
-        other = (previous.get("mim") or {}).get("weights")
-        if other not in (None, weights.name):
-            notes.append(f"replaced {result.config_path}, which described {other}: keep one export per folder")
-        hub = {
-            "architecture": config["arch"].partition(".")[0],  # the model, without a pretrained tag
-            "num_classes": num_classes,
-            "num_features": int(model.num_features),
-            "global_pool": model.global_pool,
-            "model_args": meta["timm_kwargs"],
-            "pretrained_cfg": meta["pretrained_cfg"],
-            "mim": {"format": MIM_EXPORT_FORMAT, "weights": weights.name, "source": meta["source"]},
-        }
-        _write_atomic(result.config_path, lambda tmp: tmp.write_text(json.dumps(hub, indent=2) + "\n"))
+        result.config_path = _write_hub_config(weights, meta, model, notes)
     return result
+
+
+def _write_hub_config(weights: Path, meta: dict[str, Any], model: Any, notes: list[str]) -> Path:
+    """``config.json`` beside ``weights``, as a timm model on the Hugging Face hub has it (what timm's
+    ``load_model_config_from_path`` reads for ``local-dir:``): architecture, head, ``model_args``, ``pretrained_cfg``."""
+    path = weights.parent / _CONFIG_NAME
+    other = (_read_json(path).get("mim") or {}).get("weights")
+    if other not in (None, weights.name):
+        notes.append(f"replaced {path}, which described {other}: keep one export per folder")
+    hub = {
+        "architecture": meta["arch"].partition(".")[0],  # the model, without a pretrained tag
+        "num_classes": meta["num_classes"],
+        "num_features": int(model.num_features),
+        "global_pool": model.global_pool,
+        "model_args": meta["timm_kwargs"],
+        "pretrained_cfg": meta["pretrained_cfg"],
+        "mim": {"format": MIM_EXPORT_FORMAT, "weights": weights.name, "source": meta["source"]},
+    }
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(hub, indent=2) + "\n"))
+    return path
+
+
+def _encoder_state(src: Path, state_dict: dict[str, Any], prefix: str) -> dict[str, Tensor]:
+    """The tensors under ``prefix``, keys relative to it."""
+    state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+    if not state:
+        found = sorted({k.split(".vit.")[0] for k in state_dict if ".vit." in k})
+        raise CheckpointError(f"{src}: no '{prefix}*' weights in the checkpoint's state_dict; encoders found: {found}")
+    return state
 
 
 def _resize(

@@ -71,11 +71,7 @@ def encoder_features(
     out = []
     for start in range(0, images.shape[0], batch_size):
         latent = encoder(normalize(images[start : start + batch_size].to(device)))  # (b, prefix+N, D)
-        if pool == "cls+avg":
-            feats = torch.cat([encoder.pool(latent, "cls"), encoder.pool(latent, "avg")], dim=1)
-        else:
-            feats = encoder.pool(latent, pool)
-        out.append(feats.float().cpu())
+        out.append(pool_latent(encoder, latent, pool).float().cpu())  # (b, D) or (b, 2D)
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -176,7 +172,7 @@ def loader_features(
             if transfer is not None:
                 batch = transfer(batch)
             with forward_context():
-                latent = encoder(encoder.inputs(batch))  # (b, prefix + N, D)
+                latent = encoder(encoder.inputs(batch))  # type: ignore[arg-type]  # (b, prefix + N, D)
             out = pool_latent(encoder, latent, pool)  # (b, D) | (b, N, D)
             take = out.shape[0] if max_samples is None else min(out.shape[0], max_samples - count)
             feats.append(out[:take].to("cpu", store_dtype))

@@ -68,6 +68,8 @@ class LinearHead(nn.Module):
 
     def __init__(self, *, dim: int, num_classes: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
+        check_int("LinearHead", "dim", dim)
+        check_int("LinearHead", "num_classes", num_classes)
         self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.linear.weight, std=0.01, generator=generator)
@@ -90,6 +92,8 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
+        check_int("CrossAttentionBlock", "num_heads", num_heads)
+        check_range("CrossAttentionBlock", "mlp_ratio", mlp_ratio, 0, math.inf, low_open=True)
         if dim % num_heads:
             raise ValueError(f"CrossAttentionBlock.num_heads must divide dim={dim}, got {num_heads}")
         self.num_heads = num_heads
@@ -138,6 +142,9 @@ class AttentiveClassifier(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        check_int("AttentiveClassifier", "dim", dim)
+        check_int("AttentiveClassifier", "num_classes", num_classes)
+        check_range("AttentiveClassifier", "init_std", init_std, 0, math.inf, low_open=True)
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
         self.block = CrossAttentionBlock(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio)
         self.linear = nn.Linear(dim, num_classes)
@@ -180,6 +187,8 @@ class MLPHead(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        for field, value in (("dim", dim), ("num_classes", num_classes), ("hidden", hidden)):
+            check_int("MLPHead", field, value)
         self.net = nn.Sequential(
             nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes)
         )

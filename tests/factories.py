@@ -128,3 +128,32 @@ class TrainMetricsRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+
+def finetune_top1(encoder: Any, *, steps: int, seed: int = 0, num_train: int = 10000, num_test: int = 2000) -> float:
+    """Fine-tune ``encoder`` (a copy) with MAE's recipe on Fashion-MNIST for ``steps`` steps of 128 images; top-1 on
+    ``num_test`` test images. The short-run settings of recipes/quickstart_finetune.yaml (no Mixup, CutMix,
+    RandAugment or erasing; layer decay 0.75, label smoothing 0.1, warmup 10 %, cosine).
+    """
+    import copy
+
+    from mim.data import FashionMNISTDataModule
+    from mim.finetune import FinetuneModule
+
+    L.seed_everything(seed, verbose=False)
+    module = FinetuneModule(
+        encoder=copy.deepcopy(encoder), blr=2e-3, layer_decay=0.75, warmup_steps=max(1, steps // 10),
+        mixup=0.0, cutmix=0.0, random_erasing=0.0, seed=seed,
+    )  # fmt: skip
+    data = FashionMNISTDataModule(
+        batch_size=128, num_train=num_train, num_val=num_test, crop_scale=(0.5, 1.0), seed=seed
+    )
+    trainer = cpu_trainer(max_steps=steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    trainer = cpu_trainer()
+    return float(trainer.validate(module, datamodule=data, verbose=False)[0]["val/top1"])
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    """Standard error of an accuracy measured on ``n`` independent test images."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5

@@ -138,6 +138,8 @@ def test_attentive_classifier_shapes_and_token_order():
     torch.testing.assert_close(model(tokens[:, torch.randperm(12)]), logits)  # a pooling: the order does not matter
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="CrossAttentionBlock.num_heads must divide dim=16, got 3"):
+        AttentiveClassifier(dim=16, num_classes=5, num_heads=3)
 
 
 def test_attentive_probe_learns_a_separable_token_task():
@@ -190,7 +192,9 @@ def test_mim_eval_refuses_bad_input_in_one_line(tmp_path: Path, capsys):
     csv = sklearn_table("breast_cancer", tmp_path)
     table = ["--data", str(DEBUG / "mae_table.yaml"), f"--data.init_args.train_path={csv}", "--no-progress"]
     image_ckpt = _write_checkpoint(tmp_path / "image.ckpt", tiny_encoder())
-    table_ckpt = _write_checkpoint(tmp_path / "table.ckpt", tiny_table_encoder(num_numeric=30, category_cardinalities=[]))
+    table_ckpt = _write_checkpoint(
+        tmp_path / "table.ckpt", tiny_table_encoder(num_numeric=30, category_cardinalities=[])
+    )
     cases = [
         ([str(image_ckpt), *table], "the checkpoint's encoder reads images but TableDataModule yields tables"),
         ([str(table_ckpt), *table, "--data.init_args.label_column=null"], "TableDataModule has no class labels"),
@@ -222,7 +226,7 @@ def test_mim_eval_end_to_end_on_a_debug_checkpoint(tmp_path: Path):
     run = subprocess.run(
         [sys.executable, "-m", "mim", "eval", str(ckpt), "--data", str(DEBUG / "mae_fashion_mnist.yaml"),
          "--data.init_args.num_train=1000", "--data.init_args.num_val", "500", "--probes", "linear,lbfgs,knn,attentive",
-         "--epochs", "5", "--no-progress", "--out", str(out)],
+         "--epochs", "20", "--no-progress", "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -268,3 +272,25 @@ def test_online_knn_logs_during_a_fit(tmp_path: Path):
     with pytest.raises(ValueError, match="OnlineKNN.k must be an integer >= 1, got 0"):
         OnlineKNN(k=0)
 
+
+def test_evaluate_clips_cached_and_streamed(real_clips: Path, tmp_path: Path):
+    """Real H.264 clips in two classes: the attentive probe reads the (T x H x W) tokens, cached or with the encoder
+    run again every epoch; the repeated training clips (num_repeats) and augmentation are off for evaluation."""
+    import shutil
+
+    from mim.evaluation import datamodule_from_recipe
+    from tests.factories import tiny_video_encoder
+
+    for i, clip in enumerate(sorted(real_clips.glob("*.mp4"))):
+        (tmp_path / f"class{i % 2}").mkdir(exist_ok=True)
+        shutil.copy(clip, tmp_path / f"class{i % 2}" / clip.name)
+    root = f"--data.init_args.root={tmp_path}"
+    data = datamodule_from_recipe(DEBUG / "finetune_video.yaml", [root, f"--data.init_args.val_root={tmp_path}"])
+    encoder = tiny_video_encoder(img_size=32)
+    cached = evaluate(encoder, data, probes=["knn", "attentive"], epochs=2, progress=False, log=lambda _: None)
+    streamed = evaluate(encoder, data, probes=["attentive"], epochs=2, token_cache_gb=0, progress=False,
+                        log=lambda _: None)  # fmt: skip
+    assert cached["modality"] == "video" and cached["num_train"] == len(list(tmp_path.rglob("*.mp4")))
+    assert "tokens cached" in cached["results"][1]["note"]
+    assert "encoder run every epoch" in streamed["results"][0]["note"]
+    assert 0.0 <= streamed["results"][0]["top1"] <= 1.0
