@@ -211,8 +211,11 @@ class FinetuneModule(L.LightningModule):
             self.mixer = mixer if mixer.enabled else None
 
     def configure_model(self) -> None:
-        """Take the class count from the datamodule and check its inputs against the encoder, before training."""
-        data = self._trainer.datamodule if self._trainer is not None else None  # type: ignore[union-attr]
+        """Lightning hook: :meth:`configure_data` with the trainer's datamodule, before optimizers and wrappers."""
+        self.configure_data(self._trainer.datamodule if self._trainer is not None else None)  # type: ignore[union-attr]
+
+    def configure_data(self, data: Any) -> None:
+        """Check the datamodule's inputs against the encoder, then take the class count (and a table's schema) from it."""
         check_data(self.encoder, data, self.num_classes if self.head is not None else None)
         if not self.encoder.is_configured:
             self.encoder.configure_data(data)  # a table encoder trained from scratch takes the table's schema
@@ -386,6 +389,11 @@ def check_data(encoder: Encoder, datamodule: Any, num_classes: int | None) -> No
         raise ValueError(
             f"{type(datamodule).__name__} has no labels (num_classes is None): fine-tuning needs a labelled dataset "
             "(for a table, set label_column)"
+        )
+    if int(classes) < 2:
+        raise ValueError(
+            f"{type(datamodule).__name__} has {classes} class: fine-tuning a classifier needs at least 2 (a folder "
+            "needs one subfolder per class, a list file a label per line)"
         )
     if num_classes is not None and int(classes) != num_classes:
         raise ValueError(f"FinetuneModule.num_classes is {num_classes} but {type(datamodule).__name__} has {classes}")

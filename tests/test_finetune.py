@@ -216,6 +216,8 @@ def test_check_data_names_both_values():
         check_data(encoder, _Data(num_classes=4, in_chans=1, image_size=16), None)
     with pytest.raises(ValueError, match="num_classes is 10 but _Data has 4"):
         check_data(encoder, _Data(num_classes=4, in_chans=3, image_size=16), 10)
+    with pytest.raises(ValueError, match="_Data has 1 class: fine-tuning a classifier needs at least 2"):
+        check_data(encoder, _Data(num_classes=1, in_chans=3, image_size=16), None)
     with pytest.raises(ValueError, match="has no labels"):
         check_data(encoder, _Data(num_classes=None), None)
     with pytest.raises(ValueError, match="reads images but _Data yields tables"):

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from mim.finetune import FinetuneModule
 from mim.lightning_cli import MimCLI, build
 from mim.module import PretrainModule
 
@@ -32,6 +34,10 @@ def _instantiate(recipe: Path, tmp_path: Path, clips: Path | None = None) -> Mim
     text = recipe.read_text()
     if "ImageFolderDataModule" in text:
         args.append(f"--data.init_args.root={_image_folder(tmp_path / 'images')}")
+        if "val_root:" in text:
+            args.append(f"--data.init_args.val_root={_image_folder(tmp_path / 'val_images')}")
+        if "FinetuneModule" in text:
+            args.append("--data.init_args.batch_size=2")  # the 4 test images
     if "mim.data.ShardDataModule" in text:  # image shards (not VideoShardDataModule)
         from mim.data.pack import pack
 
@@ -39,13 +45,33 @@ def _instantiate(recipe: Path, tmp_path: Path, clips: Path | None = None) -> Mim
         args.append(f"--data.init_args.urls={tmp_path / 'shards'}")
     if "VideoDataModule" in text:
         assert clips is not None
+        if "list_file:" in text:  # a production recipe's Kinetics lists: the real clips' folder instead
+            args += ["--data.init_args.list_file=null", "--data.init_args.val_list_file=null"]
+            args.append("--data.init_args.batch_size=2")  # the 4 real clips
+        if "FinetuneModule" in text:  # a classifier needs classes: two subfolders of the real clips
+            import shutil
+
+            for i, clip in enumerate(sorted(clips.glob("*.mp4"))):
+                (tmp_path / "clips" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+                shutil.copy(clip, tmp_path / "clips" / f"c{i % 2}" / clip.name)
+            clips = tmp_path / "clips"
         args.append(f"--data.init_args.root={clips}")
+        if "val_list_file:" in text:
+            args.append(f"--data.init_args.val_root={clips}")
     if "TableDataModule" in text:
         from mim.data.tables import sklearn_table
 
         args.append(f"--data.init_args.train_path={sklearn_table('wine', tmp_path / 'table')}")
     if "CSVLogger" in text:
         args.append(f"--trainer.logger.init_args.save_dir={tmp_path}")
+    if "FinetuneModule" in text and "\n    encoder:" not in text:  # production fine-tuning: a pretrained encoder
+        video = "VideoDataModule" in text  # stands in for the checkpoint: the recipe's geometry, one narrow block
+        encoder = {"arch": "vit_base_patch16_224", "img_size": 224, "patch_size": 16,
+                   "model_kwargs": {"embed_dim": 64, "depth": 1, "num_heads": 2},
+                   **({"num_frames": 16, "tubelet_size": 2} if video else {})}  # fmt: skip
+        args.append(
+            f"--model.init_args.encoder={json.dumps({'class_path': 'mim.models.MaskedEncoder', 'init_args': encoder})}"
+        )
     if "TeacherTarget" in text:
         from tests.test_teacher_target import teacher_overrides
 
@@ -62,6 +88,9 @@ def test_recipes_found():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
 def test_recipe_instantiates(recipe: Path, tmp_path: Path, real_clips: Path):
     cli = _instantiate(recipe, tmp_path, real_clips)
+    if isinstance(cli.model, FinetuneModule):
+        _check_finetune(cli)
+        return
     assert isinstance(cli.model, PretrainModule)
     assert len(cli.model.targets) >= 1
     # every trainable parameter receives a gradient from one training loss (no dead heads)
@@ -75,6 +104,19 @@ def test_recipe_instantiates(recipe: Path, tmp_path: Path, real_clips: Path):
         module.compute_losses(batch, masks, inputs)["loss"].backward()
         dead = [n for n, p in module.named_parameters() if p.requires_grad and p.numel() and p.grad is None]
         assert not dead
+
+
+def _check_finetune(cli: MimCLI) -> None:
+    """A fine-tuning recipe builds its head from the data and one loss reaches every trainable parameter."""
+    module, data = cli.model, cli.datamodule
+    module.configure_data(data)
+    assert module.num_classes == data.num_classes
+    data.setup("fit")
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
+    inputs, labels = module.encoder.inputs(batch), batch["label"]
+    torch.nn.functional.cross_entropy(module(inputs), labels).backward()
+    dead = [n for n, p in module.named_parameters() if p.requires_grad and p.numel() and p.grad is None]
+    assert not dead
 
 
 def test_vit_b16_recipe_matches_the_paper(tmp_path: Path):
@@ -234,3 +276,28 @@ def test_printed_config_reparses_the_deepspeed_dict(tmp_path: Path, capsys):
     again = _parse(["--config", str(path)])
     config = again["trainer"]["strategy"]["init_args"]["config"]
     assert isinstance(config, dict) and config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "top1", "blr", "layer_decay", "drop_path", "epochs"),
+    [
+        ("mae_vit_b16_in1k.yaml", "83.6", 5e-4, 0.65, 0.1, 100),
+        ("mae_vit_l16_in1k.yaml", "85.9", 1e-3, 0.75, 0.2, 50),
+        ("videomae_vit_b16_k400.yaml", "81.5", 5e-4, 0.75, 0.1, 75),
+    ],
+)
+def test_finetune_recipes_state_the_official_settings(name, top1, blr, layer_decay, drop_path, epochs):
+    """MAE's FINETUNE.md and VideoMAE's finetune.sh settings, and the expected top-1 in each header."""
+    recipe = RECIPE_DIR / "finetune" / name
+    header = recipe.read_text().split("seed_everything")[0]
+    assert "Expected" in header and top1 in header
+    parsed = _parse(["--config", str(recipe)])
+    hp = parsed["model"]["init_args"]
+    assert (hp["blr"], hp["layer_decay"], hp["drop_path_rate"], hp["global_pool"]) == (
+        blr,
+        layer_decay,
+        drop_path,
+        "avg",
+    )
+    assert (hp["mixup"], hp["cutmix"], hp["label_smoothing"], hp["weight_decay"]) == (0.8, 1.0, 0.1, 0.05)
+    assert parsed["trainer"]["max_epochs"] == epochs
