@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -212,7 +212,7 @@ class FinetuneModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning hook: :meth:`configure_data` with the trainer's datamodule, before optimizers and wrappers."""
-        self.configure_data(self._trainer.datamodule if self._trainer is not None else None)  # type: ignore[union-attr]
+        self.configure_data(self._trainer.datamodule if self._trainer is not None else None)  # type: ignore[attr-defined]
 
     def configure_data(self, data: Any) -> None:
         """Check the datamodule's inputs against the encoder, then take the class count (and a table's schema) from it."""
@@ -260,9 +260,9 @@ class FinetuneModule(L.LightningModule):
     def _evaluate(self, batch: Batch, stage: str) -> None:
         inputs, labels = self.encoder.inputs(batch), _labels(batch)
         bs = labels.shape[0]
-        runs = [("", self.encoder, self.fc_norm, self._head())]
+        runs: list[tuple[str, Any, nn.Module, nn.Module]] = [("", self.encoder, self.fc_norm, self._head())]
         if self.ema is not None:
-            parts = self.ema.module
+            parts = cast(nn.ModuleDict, self.ema.module)
             runs.append(("ema_", parts["encoder"], parts["fc_norm"], parts["head"]))
         for tag, encoder, fc_norm, head in runs:
             logits = self._logits(encoder, fc_norm, head, inputs).float()  # (B, K)

@@ -47,6 +47,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--finetune-steps", type=int, default=None, help="steps of each fine-tune (default: sized; 0 skips them)"
     )
+    p.add_argument(
+        "--finetune-test", type=int, default=None, help="test images for the fine-tunes (default: all 10000)"
+    )
     p.add_argument("--finetune-recipe", type=Path, default=_FINETUNE, help="default: recipes/quickstart_finetune.yaml")
     p.add_argument("--num-train", type=int, default=None, help="pretraining images (default: all 60000)")
     p.add_argument("--probe-train", type=int, default=10000, help="images to fit the probe on (default: 10000)")
@@ -54,7 +57,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. --trainer.max_steps=50 (after --)")
     args = p.parse_args(argv)
-    for name in ("epochs", "num_train", "probe_train", "probe_test", "pretrain_steps"):
+    for name in ("epochs", "num_train", "probe_train", "probe_test", "pretrain_steps", "finetune_test"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -94,7 +97,7 @@ def time_recipe(recipe_args: list[str], *, steps: int = 16, skip: int = 4) -> tu
         def on_train_batch_end(self, *args, **kwargs) -> None:
             stamps.append(time.perf_counter())
 
-    cli.trainer.callbacks.append(_Clock())
+    cli.trainer.callbacks.append(_Clock())  # type: ignore[attr-defined]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     start = time.perf_counter()
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -147,6 +150,8 @@ def _finetune(args: argparse.Namespace, checkpoint: str, steps: int | None) -> t
 
     base = ["--config", str(args.finetune_recipe), f"--trainer.default_root_dir={args.out.resolve() / 'finetune'}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    if args.finetune_test is not None:
+        base.append(f"--data.init_args.num_val={args.finetune_test}")
     if steps is None:
         per_step, validation = time_recipe(base)
         evaluation = validation + 10  # the test images, plus building the run

@@ -163,7 +163,7 @@ class MaskedEncoder(Encoder):
         self.embed_dim: int = vit.embed_dim
         self.patch_dim = tubelet_size * ph * pw * in_chans  # P: values per patch / tubelet
         self.num_prefix_tokens: int = vit.num_prefix_tokens
-        self.num_heads: int = vit.blocks[0].attn.num_heads if len(vit.blocks) else 1
+        self.num_heads: int = int(vit.blocks[0].attn.num_heads) if len(vit.blocks) else 1  # type: ignore[union-attr, arg-type]
         self.depth: int = len(vit.blocks)
         self.has_class_token: bool = vit.cls_token is not None
         self._config = {

@@ -79,7 +79,7 @@ class MaskedTableEncoder(Encoder):
         self.arch, self.init = arch, init
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens
-        self.num_heads: int = vit.blocks[0].attn.num_heads if len(vit.blocks) else 1
+        self.num_heads: int = int(vit.blocks[0].attn.num_heads) if len(vit.blocks) else 1  # type: ignore[union-attr, arg-type]
         self.depth: int = len(vit.blocks)
         self.has_class_token: bool = vit.cls_token is not None
         self.model_kwargs = kwargs

@@ -12,7 +12,7 @@ loss-predictor stack (the official code also runs the reconstructor there and di
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -88,20 +88,24 @@ class HardPatchTarget(PixelTarget):
 
     def bind(self, encoder: Encoder) -> None:
         super().bind(encoder)
+        assert isinstance(encoder, MaskedEncoder)  # checked by PixelTarget.bind
         self.loss_predictor = LossPredictor(
             dim=self.decoder_dim,
             depth=self.decoder_depth,
             num_heads=self.decoder_num_heads,
             mlp_ratio=self.decoder_mlp_ratio,
-            out_dim=encoder.patch_dim,  # type: ignore[attr-defined]  # a MaskedEncoder (checked by PixelTarget)
+            out_dim=encoder.patch_dim,
             num_prefix_tokens=encoder.num_prefix_tokens,
         )
         self.teacher = EMA(self._student(encoder))
 
     def _student(self, encoder: Encoder) -> nn.ModuleDict:
         """The parts of the student the EMA teacher copies (the order fixes the parameter pairing)."""
+        predictor = self.loss_predictor
+        if predictor is None:
+            raise RuntimeError("HardPatchTarget is not bound to an encoder: call target.bind(encoder) first")
         return nn.ModuleDict(
-            {"encoder": encoder, "decoder_embed": self._decoder().decoder_embed, "loss_predictor": self.loss_predictor}
+            {"encoder": encoder, "decoder_embed": self._decoder().decoder_embed, "loss_predictor": predictor}
         )
 
     def _parts(self) -> tuple[LossPredictor, EMA]:
@@ -132,7 +136,7 @@ class HardPatchTarget(PixelTarget):
         decoder's fixed position table and runs its loss predictor (as HPM's official code: the mask is chosen from
         the teacher's predictions on the unmasked image).
         """
-        parts = self._parts()[1].module
+        parts = cast(nn.ModuleDict, self._parts()[1].module)
         latent = parts["encoder"](encoder.inputs(batch))  # (B, prefix+N, D)
         x = parts["decoder_embed"](latent) + self._decoder().decoder_pos_embed.to(latent.dtype)  # (B, prefix+N, Dd)
         return parts["loss_predictor"](x).float()  # (B, N)

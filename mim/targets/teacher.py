@@ -199,7 +199,7 @@ class TeacherTarget(Target):
         object.__setattr__(self, "_cache", None)
 
     # ------------------------------------------------------------------ construction
-    def bind(self, encoder: MaskedEncoder) -> None:
+    def bind(self, encoder: MaskedEncoder) -> None:  # type: ignore[override]
         if not isinstance(encoder, MaskedEncoder) or encoder.is_video:
             raise ValueError("TeacherTarget needs an image encoder (mim.models.MaskedEncoder with num_frames=1)")
         teacher = FrozenTeacher(
@@ -300,7 +300,7 @@ class TeacherTarget(Target):
         patches = x[:, num_prefix:]
         return torch.cat([x[:, :1], patches], dim=1) if self.align_cls else patches
 
-    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:
+    def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:  # type: ignore[override]
         out = self.teacher_output(batch, encoder)
         object.__setattr__(self, "_cache", None)  # consumed: the next batch computes its own
         teacher = self.teacher
