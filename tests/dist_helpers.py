@@ -65,6 +65,34 @@ class RandomImageData(L.LightningDataModule):
         return DataLoader(_Images(self.images[: 2 * self.batch_size]), batch_size=self.batch_size)
 
 
+class _LabelledImages(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+class RandomLabelledImageData(RandomImageData):
+    """``RandomImageData`` with ``num_classes`` seeded labels, image size and channels exposed (fine-tuning)."""
+
+    def __init__(self, *, num_classes: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes, self.image_size, self.in_chans = num_classes, self.images.shape[-1], self.images.shape[1]
+        self.labels = torch.randint(0, num_classes, (self.images.shape[0],), generator=torch.Generator().manual_seed(1))
+
+    def train_dataloader(self) -> DataLoader:
+        data = _LabelledImages(self.images, self.labels)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        n = 2 * self.batch_size
+        return DataLoader(_LabelledImages(self.images[:n], self.labels[:n]), batch_size=self.batch_size)
+
+
 def _comm_events(fn) -> int:
     """Run ``fn`` under the profiler; the number of collective-communication events it recorded."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -533,3 +533,38 @@ def test_fsdp2_strategy_full_shard_or_shard_grad_op(reshard: bool, tmp_path: Pat
         assert gathered is (not reshard)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "fsdp2"])
+def test_finetune_runs_sharded(strategy: str, tmp_path: Path):
+    """`mim fit` with a FinetuneModule (layer decay groups, Mixup, weight EMA) under 2-process ZeRO-2 and FSDP2; the
+    sharded checkpoint consolidates with the classifier head and the EMA copy."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 2, "strategy": STRATEGIES[strategy], "max_steps": 2,
+            "limit_val_batches": 1, "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "last"}}],
+        },
+        "model": {
+            "class_path": "mim.finetune.FinetuneModule",
+            "init_args": {
+                "encoder": {"class_path": "mim.models.MaskedEncoder",
+                            "init_args": {"arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4,
+                                          "model_kwargs": ENCODER}},
+                "lr": 1e-3, "warmup_steps": 0, "ema_decay": 0.9, "random_erasing": 0.25,
+            },
+        },
+        "data": {"class_path": "tests.dist_helpers.RandomLabelledImageData",
+                 "init_args": {"num_samples": 16, "batch_size": 4, "num_classes": 3}},
+    }  # fmt: skip
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = _mim_fit(path, tmp=tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:]
+    state = consolidate_checkpoint(next((tmp_path / "ckpt").iterdir()))["state_dict"]
+    assert state["head.weight"].shape == (3, ENCODER["embed_dim"])
+    assert any(k.startswith("ema.module.head.") for k in state)
+    assert "encoder.vit.norm.weight" not in state and "fc_norm.weight" in state
