@@ -378,3 +378,25 @@ def test_rand_augment_transform_on_tensors_and_pil():
     assert tf(rgb).shape == (3, 28, 28)
     with pytest.raises(ValueError, match="mae_train_transform.rand_augment must be an integer in \\[0, 30\\], got 31"):
         mae_train_transform(28, rand_augment=31)
+
+
+def test_finetune_on_labelled_shards(tmp_path: Path):
+    """`mim pack` shards keep each image's class; FinetuneModule trains and validates on them."""
+    from PIL import Image
+
+    from mim.data import ShardDataModule
+    from mim.data.pack import pack
+    from tests.factories import cpu_trainer
+
+    for cls, colour in (("dark", (30, 30, 30)), ("light", (220, 220, 220))):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (20, 20), tuple(c + 3 * i for c in colour)).save(tmp_path / "images" / cls / f"{i}.png")
+    pack(tmp_path / "images", tmp_path / "shards", shard_samples=4, progress=False)
+    data = ShardDataModule(urls=str(tmp_path / "shards"), val_urls=str(tmp_path / "shards"), image_size=16,
+                           batch_size=4, crop_scale=(0.5, 1.0))  # fmt: skip
+    module = FinetuneModule(encoder=tiny_encoder(), lr=1e-3, warmup_steps=0, mixup=0, cutmix=0, random_erasing=0)
+    trainer = cpu_trainer(max_steps=6, max_epochs=-1, limit_val_batches=2, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    assert module.num_classes == 2
+    assert 0.0 <= trainer.callback_metrics["val/top1"].item() <= 1.0
