@@ -55,9 +55,11 @@ class FinetuneModule(L.LightningModule):
     """An encoder plus a linear classifier, fine-tuned end to end with MAE's recipe.
 
     Args:
-        checkpoint: pretrained weights: a ``mim fit`` checkpoint (``.ckpt``, DeepSpeed or FSDP2 folder) or a
-            ``mim export`` file; None trains from random init (a baseline). Without ``encoder`` the encoder is rebuilt
-            from the config the checkpoint records.
+        checkpoint: pretrained weights: a ``mim fit`` checkpoint (``.ckpt``, DeepSpeed or FSDP2 folder), a
+            ``mim export`` file, or ``timm:NAME`` (a pretrained timm ViT: a registry name such as
+            ``timm:vit_base_patch16_224.mae``, which timm downloads unless cached, or ``timm:local-dir:FOLDER``); None
+            trains from random init (a baseline). Without ``encoder`` the encoder is rebuilt from the config the
+            checkpoint records.
         encoder: the encoder; None: rebuilt from ``checkpoint``. Given with ``checkpoint``, the checkpoint's weights
             are loaded into it (its architecture must match; another image size keeps the fixed sin-cos table).
         which_encoder: which encoder of the checkpoint: ``student``, ``target`` (a JEPA target encoder, what I-JEPA
@@ -175,6 +177,8 @@ class FinetuneModule(L.LightningModule):
         if checkpoint is None:
             assert encoder is not None
             return encoder
+        if checkpoint.startswith("timm:"):
+            return _timm_encoder(checkpoint.removeprefix("timm:"), encoder, img_size, drop_path_rate)
         ckpt = read_checkpoint(checkpoint)
         config = ckpt["mim"].get("encoder")
         if not isinstance(config, dict):
@@ -367,6 +371,43 @@ class FinetuneModule(L.LightningModule):
         data_config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
         if callable(data_config):  # input size, mean, std ...: what `mim export` writes for timm
             checkpoint["mim"]["data"] = data_config()
+
+
+def _timm_encoder(name: str, encoder: Encoder | None, img_size: int | None, drop_path_rate: float) -> Encoder:
+    """A MaskedEncoder with the weights of a pretrained timm ViT: a registry name (``vit_base_patch16_224.mae``,
+    downloaded by timm unless cached) or ``local-dir:FOLDER`` (a hub-layout folder, e.g. a ``mim export``)."""
+    import json
+    from pathlib import Path
+
+    import timm
+
+    from mim.models.encoder import MaskedEncoder
+
+    kwargs: dict[str, Any] = {"img_size": img_size} if img_size is not None else {}
+    try:  # timm resamples a learned position table to img_size on load
+        model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm raises many types (no network, unknown name, bad folder)
+        raise CheckpointError(f"timm:{name}: timm could not load it ({type(e).__name__}: {str(e)[:200]})") from None
+    model_args: dict[str, Any] = {}
+    if name.startswith("local-dir:"):
+        config = Path(name.removeprefix("local-dir:")) / "config.json"
+        model_args = dict(json.loads(config.read_text()).get("model_args", {})) if config.is_file() else {}
+    for key in ("img_size", "patch_size", "in_chans", "num_classes", "drop_path_rate"):
+        model_args.pop(key, None)
+    if encoder is None:
+        arch = model.pretrained_cfg.get("architecture") or name.split(".")[0]
+        encoder = MaskedEncoder(
+            arch=arch,
+            img_size=tuple(model.patch_embed.img_size),
+            patch_size=tuple(model.patch_embed.patch_size),
+            in_chans=model.patch_embed.proj.in_channels,
+            drop_path_rate=drop_path_rate,
+            init="timm",
+            model_kwargs=model_args,
+        )
+    load_encoder_weights(encoder, {f"vit.{k}": v for k, v in model.state_dict().items()}, source=f"timm:{name}")
+    rank_zero_info(f"mim: fine-tuning the timm model {name}")
+    return encoder
 
 
 def _labels(batch: Batch) -> Tensor:

@@ -400,3 +400,19 @@ def test_finetune_on_labelled_shards(tmp_path: Path):
     trainer.fit(module, datamodule=data)
     assert module.num_classes == 2
     assert 0.0 <= trainer.callback_metrics["val/top1"].item() <= 1.0
+
+
+def test_finetune_from_a_timm_model(tmp_path: Path):
+    """`checkpoint="timm:local-dir:FOLDER"`: a timm hub-layout folder (here a `mim export`) initialises the encoder;
+    a name timm cannot load is one clear error."""
+    from mim.export import export_encoder
+
+    pre = _pretrain_checkpoint(tmp_path / "pre.ckpt")
+    export_encoder(tmp_path / "pre.ckpt", tmp_path / "vit")
+    ft = FinetuneModule(checkpoint=f"timm:local-dir:{tmp_path / 'vit'}", num_classes=4)
+    for key, value in pre.encoder.state_dict().items():
+        if not key.startswith("vit.norm."):
+            assert torch.equal(ft.encoder.state_dict()[key], value), key
+    assert ft(torch.randn(2, 3, 16, 16)).shape == (2, 4)
+    with pytest.raises(CheckpointError, match="timm:local-dir:.*nope: timm could not load it"):
+        FinetuneModule(checkpoint=f"timm:local-dir:{tmp_path / 'nope'}", num_classes=4)
