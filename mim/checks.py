@@ -17,16 +17,13 @@ from collections.abc import Collection
 from numbers import Real
 from typing import Any, TypeVar
 
-__all__ = [
-    "check_bool",
-    "check_choice",
-    "check_int",
-    "check_pair_range",
-    "check_range",
-    "invalid",
-]
+__all__ = ["DataMismatchError", "check_bool", "check_choice", "check_int", "check_pair_range", "check_range", "invalid"]
 
 T = TypeVar("T")
+
+
+class DataMismatchError(ValueError):
+    """Data that does not fit the model (another modality, size, channel or class count), found before training."""
 
 
 def _owner_name(owner: object) -> str:

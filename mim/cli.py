@@ -13,6 +13,7 @@ Lightning is imported only by the commands that train (``fit``, ``validate``, ``
 
 from __future__ import annotations
 
+import os
 import sys
 
 __all__ = ["main"]
@@ -76,11 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         from mim.export import main as export
 
         return export(argv[1:])
+    command = argv[0]
     if argv[0] == "finetune":
         argv = ["fit", *_finetune_args(argv[1:])]
     if argv[0] == "print_config":
         argv = ["fit", *argv[1:], "--print_config"]
-    from mim.lightning_cli import run
+    from mim.lightning_cli import UserInputError, run
 
-    run(argv)
+    try:
+        run(argv)
+    except UserInputError as e:  # bad input found before training: one line (MIM_DEBUG=1 re-raises)
+        if os.environ.get("MIM_DEBUG") == "1":
+            raise
+        print(f"mim {command}: error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mim.augment import MixupCutmix, random_erase
 from mim.checkpoint import CheckpointError, read_checkpoint
-from mim.checks import check_choice, check_int, check_range
+from mim.checks import DataMismatchError, check_choice, check_int, check_range
 from mim.ema import EMA
 from mim.load import build_encoder, encoder_state, load_encoder_weights
 from mim.models.base import Encoder
@@ -33,7 +33,7 @@ from mim.module import built_by_lightning_cli
 from mim.optim import layer_decay_groups, scaled_lr, warmup_cosine
 from mim.types import Batch, step_seed
 
-__all__ = ["FinetuneModule", "topk_correct"]
+__all__ = ["FinetuneModule", "check_data", "topk_correct"]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, Tensor]:
@@ -433,29 +433,31 @@ def check_data(encoder: Encoder, datamodule: Any, num_classes: int | None) -> No
     """
     if datamodule is None:
         if num_classes is None:
-            raise ValueError("FinetuneModule.num_classes is not set and there is no datamodule to take it from")
+            raise DataMismatchError("FinetuneModule.num_classes is not set and there is no datamodule to take it from")
         return
     classes = getattr(datamodule, "num_classes", None)
     if classes is None:
-        raise ValueError(
+        raise DataMismatchError(
             f"{type(datamodule).__name__} has no labels (num_classes is None): fine-tuning needs a labelled dataset "
             "(for a table, set label_column)"
         )
     if int(classes) < 2:
-        raise ValueError(
+        raise DataMismatchError(
             f"{type(datamodule).__name__} has {classes} class: fine-tuning a classifier needs at least 2 (a folder "
             "needs one subfolder per class, a list file a label per line)"
         )
     if num_classes is not None and int(classes) != num_classes:
-        raise ValueError(f"FinetuneModule.num_classes is {num_classes} but {type(datamodule).__name__} has {classes}")
+        raise DataMismatchError(
+            f"FinetuneModule.num_classes is {num_classes} but {type(datamodule).__name__} has {classes}"
+        )
     kind = "table" if hasattr(datamodule, "num_numeric") else "video" if hasattr(datamodule, "num_frames") else "image"
     if kind != encoder.modality:
-        raise ValueError(f"the encoder reads {encoder.modality}s but {type(datamodule).__name__} yields {kind}s")
+        raise DataMismatchError(f"the encoder reads {encoder.modality}s but {type(datamodule).__name__} yields {kind}s")
     if kind == "table":
         schema = (getattr(encoder, "num_numeric", None), getattr(encoder, "category_cardinalities", None))
         wanted = (datamodule.num_numeric, list(datamodule.category_cardinalities))
         if encoder.is_configured and (schema[0], list(schema[1] or [])) != wanted:
-            raise ValueError(
+            raise DataMismatchError(
                 f"the encoder was trained on a table with (numeric, category sizes) = {schema} but "
                 f"{type(datamodule).__name__} has {wanted}: fine-tune on a table with the same columns"
             )
@@ -463,11 +465,11 @@ def check_data(encoder: Encoder, datamodule: Any, num_classes: int | None) -> No
     in_chans, size = getattr(datamodule, "in_chans", None), getattr(datamodule, "image_size", None)
     own_chans, own_size = getattr(encoder, "in_chans", None), getattr(encoder, "img_size", None)
     if in_chans is not None and own_chans is not None and in_chans != own_chans:
-        raise ValueError(
+        raise DataMismatchError(
             f"the encoder takes {own_chans}-channel input but {type(datamodule).__name__} yields {in_chans} channels"
         )
     if size is not None and own_size is not None and tuple(own_size) != (size, size):
-        raise ValueError(
+        raise DataMismatchError(
             f"the encoder takes {tuple(own_size)} images but {type(datamodule).__name__} yields {size} x {size}: set "
             f"model.init_args.img_size {size} (the sin-cos position table is rebuilt for the new grid) or "
             f"data.init_args.image_size {own_size[0]}"

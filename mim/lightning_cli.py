@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from mim.checkpoint import check_resume
 
-__all__ = ["MimCLI", "build", "run"]
+__all__ = ["MimCLI", "UserInputError", "build", "run"]
 
 
 class MimCLI(LightningCLI):
@@ -52,6 +52,32 @@ def build(args: list[str], **kwargs: Any) -> MimCLI:
     return _cli(args, run=False, **kwargs)
 
 
+class UserInputError(Exception):
+    """A recipe, checkpoint or dataset that cannot work, found before training; the message is what to tell the user."""
+
+
+def _constructor_errors(error: BaseException) -> list[str]:
+    """The constructors' own messages inside jsonargparse's "Does not validate against any of the Union subtypes"."""
+    lines = [line.strip()[2:] for line in str(error).splitlines() if line.strip().startswith("- ")]
+    return [line for line in lines if not line.startswith("Expected a <class")]
+
+
 def run(args: list[str]) -> None:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with its arguments."""
-    _cli(args, save_config_kwargs={"overwrite": True})
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with its arguments.
+
+    Raises:
+        UserInputError: a constructor refused its configuration (a ``ValueError`` naming the field), a checkpoint
+            could not be read or resumed, or the data does not fit the model; the traceback would add nothing.
+    """
+    from mim.checkpoint import CheckpointError, WorldSizeMismatchError
+    from mim.checks import DataMismatchError
+
+    try:
+        _cli(args, save_config_kwargs={"overwrite": True})
+    except (CheckpointError, WorldSizeMismatchError, DataMismatchError) as e:
+        raise UserInputError(str(e)) from e
+    except ValueError as e:
+        messages = _constructor_errors(e)
+        if "Does not validate against any of the Union subtypes" in str(e) and messages:
+            raise UserInputError("; ".join(messages)) from e
+        raise

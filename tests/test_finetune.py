@@ -416,3 +416,26 @@ def test_finetune_from_a_timm_model(tmp_path: Path):
     assert ft(torch.randn(2, 3, 16, 16)).shape == (2, 4)
     with pytest.raises(CheckpointError, match="timm:local-dir:.*nope: timm could not load it"):
         FinetuneModule(checkpoint=f"timm:local-dir:{tmp_path / 'nope'}", num_classes=4)
+
+
+@needs_data
+def test_mim_finetune_bad_input_is_one_line(tmp_path: Path, capsys):
+    """A text file as checkpoint, and images of another size than the encoder's: `mim finetune` says so in one line
+    (exit 2) before training, without a traceback."""
+    from mim.cli import main
+
+    (tmp_path / "notes.ckpt").write_text("hello")
+    recipe = str(DEBUG / "finetune_fashion_mnist.yaml")
+    root = f"--trainer.default_root_dir={tmp_path}"
+    assert main(["finetune", "-c", recipe, f"--model.init_args.checkpoint={tmp_path / 'notes.ckpt'}", root]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1] == f"mim finetune: error: {tmp_path / 'notes.ckpt'}: a text file, not a checkpoint (it begins 'hello')"
+    )
+    assert main(["finetune", "-c", recipe, "--data.init_args.image_size=32", root]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "mim finetune: error: the encoder takes (28, 28) images but FashionMNISTDataModule yields 32"
+    )
+    assert "Traceback" not in "\n".join(err)
+    assert not list(tmp_path.rglob("*.ckpt"))[1:]  # only the text file: nothing was trained
