@@ -439,3 +439,22 @@ def test_mim_finetune_bad_input_is_one_line(tmp_path: Path, capsys):
     )
     assert "Traceback" not in "\n".join(err)
     assert not list(tmp_path.rglob("*.ckpt"))[1:]  # only the text file: nothing was trained
+
+
+@needs_data
+def test_predict_returns_probabilities(tmp_path: Path):
+    """`mim predict` on a fine-tuning recipe: class probabilities, the argmax and the labels of the held-out split."""
+    from mim.lightning_cli import build
+
+    cli = build(["--config", str(DEBUG / "finetune_fashion_mnist.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false",
+                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"],
+                save_config_callback=None)  # fmt: skip
+    cli.model.configure_data(cli.datamodule)
+    outs = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    assert outs
+    for out in outs:  # one dict per batch of the held-out split
+        b = out["label"].shape[0]
+        assert out["probs"].shape == (b, 10)
+        torch.testing.assert_close(out["probs"].sum(1), torch.ones(b))
+        assert torch.equal(out["pred"], out["probs"].argmax(1))
