@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -87,3 +88,25 @@ class TestMaskedTableEncoderContract(EncoderContract):
     def rebuild(self, config: dict) -> Encoder:
         assert config["class"] == "MaskedTableEncoder"
         return MaskedTableEncoder(**{k: v for k, v in config.items() if k != "class"})
+
+
+class TestMaskedEncoderGlobalPoolContract(_PixelEncoderContract):
+    """A global-average-pooling ViT (timm puts its final norm after the pooling, fc_norm): built with the norm on every
+    token, so no parameter is dead (the gradient check of the contract) and the output is normalised."""
+
+    encoder_cls = MaskedEncoder
+
+    def make_encoder(self) -> MaskedEncoder:
+        return tiny_encoder(model_kwargs={**TINY_VIT, "global_pool": "avg", "class_token": False})
+
+
+def test_global_pool_encoders_normalise_tokens_and_export_to_timm(tmp_path):
+    import timm
+
+    encoder = tiny_encoder(model_kwargs={**TINY_VIT, "global_pool": "avg", "class_token": False})
+    assert isinstance(encoder.vit.norm, torch.nn.LayerNorm) and encoder.config["model_kwargs"]["fc_norm"] is False
+    kwargs = {k: v for k, v in encoder.config["model_kwargs"].items() if k not in ("img_size", "patch_size")}
+    twin = timm.create_model(encoder.arch, num_classes=0, img_size=16, patch_size=4, in_chans=3, **kwargs)
+    twin.load_state_dict(encoder.timm_state_dict(), strict=True)
+    with pytest.raises(ValueError, match="MaskedEncoder.model_kwargs: fc_norm=True puts .* after the pooling"):
+        tiny_encoder(model_kwargs={**TINY_VIT, "global_pool": "avg", "fc_norm": True})

@@ -49,6 +49,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def create_token_vit(owner: str, arch: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
+    """``timm.create_model(arch, num_classes=0, ...)`` whose final norm normalises every token.
+
+    A timm ViT with global average pooling (``global_pool='avg'``, e.g. ``vit_base_patch16_gap_224``) normalises the
+    *pooled* feature (``fc_norm``) and leaves ``norm`` the identity, so an encoder that returns tokens would return
+    them unnormalised and ``fc_norm`` would never get a gradient (DDP refuses such unused parameters). Unless
+    ``model_kwargs`` sets ``fc_norm``, such a model is built with ``fc_norm=False`` (the norm on every token; recorded
+    in ``kwargs``, so exports rebuild the same timm model); an explicit ``fc_norm=True`` is refused.
+
+    Args:
+        owner: the encoder class, for messages.
+        arch: the timm name.
+        kwargs: ``model_kwargs`` (updated in place with ``fc_norm=False`` when that is applied).
+        **extra: further ``create_model`` arguments (``in_chans``, ``drop_path_rate``).
+    """
+    try:
+        vit = timm.create_model(arch, pretrained=False, num_classes=0, **extra, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{owner}: timm could not build {arch!r} with {kwargs}: {e}") from e
+    pooled_norm = not isinstance(getattr(vit, "fc_norm", nn.Identity()), nn.Identity)
+    if pooled_norm and isinstance(getattr(vit, "norm", None), nn.Identity):
+        if kwargs.get("fc_norm") is not None:
+            raise ValueError(
+                f"{owner}.model_kwargs: fc_norm={kwargs['fc_norm']!r} puts {arch!r}'s final norm after the pooling, "
+                "which an encoder of tokens never applies (it would get no gradient); leave fc_norm unset or false"
+            )
+        kwargs["fc_norm"] = False
+        vit = timm.create_model(arch, pretrained=False, num_classes=0, **extra, **kwargs)
+    return vit
+
+
 def init_mae_weights_(module: nn.Module) -> None:
     """MAE initialisation of Linear and LayerNorm layers (facebookresearch/mae models_mae.py ``_init_weights``).
 
@@ -131,10 +162,8 @@ class MaskedEncoder(Encoder):
                     "choose an image size that is a multiple of the patch size"
                 )
         try:
-            vit = timm.create_model(
-                arch, pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
-            )
-        except (TypeError, AssertionError, ValueError) as e:
+            vit = create_token_vit("MaskedEncoder", arch, kwargs, in_chans=in_chans, drop_path_rate=drop_path_rate)
+        except (TypeError, AssertionError) as e:
             raise ValueError(f"MaskedEncoder: timm could not build {arch!r} with {kwargs}: {e}") from e
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"MaskedEncoder.arch: {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer")

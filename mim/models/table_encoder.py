@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mim.checks import check_choice, invalid
 from mim.models.base import Encoder
-from mim.models.encoder import init_mae_weights_
+from mim.models.encoder import create_token_vit, init_mae_weights_
 from mim.models.tabular import FeatureTokenizer
 from mim.tokens import gather_tokens
 from mim.types import Batch, TokenGrid
@@ -67,7 +67,7 @@ class MaskedTableEncoder(Encoder):
             raise invalid("MaskedTableEncoder", "arch", "a timm model name", arch)
         check_choice("MaskedTableEncoder", "init", init, ("mae", "timm"))
         kwargs = dict(model_kwargs or {})
-        vit = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+        vit = create_token_vit("MaskedTableEncoder", arch, kwargs)
         if not isinstance(vit, VisionTransformer):
             raise ValueError(
                 f"MaskedTableEncoder.arch: {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer"
