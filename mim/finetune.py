@@ -385,7 +385,7 @@ def _timm_encoder(name: str, encoder: Encoder | None, img_size: int | None, drop
 
     kwargs: dict[str, Any] = {"img_size": img_size} if img_size is not None else {}
     try:  # timm resamples a learned position table to img_size on load
-        model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+        model: Any = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
     except Exception as e:  # noqa: BLE001 - timm raises many types (no network, unknown name, bad folder)
         raise CheckpointError(f"timm:{name}: timm could not load it ({type(e).__name__}: {str(e)[:200]})") from None
     model_args: dict[str, Any] = {}
