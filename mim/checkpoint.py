@@ -16,7 +16,9 @@ import io
 import json
 import os
 import re
+import sys
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ __all__ = [
     "checkpoint_kind",
     "checkpoint_world_size",
     "consolidate_checkpoint",
+    "is_complete",
+    "newest_checkpoint",
     "read_checkpoint",
     "strategy_family",
 ]
@@ -357,3 +361,64 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{p}: not a mim checkpoint (no 'mim' block: it was not written by `mim fit` / `mim finetune`)"
         )
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+# "Complete" without loading any tensors: a single-file checkpoint's zip central directory (written last) lists a
+# data.pkl; a DeepSpeed folder's ``latest`` names a tag whose files are readable zips none newer than ``latest``
+# (DeepSpeed rewrites in place); a torch.distributed.checkpoint folder has a non-empty ``.metadata`` (written after
+# every shard) and, when present, a readable Lightning ``meta.pt``. "Newest" is the completion time.
+
+
+def _zip_ok(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _completed_at(path: Path) -> float:
+    """The time a checkpoint was completed: the file's, or a sharded folder's marker file's."""
+    if path.is_dir():
+        markers = [m for m in (path / "latest", path / "meta.pt", path / ".metadata") if m.is_file()]
+        return max((m.stat().st_mtime for m in markers), default=path.stat().st_mtime)
+    return path.stat().st_mtime
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` (a checkpoint file or a sharded checkpoint folder) was written to the end."""
+    if path.is_file():
+        return _zip_ok(path)
+    if not path.is_dir():
+        return False
+    latest = path / "latest"
+    if latest.is_file():  # DeepSpeed
+        tag = path / latest.read_text().strip()
+        files = [f for f in tag.rglob("*") if f.is_file()] if tag.is_dir() else []
+        done = latest.stat().st_mtime
+        return bool(files) and all(f.stat().st_mtime <= done and _zip_ok(f) for f in files)
+    metadata = path / ".metadata"
+    if metadata.is_file():  # torch.distributed.checkpoint
+        meta = path / "meta.pt"
+        return metadata.stat().st_size > 0 and (not meta.exists() or _zip_ok(meta))
+    return False
+
+
+def newest_checkpoint(*roots: str | Path) -> Path | None:
+    """The newest complete ``*.ckpt`` (file or folder) under the roots, or None."""
+    found: list[tuple[float, str, Path]] = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        for path in root.rglob("*.ckpt"):
+            if any(parent.suffix == ".ckpt" for parent in path.relative_to(root).parents):
+                continue  # inside a sharded checkpoint folder
+            path = path.resolve() if path.is_symlink() else path  # save_last="link"
+            if not path.exists():
+                continue
+            if is_complete(path):
+                found.append((_completed_at(path), str(path), path))
+            else:
+                print(f"mim: skipping incomplete checkpoint {path}", file=sys.stderr)
+    return max(found)[2] if found else None

@@ -8,12 +8,14 @@ train, so ``mim masks``, ``mim export`` and ``mim --help`` start fast.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from mim.checkpoint import check_resume
+from mim.checkpoint import CheckpointError, check_resume, newest_checkpoint
 
 __all__ = ["MimCLI", "UserInputError", "build", "run"]
 
@@ -22,8 +24,20 @@ class MimCLI(LightningCLI):
     """LightningCLI with mim's defaults: any LightningModule / LightningDataModule by ``class_path``."""
 
     def before_fit(self) -> None:
-        """Refuse a sharded checkpoint written at another world size before any process touches it."""
+        """Resolve ``--ckpt_path last`` to the newest complete checkpoint of the run, or stop when there is none (never
+        a silent fresh start), and refuse a sharded checkpoint written at another world size before it is touched."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            root = Path(self.trainer.default_root_dir)
+            newest = newest_checkpoint(root)
+            if newest is None:
+                raise CheckpointError(
+                    f"--ckpt_path last: no complete checkpoint under {root} (trainer.default_root_dir), so there is "
+                    "nothing to resume; drop --ckpt_path to start a new run, or pass a checkpoint path"
+                )
+            rank_zero_info(f"mim: resuming from {newest}, the newest complete checkpoint under {root}")
+            ckpt_path = str(newest)
+            self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
         check_resume(ckpt_path, self.trainer.world_size, strategy=self.trainer.strategy)
 
 

@@ -154,3 +154,24 @@ def test_quickstart_sizes_runs_to_the_budget():
 
     assert size_run(300, 0.5) == 510  # 85 % of 300 s at 0.5 s per step
     assert size_run(300, 60.0) == 20  # a very slow machine still gets a (short) complete schedule
+
+
+@needs_data
+def test_ckpt_path_last_resumes_the_newest_complete_checkpoint_or_stops(tmp_path: Path, capsys, caplog):
+    """`--ckpt_path last` finds the newest complete checkpoint across version folders and says so; with nothing to
+    resume it stops (exit 2) instead of silently starting over."""
+    import logging
+
+    recipe = str(DEBUG / "mae_fashion_mnist.yaml")
+    base = ["fit", "-c", recipe, f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false"]  # fmt: skip
+    assert main([*base, "--ckpt_path=last"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main([*base, "--trainer.max_steps=2"]) == 0
+    first = next(tmp_path.rglob("*.ckpt"))
+    (first.parent / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short")  # newer, but incomplete: skipped
+    with caplog.at_level(logging.INFO):
+        assert main([*base, "--trainer.max_steps=3", "--ckpt_path=last"]) == 0
+    text = caplog.text + capsys.readouterr().err
+    assert f"mim: resuming from {first}" in text  # the broken, newer file was skipped
+    assert f"Restored all states from the checkpoint at {first}" in text  # Lightning resumed from it (a new version)
