@@ -31,12 +31,7 @@ from mim.checks import check_range
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = [
-    "DeepSpeedStrategy",
-    "FSDP2Strategy",
-    "apply_fsdp2",
-    "data_parallel_mesh",
-]
+__all__ = ["DeepSpeedStrategy", "FSDP2Strategy", "apply_fsdp2", "data_parallel_mesh", "shard_if_fsdp2"]
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -186,6 +181,20 @@ def apply_fsdp2(module: nn.Module, mesh: DeviceMesh, **fsdp_kwargs: Any) -> nn.M
         if hasattr(module, name):
             register_fsdp_forward_method(module, name)
     return module
+
+
+def shard_if_fsdp2(module: Any) -> None:
+    """In a LightningModule's ``configure_model``: shard it with :func:`apply_fsdp2` when the strategy is FSDP2.
+
+    ``ModelParallelStrategy`` gives the module a device mesh before ``configure_model``; under any other strategy
+    there is none and nothing happens. ``reshard_after_forward`` comes from :class:`FSDP2Strategy` (default True).
+    """
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is None:
+        return
+    trainer = getattr(module, "_trainer", None)
+    reshard = getattr(trainer.strategy, "reshard_after_forward", True) if trainer is not None else True
+    apply_fsdp2(module, data_parallel_mesh(mesh), reshard_after_forward=reshard)
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:

@@ -221,12 +221,9 @@ class FinetuneModule(L.LightningModule):
         weight EMA included (:func:`mim.distributed.apply_fsdp2`), as ``PretrainModule`` is.
         """
         self.configure_data(self._trainer.datamodule if self._trainer is not None else None)  # type: ignore[attr-defined]
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None:
-            from mim.distributed import apply_fsdp2, data_parallel_mesh
+        from mim.distributed import shard_if_fsdp2
 
-            reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
-            apply_fsdp2(self, data_parallel_mesh(mesh), reshard_after_forward=reshard)
+        shard_if_fsdp2(self)
 
     def configure_data(self, data: Any) -> None:
         """Check the datamodule's inputs against the encoder, then take the class count (and a table's schema) from it."""

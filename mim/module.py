@@ -135,12 +135,9 @@ class PretrainModule(L.LightningModule):
         EMA copies included (:func:`mim.distributed.apply_fsdp2`).
         """
         self.configure_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None:
-            from mim.distributed import apply_fsdp2, data_parallel_mesh
+        from mim.distributed import shard_if_fsdp2
 
-            reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
-            apply_fsdp2(self, data_parallel_mesh(mesh), reshard_after_forward=reshard)
+        shard_if_fsdp2(self)
 
     def configure_data(self, datamodule: Any) -> None:
         """Build what depends on the data (a table encoder's tokenizer), then the targets' heads (once)."""
