@@ -394,7 +394,7 @@ def test_finetune_on_labelled_shards(tmp_path: Path):
             Image.new("RGB", (20, 20), tuple(c + 3 * i for c in colour)).save(tmp_path / "images" / cls / f"{i}.png")
     pack(tmp_path / "images", tmp_path / "shards", shard_samples=4, progress=False)
     data = ShardDataModule(urls=str(tmp_path / "shards"), val_urls=str(tmp_path / "shards"), image_size=16,
-                           batch_size=4, crop_scale=(0.5, 1.0))  # fmt: skip
+                           batch_size=4, crop_scale=(0.5, 1.0), rand_augment=9)  # fmt: skip
     module = FinetuneModule(encoder=tiny_encoder(), lr=1e-3, warmup_steps=0, mixup=0, cutmix=0, random_erasing=0)
     trainer = cpu_trainer(max_steps=6, max_epochs=-1, limit_val_batches=2, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
@@ -458,3 +458,16 @@ def test_predict_returns_probabilities(tmp_path: Path):
         assert out["probs"].shape == (b, 10)
         torch.testing.assert_close(out["probs"].sum(1), torch.ones(b))
         assert torch.equal(out["pred"], out["probs"].argmax(1))
+
+
+def test_seeded_rand_augment_replays_with_the_same_draws():
+    """The shard readers' RandAugment is a function of the per-sample generator (resume replays it) and leaves
+    torch's global generator alone."""
+    from mim.data.transforms import seeded_rand_augment
+
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    a = seeded_rand_augment(image, 9, random.Random(1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, seeded_rand_augment(image, 9, random.Random(1)))
+    assert any(not torch.equal(a, seeded_rand_augment(image, 9, random.Random(s))) for s in range(2, 6))

@@ -37,6 +37,7 @@ from mim.checks import check_choice, check_int, invalid
 from mim.data.base import ImageDataModule, check_crops
 from mim.data.decode import decode_center_crop, decode_random_resized_crop
 from mim.data.folder import CorruptImageWarning
+from mim.data.transforms import seeded_rand_augment
 from mim.types import Batch
 
 __all__ = [
@@ -248,6 +249,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         max_corrupt: int | float = 0.01,
+        rand_augment: int | None = None,
     ) -> None:
         if not urls:
             raise ValueError("ShardDataset.urls must name at least one shard")
@@ -260,6 +262,7 @@ class ShardDataset(IterableDataset):
         self.image_size, self.mode, self.train = image_size, mode, train
         self.crop_scale, self.eval_crop_pct = crop_scale, eval_crop_pct
         self.shuffle_buffer, self.seed, self.max_corrupt = shuffle_buffer, seed, max_corrupt
+        self.rand_augment = rand_augment
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # set through the loader's sampler
         self.corrupt = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # per reader slot
         self.read = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # samples read, per slot
@@ -340,6 +343,8 @@ class ShardDataset(IterableDataset):
             data = fields[ext]
             if self.train:
                 image = decode_random_resized_crop(data, self.image_size, rng, mode=self.mode, scale=self.crop_scale)
+                if self.rand_augment is not None:
+                    image = seeded_rand_augment(image, self.rand_augment, rng)
             else:
                 image = decode_center_crop(data, self.image_size, mode=self.mode, crop_pct=self.eval_crop_pct)
             label = int(fields["cls"].decode().strip()) if "cls" in fields else -1
@@ -574,6 +579,7 @@ class ShardDataModule(ShardLoadersMixin, ImageDataModule):
         mean: per-channel means of the [0, 1] pixels; default ImageNet's.
         std: per-channel standard deviations; default ImageNet's.
         crop_scale: area range of the training random resized crop (MAE: (0.2, 1.0)).
+        rand_augment: RandAugment magnitude on the training samples (fine-tuning: 9, as MAE); None: off.
         eval_crop_pct: validation resizes the shorter side to ``image_size / eval_crop_pct`` and centre-crops.
         shuffle_buffer: samples in each worker's shuffle buffer (1 disables it).
         max_corrupt: corrupt samples tolerated: an int is a total count, a float in [0, 1) a fraction of the
@@ -600,12 +606,15 @@ class ShardDataModule(ShardLoadersMixin, ImageDataModule):
         std: Sequence[float] | None = None,
         crop_scale: tuple[float, float] = (0.2, 1.0),
         eval_crop_pct: float = 0.875,
+        rand_augment: int | None = None,
         shuffle_buffer: int = 1000,
         max_corrupt: int | float = 0.01,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         owner = "ShardDataModule"
+        if rand_augment is not None:
+            check_int(owner, "rand_augment", rand_augment, minimum=0, maximum=30)
         check_choice(owner, "in_chans", in_chans, (1, 3))
         crop_scale = check_crops(owner, crop_scale, eval_crop_pct)
         check_int(owner, "shuffle_buffer", shuffle_buffer)
@@ -632,7 +641,7 @@ class ShardDataModule(ShardLoadersMixin, ImageDataModule):
         self.urls, self.val_urls = spec.urls, spec.val_urls
         self.samples_per_epoch, self.val_samples = spec.samples_per_epoch, spec.val_samples
         self.classes: list[str] | None = spec.classes
-        self.crop_scale = crop_scale
+        self.crop_scale, self.rand_augment = crop_scale, rand_augment
         self.eval_crop_pct, self.shuffle_buffer, self.max_corrupt = eval_crop_pct, shuffle_buffer, max_corrupt
 
     def build_datasets(self) -> tuple[ShardDataset, ShardDataset | None]:
@@ -644,6 +653,7 @@ class ShardDataModule(ShardLoadersMixin, ImageDataModule):
                 mode=mode,
                 crop_scale=self.crop_scale,
                 eval_crop_pct=self.eval_crop_pct,
+                rand_augment=self.rand_augment,
             )
         )
 

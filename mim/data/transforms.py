@@ -17,6 +17,7 @@ process.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from mim.checks import check_int, check_pair_range, check_range
 
-__all__ = ["ClipCenterCrop", "ClipRandomResizedCrop", "eval_transform", "mae_train_transform"]
+__all__ = ["ClipCenterCrop", "ClipRandomResizedCrop", "eval_transform", "mae_train_transform", "seeded_rand_augment"]
 
 ImageLike = Image.Image | Tensor
 
@@ -70,6 +71,17 @@ def mae_train_transform(
         v2.ToPureTensor(),  # a plain Tensor, for collation
     ]
     return v2.Compose(steps)
+
+
+def seeded_rand_augment(image: Tensor, magnitude: int, rng: random.Random) -> Tensor:
+    """``mae_train_transform``'s RandAugment on one (C, H, W) uint8 image, its draws seeded from ``rng``.
+
+    The shard readers draw every augmentation from a per-sample ``random.Random`` so that a resumed run replays the
+    same samples; torchvision's RandAugment uses torch's global generator, so it runs under a forked, seeded one.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        return v2.RandAugment(num_ops=2, magnitude=magnitude, interpolation=InterpolationMode.BILINEAR)(image)
 
 
 def eval_transform(size: int, *, crop_pct: float = 1.0) -> Callable[[ImageLike], Tensor]:
