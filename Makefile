@@ -3,6 +3,8 @@
 #   make data        Fashion-MNIST from the Debian package dataset-fashion-mnist
 #   make quickstart  MAE on Fashion-MNIST on CPU, then a linear-probe table
 #   make test        the test suite:  .venv/bin/python -m pytest
+#   make test-faults the fault tests (tests/faults/: killed, preempted, full-disk runs):  pytest -m faults
+#   make test-e2e    the minutes-long learning checks (I-JEPA, MaskAlign beat random init):  pytest -m e2e
 #   make lint        ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.mim-installed
 # torch and torchvision must stay this exact pair (a mismatched torchvision lacks its C++ operators).
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv install data quickstart test lint
+.PHONY: venv install data quickstart test test-faults test-e2e lint
 
 venv: $(BIN)/python
 
@@ -37,6 +39,12 @@ quickstart: install data
 # MIM_REQUIRE_DATA=1: the Fashion-MNIST tests fail (instead of skipping) when the data is missing.
 test: install data
 	MIM_REQUIRE_DATA=1 $(BIN)/python -m pytest
+
+test-faults: install data
+	MIM_REQUIRE_DATA=1 $(BIN)/python -m pytest -m faults tests/faults
+
+test-e2e: install data
+	MIM_REQUIRE_DATA=1 $(BIN)/python -m pytest -m e2e
 
 lint: install
 	$(BIN)/ruff check .

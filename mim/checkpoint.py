@@ -7,18 +7,28 @@ files, plus Lightning's ``meta.pt``) and single-file strategies (a Lightning ``.
 DeepSpeed shards optimizer state by world size, FSDP2 reshards on load) and turns any of them into one fp32 state dict
 (:func:`consolidate_checkpoint`) for ``mim export`` and fine-tuning. It imports neither Lightning nor DeepSpeed (the
 DeepSpeed reader is imported only to consolidate a DeepSpeed folder).
+
+Integrity: mim writes every checkpoint under a temporary name and renames it when complete, a file with a SHA-256
+sidecar (:func:`write_checkpoint_file`), a sharded folder with a manifest (:func:`temporary_folder`,
+:func:`finalize_checkpoint_folder`); :func:`verify_checkpoint` checks them (or, without either, what the format allows)
+before :func:`read_checkpoint`, :func:`consolidate_checkpoint` and :func:`newest_checkpoint` use them. The Lightning side
+(a ``CheckpointIO`` and the sharded strategies' saves) is in :mod:`mim.distributed`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,16 +37,25 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MANIFEST_NAME",
+    "SIDECAR_SUFFIX",
     "CheckpointError",
+    "CheckpointWriteError",
     "WorldSizeMismatchError",
     "check_resume",
     "checkpoint_kind",
     "checkpoint_world_size",
     "consolidate_checkpoint",
+    "finalize_checkpoint_folder",
     "is_complete",
+    "is_temporary",
     "newest_checkpoint",
     "read_checkpoint",
+    "remove_checkpoint",
     "strategy_family",
+    "temporary_folder",
+    "verify_checkpoint",
+    "write_checkpoint_file",
 ]
 
 _DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file
@@ -285,8 +304,17 @@ def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         e.g. ``encoder.vit.blocks.0.attn.qkv.weight``, floating tensors as contiguous fp32 CPU tensors, EMA copies
         included, ``_extra_state`` entries kept), ``mim`` (the block ``PretrainModule.on_save_checkpoint`` writes)
         and Lightning's counters (``epoch``, ``global_step``, ``hyper_parameters`` ...) where present.
+
+    Raises:
+        CheckpointError: the checkpoint fails verification (:func:`verify_checkpoint`), one line naming the file.
     """
     p = Path(path)
+    verify_checkpoint(p)
+    return _consolidate(p)
+
+
+def _consolidate(p: Path) -> dict[str, Any]:
+    """:func:`consolidate_checkpoint` of a verified checkpoint."""
     kind = checkpoint_kind(p)
     if kind == "deepspeed":
         return _consolidate_deepspeed(p)
@@ -337,11 +365,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ``encoder.vit.``, as in a pretraining checkpoint).
 
     Raises:
-        CheckpointError: missing, truncated or corrupt input, or a file mim did not write (one line naming the file).
+        CheckpointError: missing, truncated or corrupt input (its checksum is verified first, :func:`verify_checkpoint`),
+            or a file mim did not write (one line naming the file).
     """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint file or folder")
+    if p.is_dir():
+        try:
+            checkpoint_kind(p)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+    verify_checkpoint(p)
     if p.is_file() and p.suffix == ".safetensors":
         return _read_export(p)
     if p.is_file():
@@ -351,11 +386,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             return _read_export(p)  # a torch-format export
         ckpt = _plain(ckpt)
     else:
-        try:
-            checkpoint_kind(p)
-        except FileNotFoundError as e:
-            raise CheckpointError(str(e)) from None
-        ckpt = consolidate_checkpoint(p)
+        ckpt = _consolidate(p)
     if not isinstance(ckpt.get("mim"), dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(
             f"{p}: not a mim checkpoint (no 'mim' block: it was not written by `mim fit` / `mim finetune`)"
@@ -363,11 +394,413 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+# ---------------------------------------------------------------------------------------------- integrity
+# Every checkpoint mim writes is written under a temporary name and renamed when complete: a single file as
+# ``<name>.tmp-<pid>`` beside its final name, with its SHA-256 in a sidecar ``<name>.sha256`` (``sha256sum -c`` reads
+# it); a sharded folder as ``<name>.tmp``, into which rank 0 writes ``mim-manifest.json`` (every file's relative path,
+# size and SHA-256) once every rank has finished, before renaming it. Readers verify the checksum first; checkpoints
+# without one (older mim, other tools) are checked as far as their format allows (a torch zip archive's CRC-32s).
+
+SIDECAR_SUFFIX = ".sha256"  # ``<checkpoint file>.sha256``: "<hex digest>  <file name>\n", as sha256sum writes it
+MANIFEST_NAME = "mim-manifest.json"  # inside a sharded checkpoint folder
+_MANIFEST_FORMAT = "mim-manifest/1"
+_TEMPORARY = re.compile(r"\.(tmp|old)(-[\w.-]*)?$")  # unfinished writes: never checkpoints, never candidates
+_CHUNK = 1 << 22  # 4 MiB reads when hashing a file
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, file-size limit, read-only or forbidden folder).
+
+    Nothing was left under the checkpoint's final name and the previous checkpoints are untouched; the message is one
+    line naming the file, the cause and the newest intact checkpoint of the folder.
+    """
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an unfinished write (``*.tmp``, ``*.tmp-<pid>``, ``*.old-<pid>``) rather than a checkpoint."""
+    return _TEMPORARY.search(Path(path).name) is not None
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _write_fully(fd: int, data: memoryview) -> None:
+    """``os.write`` until every byte of ``data`` is written (a short write is retried, an error raised)."""
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename itself has happened
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: memoryview) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it; on any error the partial file is removed and it re-raises."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_fully(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    os.close(fd)
+
+
+def _replace_atomically(path: Path, data: memoryview) -> None:
+    """Write ``data`` to ``<path>.tmp-<pid>``, fsync it and rename it to ``path`` (the temporary file never remains)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    _write_durably(tmp, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _cause(error: OSError) -> str:
+    """``No space left on device (ENOSPC)`` from an OSError, without its traceback or file name."""
+    code = errno.errorcode.get(error.errno or 0)
+    text = error.strerror or str(error) or type(error).__name__
+    return f"{text} ({code})" if code else text
+
+
+def _write_error(path: Path, error: OSError, what: str = "the checkpoint") -> CheckpointWriteError:
+    """The one-line error for a failed write of ``path``: the cause and the newest intact checkpoint of its folder
+    (possibly an older file under the same name, which a failed write leaves as it was)."""
+    previous = _newest_good(path.parent) if path.parent.is_dir() else None
+    if previous is not None:
+        intact = f"the previous checkpoint {previous} is intact (`--ckpt_path last` resumes from it)"
+    else:
+        intact = f"no earlier complete checkpoint in {path.parent} was touched"
+    hint = {
+        errno.ENOSPC: "free space on the device",
+        errno.EDQUOT: "free space within your disk quota",
+        errno.EFBIG: "raise the file-size limit (ulimit -f) or use a file system that allows larger files",
+        errno.EROFS: "write checkpoints to a writable folder",
+        errno.EACCES: "fix the folder's permissions or write checkpoints elsewhere",
+        errno.EPERM: "fix the folder's permissions or write checkpoints elsewhere",
+    }.get(error.errno or 0, "fix the cause")
+    return CheckpointWriteError(
+        f"{path}: could not write {what} ({_cause(error)}); nothing was written under that name and {intact}: "
+        f"{hint}, then resume"
+    )
+
+
+def write_checkpoint_file(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> str:
+    """Write a serialised checkpoint atomically, with its SHA-256 in a sidecar ``<path>.sha256``.
+
+    The bytes go to ``<path>.tmp-<pid>`` in the same folder (flushed and fsynced), the checksum (computed from
+    ``data``, no re-read) to ``<path>.sha256`` (itself written through a temporary file), and the file is renamed to
+    ``path``; the folder is fsynced. Until the rename, an older file under ``path`` stays as it was; a reader that finds
+    the new file with the old sidecar (a crash between the two renames) sees a checksum mismatch, never a silent change.
+
+    Args:
+        path: the checkpoint's final name (its folder is created when missing).
+        data: the whole serialised checkpoint (e.g. ``io.BytesIO.getbuffer()`` after ``torch.save``).
+
+    Returns:
+        The SHA-256 hex digest of ``data``.
+
+    Raises:
+        CheckpointWriteError: any OSError while writing (ENOSPC, EFBIG, EROFS, EACCES ...); the temporary files are
+            removed and the previous checkpoints are untouched.
+    """
+    p = Path(path)
+    view = memoryview(data).cast("B")
+    digest = hashlib.sha256(view).hexdigest()
+    tmp, sidecar = p.with_name(f"{p.name}.tmp-{os.getpid()}"), _sidecar(p)
+    old_sidecar: bytes | None = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _write_durably(tmp, view)
+        old_sidecar = sidecar.read_bytes() if sidecar.is_file() else None
+        _replace_atomically(sidecar, memoryview(f"{digest}  {p.name}\n".encode()))
+        os.replace(tmp, p)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        with contextlib.suppress(OSError):  # the data rename failed after the sidecar's: the old file keeps its own
+            if sidecar.is_file() and sidecar.read_text().split()[:1] == [digest] and not _matches(p, digest):
+                if old_sidecar is None:
+                    sidecar.unlink()
+                else:
+                    _replace_atomically(sidecar, memoryview(old_sidecar))
+        raise _write_error(p, e) from None
+    _fsync_dir(p.parent)
+    return digest
+
+
+def _matches(path: Path, digest: str) -> bool:
+    """Whether ``path`` exists and hashes to ``digest``."""
+    return path.is_file() and _hash_file(path) == digest
+
+
+def _hash_file(path: Path, *, sync: bool = False) -> str:
+    """The SHA-256 hex digest of a file, read in chunks (``sync``: also fsync it, e.g. a shard another call wrote)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def temporary_folder(path: str | os.PathLike) -> Path:
+    """Where a sharded checkpoint for ``path`` is written before :func:`finalize_checkpoint_folder` renames it.
+
+    ``<path>.tmp``, emptied of what an interrupted earlier save left there (call it on one rank, before the others
+    write).
+    """
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # this file system cannot swap: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def finalize_checkpoint_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> dict[str, Any]:
+    """Seal a sharded checkpoint written into ``tmp`` (every rank done): write its manifest, rename it to ``path``.
+
+    Rank 0 calls this after a barrier. Every file under ``tmp`` is hashed (and fsynced) once; ``mim-manifest.json``
+    (format, and every file's relative path, size and SHA-256) is written atomically inside ``tmp``; then ``tmp``
+    becomes ``path``. An existing ``path`` is replaced only now that the new folder is complete: swapped atomically
+    where the file system allows (Linux), otherwise renamed aside to ``<path>.old-<pid>`` for the instant of the
+    rename; the old folder is then deleted.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointWriteError: an OSError while hashing, writing the manifest or renaming; ``tmp`` is removed and an
+            older ``path`` is left as it was.
+    """
+    tmp, final = Path(tmp), Path(path)
+    try:
+        files = sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != MANIFEST_NAME)
+        entries = {
+            f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": _hash_file(f, sync=True)} for f in files
+        }
+        manifest = {"format": _MANIFEST_FORMAT, "files": entries}
+        _replace_atomically(tmp / MANIFEST_NAME, memoryview(json.dumps(manifest, indent=1).encode()))
+        for folder in {tmp, *(f.parent for f in files)}:
+            _fsync_dir(folder)
+        if final.exists() or final.is_symlink():
+            if not _exchange(tmp, final):
+                aside = final.with_name(f"{final.name}.old-{os.getpid()}")
+                os.rename(final, aside)
+                os.rename(tmp, final)
+                tmp = aside
+            _remove_path(tmp)  # the previous checkpoint, now under the temporary name
+        else:
+            os.rename(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            _remove_path(tmp)
+        raise _write_error(final, e, "the checkpoint folder") from None
+    _fsync_dir(final.parent)
+    return manifest
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint file or folder and its checksum sidecar (what is missing is skipped)."""
+    p = Path(path)
+    _remove_path(p)
+    with contextlib.suppress(FileNotFoundError):
+        _sidecar(p).unlink()
+
+
+def _sidecar_problem(path: Path, sidecar: Path) -> str | None:
+    try:
+        expected = sidecar.read_text().split()[0].lower()
+    except (OSError, IndexError, UnicodeDecodeError):
+        expected = ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        return f"its checksum file {sidecar.name} is unreadable"
+    actual = _hash_file(path)
+    if actual != expected:
+        return (
+            f"corrupt checkpoint: checksum mismatch (SHA-256 {actual[:12]}... but {sidecar.name} says "
+            f"{expected[:12]}...): the file is truncated or corrupt"
+        )
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    """What is wrong with a torch zip checkpoint, judged by its central directory and CRC-32s (None: nothing)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a zip archive without data.pkl, not a torch checkpoint"
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return (
+            "unreadable checkpoint (not a complete zip archive): the file is truncated or corrupt (an interrupted "
+            "write or copy?)"
+        )
+    except (OSError, EOFError, zlib.error, RuntimeError, NotImplementedError) as e:
+        return f"unreadable checkpoint ({type(e).__name__}: {str(e)[:80]}): the file is truncated or corrupt"
+    if bad is not None:
+        return f"corrupt checkpoint: {bad} fails its CRC-32 check inside the zip archive (the file is damaged)"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint file (None: it verifies)."""
+    if is_temporary(path):
+        return "an unfinished temporary file of an interrupted save, not a checkpoint"
+    sidecar = _sidecar(path)
+    if sidecar.is_file():
+        return _sidecar_problem(path, sidecar)
+    try:  # no checksum (older mim, another tool): what the format allows
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"unreadable ({_cause(e)})"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        return _zip_problem(path)
+    if (line := _text_line(path)) is not None:
+        return f"a text file, not a checkpoint (it begins {line!r})"
+    if head.startswith(b"\x80") or path.suffix == ".safetensors":
+        return None  # a legacy torch pickle or a safetensors file: no checksum to compare
+    return "neither a zip archive (torch.save) nor a pickle: not a checkpoint, or its beginning is overwritten"
+
+
+def _manifest_problem(path: Path, manifest_path: Path) -> str | None:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["files"]
+        assert isinstance(entries, dict) and entries
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"its manifest {MANIFEST_NAME} is unreadable"
+    for rel, entry in entries.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing (listed in {MANIFEST_NAME}): the folder is incomplete"
+        size = f.stat().st_size
+        if size != entry.get("size"):
+            return f"{rel} has {size} bytes but {MANIFEST_NAME} says {entry.get('size')}: the shard is truncated"
+        if _hash_file(f) != entry.get("sha256"):
+            return f"{rel}: checksum mismatch with {MANIFEST_NAME}: the shard is corrupt"
+    return None
+
+
+def _folder_problem(path: Path) -> str | None:
+    """What is wrong with a sharded checkpoint folder (None: it verifies)."""
+    if is_temporary(path):
+        return "an unfinished temporary folder of an interrupted save, not a checkpoint"
+    if (path / MANIFEST_NAME).is_file():
+        return _manifest_problem(path, path / MANIFEST_NAME)
+    latest = path / "latest"  # no manifest (older mim): DeepSpeed's 'latest' and torch.distributed.checkpoint's index
+    if latest.is_file():
+        tag = path / latest.read_text().strip()
+        files = sorted(f for f in tag.rglob("*") if f.is_file()) if tag.is_dir() else []
+        if not files:
+            return f"'latest' names {tag.name}, which holds no files: the save was interrupted"
+        done = latest.stat().st_mtime
+        for f in files:
+            if f.stat().st_mtime > done:
+                return f"{f.relative_to(path)} is newer than 'latest': a save into this folder was interrupted"
+            if (problem := _zip_problem(f)) is not None:
+                return f"{f.relative_to(path)}: {problem}"
+        return None
+    metadata = path / _DCP_METADATA
+    if metadata.is_file():
+        if metadata.stat().st_size == 0:
+            return f"{_DCP_METADATA} is empty: the save was interrupted"
+        meta = path / _LIGHTNING_META
+        if meta.exists() and (problem := _zip_problem(meta)) is not None:
+            return f"{_LIGHTNING_META}: {problem}"
+        return None
+    return (
+        "neither a DeepSpeed checkpoint (no 'latest') nor a torch.distributed.checkpoint one (no "
+        f"'{_DCP_METADATA}'): the save was interrupted, or it is not a checkpoint"
+    )
+
+
+def _problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint file or folder, in a few words (None: it verifies)."""
+    path = path.resolve() if path.is_symlink() else path
+    if path.is_dir():
+        return _folder_problem(path)
+    if path.is_file():
+        return _file_problem(path)
+    return "no such checkpoint file or folder"
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check a checkpoint against its checksum before anything loads it.
+
+    A file with a ``.sha256`` sidecar is hashed and compared; a folder with ``mim-manifest.json`` has every listed
+    file's size and hash compared. Without either (older mim, another tool), what the format allows is checked: a torch
+    zip archive's central directory and CRC-32s, DeepSpeed's ``latest`` and torch.distributed.checkpoint's index.
+    Legacy pickles and safetensors files without a sidecar pass unchecked.
+
+    Raises:
+        CheckpointError: one line naming the file (or the shard inside a folder), what is wrong, and the newest good
+            checkpoint of the same folder to use instead.
+    """
+    p = Path(path)
+    if (problem := _problem(p)) is None:
+        return
+    previous = _newest_good(p.parent, exclude=p) if p.parent.is_dir() else None
+    if previous is not None:
+        instead = f"use {previous} instead (the newest good checkpoint in that folder; `--ckpt_path last` picks it)"
+    else:
+        instead = f"there is no other good checkpoint in {p.parent}"
+    raise CheckpointError(f"{p}: {problem}; {instead}")
+
+
 # ---------------------------------------------------------------------------------------------- resuming
-# "Complete" without loading any tensors: a single-file checkpoint's zip central directory (written last) lists a
-# data.pkl; a DeepSpeed folder's ``latest`` names a tag whose files are readable zips none newer than ``latest``
-# (DeepSpeed rewrites in place); a torch.distributed.checkpoint folder has a non-empty ``.metadata`` (written after
-# every shard) and, when present, a readable Lightning ``meta.pt``. "Newest" is the completion time.
+# "Complete" means verified (:func:`verify_checkpoint`: the checksum when there is one) and, for a file, a torch zip
+# archive (the format Lightning writes). "Newest" is the completion time: the file's, or a folder's manifest's
+# (DeepSpeed's ``latest``, torch.distributed.checkpoint's ``.metadata`` in folders without one).
 
 
 def _zip_ok(path: Path) -> bool:
@@ -381,44 +814,58 @@ def _zip_ok(path: Path) -> bool:
 def _completed_at(path: Path) -> float:
     """The time a checkpoint was completed: the file's, or a sharded folder's marker file's."""
     if path.is_dir():
-        markers = [m for m in (path / "latest", path / "meta.pt", path / ".metadata") if m.is_file()]
+        names = (MANIFEST_NAME, "latest", _LIGHTNING_META, _DCP_METADATA)
+        markers = [m for m in (path / name for name in names) if m.is_file()]
         return max((m.stat().st_mtime for m in markers), default=path.stat().st_mtime)
     return path.stat().st_mtime
 
 
 def is_complete(path: Path) -> bool:
-    """Whether ``path`` (a checkpoint file or a sharded checkpoint folder) was written to the end."""
-    if path.is_file():
-        return _zip_ok(path)
-    if not path.is_dir():
+    """Whether ``path`` (a checkpoint file or a sharded checkpoint folder) was written to the end and verifies."""
+    path = Path(path)
+    if _problem(path) is not None:
         return False
-    latest = path / "latest"
-    if latest.is_file():  # DeepSpeed
-        tag = path / latest.read_text().strip()
-        files = [f for f in tag.rglob("*") if f.is_file()] if tag.is_dir() else []
-        done = latest.stat().st_mtime
-        return bool(files) and all(f.stat().st_mtime <= done and _zip_ok(f) for f in files)
-    metadata = path / ".metadata"
-    if metadata.is_file():  # torch.distributed.checkpoint
-        meta = path / "meta.pt"
-        return metadata.stat().st_size > 0 and (not meta.exists() or _zip_ok(meta))
-    return False
+    return path.is_dir() or _zip_ok(path.resolve())
 
 
-def newest_checkpoint(*roots: str | Path) -> Path | None:
-    """The newest complete ``*.ckpt`` (file or folder) under the roots, or None."""
-    found: list[tuple[float, str, Path]] = []
+def _candidates(*roots: str | Path, recursive: bool = True) -> list[tuple[float, str, Path]]:
+    """Every ``*.ckpt`` file or folder under the roots (not inside a sharded folder, not temporary), newest first."""
+    found: dict[Path, tuple[float, str, Path]] = {}
     for root in map(Path, roots):
         if not root.is_dir():
             continue
-        for path in root.rglob("*.ckpt"):
-            if any(parent.suffix == ".ckpt" for parent in path.relative_to(root).parents):
-                continue  # inside a sharded checkpoint folder
+        for path in root.rglob("*.ckpt") if recursive else root.glob("*.ckpt"):
+            rel = path.relative_to(root)
+            if any(parent.suffix == ".ckpt" or is_temporary(parent) for parent in rel.parents if parent.name):
+                continue  # inside a sharded checkpoint folder, or inside an unfinished one
             path = path.resolve() if path.is_symlink() else path  # save_last="link"
-            if not path.exists():
+            if not path.exists() or path in found:
                 continue
-            if is_complete(path):
-                found.append((_completed_at(path), str(path), path))
-            else:
-                print(f"mim: skipping incomplete checkpoint {path}", file=sys.stderr)
-    return max(found)[2] if found else None
+            found[path] = (_completed_at(path), str(path), path)
+    return sorted(found.values(), reverse=True)
+
+
+def _newest_good(folder: Path, *, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint directly in ``folder`` that verifies, other than ``exclude`` (quiet)."""
+    skip = None if exclude is None else (exclude.resolve() if exclude.is_symlink() else exclude).absolute()
+    for _, _, path in _candidates(folder, recursive=False):
+        if path.absolute() != skip and is_complete(path):
+            return path
+    return None
+
+
+def newest_checkpoint(*roots: str | Path) -> Path | None:
+    """The newest complete ``*.ckpt`` (file or folder) under the roots, or None.
+
+    Candidates are tried newest first and verified (:func:`is_complete`: the checksum when there is one); each one
+    skipped is named on stderr with the reason, so a corrupted or truncated newest checkpoint gives way to the previous
+    good one. Temporary leftovers of interrupted saves (``*.tmp*``) are never candidates.
+    """
+    for _, _, path in _candidates(*roots):
+        problem = _problem(path)
+        if problem is None and not path.is_dir() and not _zip_ok(path):
+            problem = "not a torch zip archive"
+        if problem is None:
+            return path
+        print(f"mim: skipping incomplete checkpoint {path}: {problem}", file=sys.stderr)
+    return None

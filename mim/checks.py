@@ -7,17 +7,31 @@ Every check returns the validated (converted) value, or raises ``ValueError`` wi
 e.g. ``MaskedEncoder.in_chans must be an integer >= 1, got 0``. ``owner`` is the class name as a string, or
 an instance or class whose name is used. A ``bool`` is never accepted as an integer or a number.
 
+:func:`check_encoder_data` compares a datamodule with an encoder before the first step and raises
+:class:`DataMismatchError` naming both values and the fields to change.
+
 This module imports only the standard library, so every floor of mim may use it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Collection
 from numbers import Real
 from typing import Any, TypeVar
 
-__all__ = ["DataMismatchError", "check_bool", "check_choice", "check_int", "check_pair_range", "check_range", "invalid"]
+__all__ = [
+    "DataMismatchError",
+    "check_bool",
+    "check_choice",
+    "check_encoder_data",
+    "check_int",
+    "check_pair_range",
+    "check_range",
+    "data_modality",
+    "invalid",
+]
 
 T = TypeVar("T")
 
@@ -209,3 +223,99 @@ def check_bool(owner: object, field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise invalid(owner, field, "True or False", value)
     return value
+
+
+# ---------------------------------------------------------------------------------------------- data vs encoder
+def data_modality(datamodule: Any) -> str | None:
+    """What a datamodule yields, from the attributes it announces: ``table`` (``num_numeric``), ``video``
+    (``num_frames``), ``image`` (``in_chans`` or ``image_size``), or None when it announces none of them."""
+    if hasattr(datamodule, "num_numeric"):
+        return "table"
+    if hasattr(datamodule, "num_frames"):
+        return "video"
+    if hasattr(datamodule, "in_chans") or hasattr(datamodule, "image_size"):
+        return "image"
+    return None
+
+
+def _takes(datamodule: Any, argument: str) -> bool:
+    """Whether the datamodule's constructor has ``argument`` (then the hint may tell the user to set it)."""
+    try:
+        return argument in inspect.signature(type(datamodule).__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a constructor without a signature
+        return False
+
+
+def _or_data(datamodule: Any, argument: str, value: Any) -> str:
+    return f" or data.init_args.{argument}={value}" if _takes(datamodule, argument) else ""
+
+
+def check_encoder_data(
+    encoder: Any,
+    datamodule: Any,
+    *,
+    encoder_field: str = "model.init_args.encoder.init_args",
+    img_size_field: str | None = None,
+) -> None:
+    """Refuse, before the first step, data that the encoder cannot read, naming both values and what to change.
+
+    Compares what the datamodule announces (``in_chans``, ``image_size``, ``num_frames``, a table's ``num_numeric``
+    and ``category_cardinalities``: the attributes of mim's datamodules) with the encoder's (``modality``,
+    ``in_chans``, ``img_size``, ``num_frames``, a configured table encoder's schema). What either side does not
+    announce is not checked (a plain ``LightningDataModule``, a DataLoader: None).
+
+    Args:
+        encoder: the encoder (a ``mim.models.base.Encoder``; read by attribute only).
+        datamodule: the trainer's datamodule, or None.
+        encoder_field: the config path of the encoder's arguments, for the hint.
+        img_size_field: the config field that sets the encoder's image size; default ``{encoder_field}.img_size``
+            (fine-tuning rebuilds the encoder from a checkpoint: ``model.init_args.img_size``).
+
+    Raises:
+        DataMismatchError: e.g. ``"MaskedEncoder.in_chans=3 but FashionMNISTDataModule yields 1-channel images: set
+            model.init_args.encoder.init_args.in_chans=1"``.
+    """
+    if datamodule is None:
+        return
+    enc, data = type(encoder).__name__, type(datamodule).__name__
+    kind, own_kind = data_modality(datamodule), getattr(encoder, "modality", None)
+    if kind is None or own_kind is None:
+        return
+    if kind != own_kind:
+        raise DataMismatchError(
+            f"{enc} reads {own_kind}s but {data} yields {kind}s: use a {own_kind} datamodule, or an encoder for "
+            f"{kind}s in {encoder_field.rsplit('.init_args', 1)[0]}"
+        )
+    if kind == "table":
+        if not getattr(encoder, "is_configured", False):
+            return  # the encoder takes its schema from this datamodule
+        schema = (getattr(encoder, "num_numeric", None), list(getattr(encoder, "category_cardinalities", None) or []))
+        wanted = (getattr(datamodule, "num_numeric", None), list(getattr(datamodule, "category_cardinalities", [])))
+        if schema != wanted:
+            raise DataMismatchError(
+                f"{enc} was built for a table with (numeric, category sizes) = {schema} but {data} has {wanted}: "
+                f"use a table with the same columns, or drop {encoder_field}.num_numeric and "
+                "category_cardinalities so that the encoder takes the schema from the data"
+            )
+        return
+    items = "clips" if kind == "video" else "images"
+    chans, own_chans = getattr(datamodule, "in_chans", None), getattr(encoder, "in_chans", None)
+    if chans is not None and own_chans is not None and int(chans) != int(own_chans):
+        raise DataMismatchError(
+            f"{enc}.in_chans={own_chans} but {data} yields {chans}-channel {items}: set {encoder_field}.in_chans="
+            f"{chans}{_or_data(datamodule, 'in_chans', own_chans)}"
+        )
+    size, own_size = getattr(datamodule, "image_size", None), getattr(encoder, "img_size", None)
+    if size is not None and own_size is not None and tuple(own_size) != (size, size):
+        field = img_size_field or f"{encoder_field}.img_size"
+        square = own_size[0] == own_size[1]
+        raise DataMismatchError(
+            f"{enc}.img_size={tuple(own_size)} but {data} yields {size} x {size} {items}: set {field}={size}"
+            f"{_or_data(datamodule, 'image_size', own_size[0]) if square else ''}"
+        )
+    frames, own_frames = getattr(datamodule, "num_frames", None), getattr(encoder, "num_frames", None)
+    if kind == "video" and frames is not None and own_frames is not None and int(frames) != int(own_frames):
+        raise DataMismatchError(
+            f"{enc}.num_frames={own_frames} but {data} yields clips of {frames} frames: set "
+            f"{encoder_field}.num_frames={frames}{_or_data(datamodule, 'num_frames', own_frames)}"
+        )

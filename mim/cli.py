@@ -22,9 +22,12 @@ _USAGE = """usage: mim <command> [options]
 
 commands:
   fit -c RECIPE.yaml [--trainer.max_epochs N ...]   pretrain with a recipe (LightningCLI; --help for all options)
+      [--resume auto|last|CKPT]                      auto: continue the newest complete checkpoint, else start;
+                                                     last: continue it or stop with an error
   finetune -c RECIPE.yaml [--encoder student|target] fine-tune a pretrained encoder (recipes/finetune/)
   test -c RECIPE.yaml --ckpt_path CKPT               metrics of a checkpoint on the test loader
   validate -c RECIPE.yaml --ckpt_path CKPT           validation loss of a checkpoint
+  predict -c RECIPE.yaml --ckpt_path CKPT            encoder features (pretraining) or class probabilities (fine-tuning)
   print_config -c RECIPE.yaml                        print the fully resolved recipe
   quickstart [--help]                                MAE on Fashion-MNIST on CPU + linear-probe table
   pack SRC OUT/ [--shard-size 1GB --resize-short 256]  pack an image folder or list file into tar shards
@@ -32,6 +35,20 @@ commands:
   export CKPT OUT/ [--img-size S]                   the encoder as a timm model folder (weights, config, data)
   eval CKPT --data RECIPE.yaml [--out results.json]  linear, k-NN, attentive probes on frozen features
 """
+
+
+def _resume_args(args: list[str]) -> list[str]:
+    """``--resume X`` is ``--ckpt_path X`` (``auto``: the newest complete checkpoint of the run, or a new run)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--resume" and i + 1 < len(args):
+            out.append(f"--ckpt_path={args[i + 1]}")
+            i += 2
+            continue
+        out.append(f"--ckpt_path={args[i].split('=', 1)[1]}" if args[i].startswith("--resume=") else args[i])
+        i += 1
+    return out
 
 
 def _finetune_args(args: list[str]) -> list[str]:
@@ -78,17 +95,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return export(argv[1:])
     command = argv[0]
+    argv = _resume_args(argv)
     if argv[0] == "finetune":
         argv = ["fit", *_finetune_args(argv[1:])]
     if argv[0] == "print_config":
         argv = ["fit", *argv[1:], "--print_config"]
-    from mim.lightning_cli import UserInputError, run
+    from mim.lightning_cli import Preempted, UserInputError, run
 
     try:
         run(argv)
-    except UserInputError as e:  # bad input found before training: one line (MIM_DEBUG=1 re-raises)
+    except UserInputError as e:  # bad input, a missing file, a full disk: one paragraph (MIM_DEBUG=1 re-raises)
         if os.environ.get("MIM_DEBUG") == "1":
             raise
         print(f"mim {command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM: the checkpoint is saved; 128 + 15 as a shell reports a SIGTERM death
+        print(f"mim {command}: {e}", file=sys.stderr)
+        return 143
     return 0

@@ -10,6 +10,9 @@ passes per step, which EMA teachers need). This module holds what those strategi
   process (Lightning's ``"auto"`` makes the processes of a node a tensor-parallel group).
 * :func:`apply_fsdp2`: ``fully_shard`` every transformer block (student, heads, EMA copies), then the whole
   ``PretrainModule`` as the root unit, whose ``training_step`` / ``validation_step`` count as forward passes.
+* :class:`AtomicCheckpointIO` and :func:`use_atomic_checkpoints`: single-file checkpoints written under a temporary
+  name, renamed when complete, with a SHA-256 sidecar verified on load. Both strategies above write their checkpoint
+  folders the same way (``<name>.tmp``, then ``mim-manifest.json`` and a rename; verified on load).
 
 EMA teachers and target encoders update on the local shards (:mod:`mim.ema`); frozen teachers are not registered
 submodules, so no strategy partitions them or puts them in the optimizer or the checkpoint.
@@ -17,25 +20,211 @@ submodules, so no strategy partitions them or puts them in the optimizer or the 
 
 from __future__ import annotations
 
+import io
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 
-from mim.checkpoint import check_resume
+from mim.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    check_resume,
+    finalize_checkpoint_folder,
+    remove_checkpoint,
+    temporary_folder,
+    verify_checkpoint,
+    write_checkpoint_file,
+)
 from mim.checks import check_range
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["DeepSpeedStrategy", "FSDP2Strategy", "apply_fsdp2", "data_parallel_mesh", "shard_if_fsdp2"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "DeepSpeedStrategy",
+    "FSDP2Strategy",
+    "apply_fsdp2",
+    "data_parallel_mesh",
+    "shard_if_fsdp2",
+    "use_atomic_checkpoints",
+]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint files
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with atomic, checksummed writes and verified loads.
+
+    ``save_checkpoint`` serialises to memory (as Lightning does), then :func:`mim.checkpoint.write_checkpoint_file`
+    writes ``<name>.tmp-<pid>`` in the checkpoint's folder, fsyncs it, writes the SHA-256 (computed from the buffer) to
+    ``<name>.sha256`` and renames the file to ``<name>``. A full disk or any other OSError raises one
+    :class:`~mim.checkpoint.CheckpointWriteError` before anything is renamed, so ``ModelCheckpoint`` never gets to
+    delete the previous checkpoint. ``load_checkpoint`` verifies the checksum first; ``remove_checkpoint`` removes the
+    sidecar too. Paths on remote file systems (``s3://`` ...) go through Lightning's own code unchanged.
+
+    Under DDP, Lightning's strategies call ``save_checkpoint`` on global rank 0 only (``Strategy.save_checkpoint``),
+    so each checkpoint is written and renamed once.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically with a ``.sha256`` sidecar (see the class docstring).
+
+        Raises:
+            TypeError: ``storage_options`` given (as Lightning's ``TorchCheckpointIO``).
+            CheckpointWriteError: the write failed (full disk, file-size limit, read-only folder ...).
+        """
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_checkpoint_file(_local(path), buffer.getbuffer())
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Verify the checkpoint (:func:`mim.checkpoint.verify_checkpoint`), then load it as Lightning does.
+
+        Raises:
+            CheckpointError: a checksum mismatch, a truncated or corrupt file, naming the previous good checkpoint.
+        """
+        if _is_local_file_protocol(path) and Path(_local(path)).exists():
+            verify_checkpoint(_local(path))
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Delete a checkpoint file (or folder) and its ``.sha256`` sidecar."""
+        if _is_local_file_protocol(path):
+            remove_checkpoint(_local(path))
+        else:
+            super().remove_checkpoint(path)
+
+
+def _local(path: Any) -> Path:
+    """A local ``str`` / ``PathLike`` / ``file://`` path as a Path."""
+    text = str(path)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+def use_atomic_checkpoints(trainer: Any) -> bool:
+    """Give a trainer's strategy :class:`AtomicCheckpointIO` when it would use Lightning's plain ``TorchCheckpointIO``.
+
+    Single-device and DDP strategies write ``.ckpt`` files through their ``checkpoint_io``; a user's own
+    ``CheckpointIO`` (another class, or a subclass) is left alone, and inside a wrapper (``AsyncCheckpointIO``) only a
+    plain ``TorchCheckpointIO`` (or none yet) is replaced. mim's :class:`DeepSpeedStrategy` and :class:`FSDP2Strategy`
+    write their checkpoint folders atomically themselves (and default to :class:`AtomicCheckpointIO` for any file they
+    write). Call it before ``trainer.fit`` (e.g. from the CLI or a callback's ``setup``).
+
+    Args:
+        trainer: a ``lightning.pytorch.Trainer``.
+
+    Returns:
+        Whether the checkpoint IO was replaced.
+    """
+    strategy: Strategy = trainer.strategy
+    current = strategy._checkpoint_io  # the property would create (and keep) a plain TorchCheckpointIO
+    if current is None or type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        return True
+    if isinstance(current, _WrappingCheckpointIO):
+        inner = current._checkpoint_io
+        if inner is None or type(inner) is TorchCheckpointIO:
+            current._checkpoint_io = AtomicCheckpointIO()
+            current._base_checkpoint_io_configured = True
+            return True
+        if isinstance(inner, _WrappingCheckpointIO):
+            return False  # nested wrappers: a user's arrangement, left alone
+    return False
+
+
+class _AtomicFolders:
+    """Mixin for the sharded strategies: checkpoint folders written into ``<name>.tmp`` and sealed by rank 0.
+
+    ``save_checkpoint``: rank 0 clears a stale ``<name>.tmp``; every rank writes into it (the strategy's own save);
+    barrier; rank 0 writes ``mim-manifest.json`` (each file's relative path, size and SHA-256) and renames the folder to
+    ``<name>``, replacing an older one only now (:func:`mim.checkpoint.finalize_checkpoint_folder`); its outcome is
+    broadcast, so every rank returns or raises the same one-line error together. ``load_checkpoint`` verifies the
+    manifest on rank 0 and broadcasts the verdict before any rank loads. Assumes a file system every rank sees (as
+    resuming sharded checkpoints does).
+    """
+
+    def _save_atomically(self, save: Callable[[Any], None], filepath: Any) -> None:
+        strategy: Any = self
+        final = Path(strategy.broadcast(str(_local(filepath))))
+        tmp = final.with_name(final.name + ".tmp")
+        error: str | None = None
+        if strategy.is_global_zero:
+            try:
+                tmp = temporary_folder(final)
+            except OSError as e:
+                error = f"{tmp}: could not clear a leftover temporary folder ({e.strerror or e}); remove it by hand"
+        error = strategy.broadcast(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
+        try:
+            save(str(tmp))
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed file write as a RuntimeError
+            if not isinstance(e, OSError) and "write" not in str(e).lower():
+                raise
+            cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:160]
+            raise CheckpointWriteError(
+                f"{final}: could not write this rank's part of the checkpoint into {tmp} ({cause}); nothing was "
+                "written under that name and the previous checkpoints are intact: free space (or fix the folder's "
+                "permissions), then resume with --ckpt_path last"
+            ) from None
+        strategy.barrier("mim.save_checkpoint")
+        if strategy.is_global_zero:
+            try:
+                finalize_checkpoint_folder(tmp, final)
+            except CheckpointWriteError as e:
+                error = str(e)
+        error = strategy.broadcast(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
+
+    def _verify_on_rank_zero(self, checkpoint_path: Any) -> None:
+        strategy: Any = self
+        error: str | None = None
+        if strategy.is_global_zero and _is_local_file_protocol(checkpoint_path):
+            path = _local(checkpoint_path)
+            if path.exists():
+                try:
+                    verify_checkpoint(path)
+                except CheckpointError as e:
+                    error = str(e)
+        error = strategy.broadcast(error)
+        if error is not None:
+            raise CheckpointError(error)
+
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        """:class:`AtomicCheckpointIO` unless one was set (files these strategies write through it)."""
+        strategy: Any = self
+        if strategy._checkpoint_io is None:
+            strategy._checkpoint_io = AtomicCheckpointIO()
+        return Strategy.checkpoint_io.fget(strategy)  # type: ignore[attr-defined]
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        strategy: Any = self
+        strategy._checkpoint_io = io
 
 
 # ---------------------------------------------------------------------------------------------- strategies
-class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
+class DeepSpeedStrategy(_AtomicFolders, _LightningDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy``, also on a CPU accelerator, with a ZeRO-3 persistence knob and resume check.
 
     A drop-in ``class_path`` for ``lightning.pytorch.strategies.DeepSpeedStrategy`` (every argument is passed on).
@@ -98,8 +287,16 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         )
         return engine, ds_optimizer
 
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        """DeepSpeed's checkpoint folder, written into ``<filepath>.tmp`` and renamed with a manifest when complete."""
+        if storage_options is not None:
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # Lightning's TypeError
+        self._save_atomically(lambda tmp: super(DeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp), filepath)
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Refuse another world size (:func:`mim.checkpoint.check_resume`), verify the manifest, then load."""
         check_resume(checkpoint_path, self.world_size, strategy=self)
+        self._verify_on_rank_zero(checkpoint_path)
         return super().load_checkpoint(checkpoint_path, weights_only)
 
 
@@ -114,7 +311,7 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(_AtomicFolders, ModelParallelStrategy):
     """``ModelParallelStrategy`` (FSDP2) for data parallelism: ``"auto"`` sizes shard over every process.
 
     Lightning's ``"auto"`` sets ``data_parallel_size`` to the number of nodes and ``tensor_parallel_size`` to the
@@ -131,6 +328,19 @@ class FSDP2Strategy(ModelParallelStrategy):
         gathered from forward to backward: less communication, more memory), as FSDP2's ``fully_shard`` takes it."""
         super().__init__(*args, **kwargs)
         self.reshard_after_forward = bool(reshard_after_forward)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """A distributed checkpoint folder, written into ``<filepath>.tmp`` and renamed with a manifest when complete
+        (a full-state-dict file, ``save_distributed_checkpoint=False``, goes through :class:`AtomicCheckpointIO`)."""
+        if storage_options is not None or not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        self._save_atomically(lambda tmp: super(FSDP2Strategy, self).save_checkpoint(checkpoint, tmp), filepath)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Verify the checkpoint (the manifest of a folder, the checksum of a file) on rank 0, then load it."""
+        self._verify_on_rank_zero(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     def setup_environment(self) -> None:
         if self._tensor_parallel_size == "auto":

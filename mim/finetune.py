@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, Literal, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from mim.augment import MixupCutmix, random_erase
 from mim.checkpoint import CheckpointError, read_checkpoint
-from mim.checks import DataMismatchError, check_choice, check_int, check_range
+from mim.checks import DataMismatchError, check_choice, check_encoder_data, check_int, check_range
 from mim.ema import EMA
 from mim.load import build_encoder, encoder_state, load_encoder_weights
 from mim.models.base import Encoder
-from mim.module import built_by_lightning_cli
-from mim.optim import layer_decay_groups, scaled_lr, warmup_cosine
+from mim.module import built_by_lightning_cli, guarded_optimizer_step, refuse_cli_optimizer, reseed_global_rng
+from mim.optim import NonFiniteGuard, NonFiniteMode, clip_warmup, layer_decay_groups, scaled_lr, warmup_cosine
 from mim.types import Batch, step_seed
 
 __all__ = ["FinetuneModule", "check_data", "topk_correct"]
@@ -87,7 +88,16 @@ class FinetuneModule(L.LightningModule):
         random_erasing: random-erasing probability per image (MAE: 0.25). Images only.
         ema_decay: keep an EMA of the weights with this decay (e.g. 0.9999) and validate it too; None: no EMA.
         batch_size: per-device batch for the lr scaling; default: the datamodule's ``batch_size``.
-        seed: seeds the per-step augmentation draws (Mixup, CutMix, erasing).
+        seed: seeds the per-step augmentation draws (Mixup, CutMix, erasing) and reseeds torch's global generators at
+            every training batch (drop path replays on resume).
+        nonfinite: an optimizer step with a non-finite loss or gradient: ``skip`` (counted in
+            ``train/nonfinite_steps``, warned once, ``max_nonfinite_steps`` in a row stop the run), ``raise`` or
+            ``off``; as ``PretrainModule.nonfinite`` (one host sync per optimizer step; DeepSpeed keeps its own
+            handling).
+        max_nonfinite_steps: consecutive non-finite optimizer steps that stop a ``skip`` run.
+
+    A warmup that does not end before the run does is clipped to the run (with a warning); LightningCLI's
+    ``--optimizer`` / ``--lr_scheduler`` are refused (use the arguments above).
     """
 
     def __init__(
@@ -119,6 +129,8 @@ class FinetuneModule(L.LightningModule):
         ema_decay: float | None = None,
         batch_size: int | None = None,
         seed: int = 0,
+        nonfinite: NonFiniteMode = "skip",
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         owner = "FinetuneModule"
@@ -147,6 +159,7 @@ class FinetuneModule(L.LightningModule):
             check_int(owner, "batch_size", batch_size)
         if num_classes is not None:
             check_int(owner, "num_classes", num_classes, minimum=2)
+        self.guard = NonFiniteGuard(owner, mode=nonfinite, max_consecutive=max_nonfinite_steps)
         self.save_hyperparameters(ignore=["encoder"] if not built_by_lightning_cli() else [])
         self.encoder = self._build_encoder(checkpoint, encoder, which_encoder, img_size, drop_path_rate)
         pos_embed = getattr(self.encoder, "pos_embed", None)
@@ -248,6 +261,15 @@ class FinetuneModule(L.LightningModule):
         features = fc_norm(encoder.pool(latent, self.hparams.global_pool))  # type: ignore[attr-defined]  # (B, D)
         return head(features)  # (B, K)
 
+    def setup(self, stage: str) -> None:
+        """Lightning hook: refuse LightningCLI's ``--optimizer`` / ``--lr_scheduler`` before anything runs."""
+        if stage == "fit":
+            refuse_cli_optimizer(self, _OPTIMIZER_ARGUMENTS)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed torch's global generators from (seed, step, rank, micro-batch): drop path replays on resume."""
+        reseed_global_rng(self, self.hparams.seed, batch_idx)  # type: ignore[attr-defined]
+
     def _rng(self, *parts: int) -> random.Random:
         return random.Random(step_seed(self.hparams.seed, *parts))  # type: ignore[attr-defined]
 
@@ -264,6 +286,7 @@ class FinetuneModule(L.LightningModule):
         else:
             logits = self(inputs).float()
             loss = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
+        self.guard.observe_loss(loss)  # a device op: the optimizer step reads it
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=labels.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], batch_size=labels.shape[0])
         return loss
@@ -299,9 +322,11 @@ class FinetuneModule(L.LightningModule):
             out["label"] = batch["label"]
         return out
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        """The optimizer step (skipped when its loss or gradients are not finite), then the weight EMA."""
+        if guarded_optimizer_step(self, self.guard, optimizer, optimizer_closure) and self.ema is not None:
             parts = nn.ModuleDict({"encoder": self.encoder, "fc_norm": self.fc_norm, "head": self._head()})
             self.ema.update(parts, self.hparams.ema_decay)  # type: ignore[attr-defined]
 
@@ -327,8 +352,14 @@ class FinetuneModule(L.LightningModule):
             batches = self.trainer.num_training_batches
             per_epoch = math.ceil(batches / accum) if 0 < batches < float("inf") else total
             warmup = round(hp.warmup_epochs * per_epoch)
-        if warmup >= total:
-            rank_zero_info(f"mim: warning: warmup ({warmup} steps) is not shorter than the run ({total} steps)")
+        source = (
+            f"warmup_steps={hp.warmup_steps}"
+            if hp.warmup_steps is not None
+            else f"warmup_epochs={hp.warmup_epochs:g} x {per_epoch:g} steps per epoch"
+        )
+        warmup, warning = clip_warmup("FinetuneModule", warmup, total, source=source)
+        if warning:
+            rank_zero_warn(warning)
         rank_zero_info(
             f"mim: fine-tuning, effective batch = {per_device} x {accum} x {world} = {eff}; "
             f"lr = {'' if hp.lr is not None else f'blr {hp.blr:g} x {eff}/256 = '}{lr:.4g}; layer decay "
@@ -364,10 +395,21 @@ class FinetuneModule(L.LightningModule):
             "format": 1,
             "kind": "finetune",
             "num_classes": self.num_classes if self.head is not None else None,
+            "nonfinite_steps": self.guard.state_dict(),
         }
         data_config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
         if callable(data_config):  # input size, mean, std ...: what `mim export` writes for timm
             checkpoint["mim"]["data"] = data_config()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the non-finite step counters (a resumed run keeps counting)."""
+        self.guard.load_state_dict(checkpoint.get("mim", {}).get("nonfinite_steps", {}))
+
+
+_OPTIMIZER_ARGUMENTS = (
+    "model.init_args.lr or blr (lr = blr x effective batch / 256), layer_decay, betas, weight_decay, warmup_epochs "
+    "or warmup_steps, min_lr"
+)
 
 
 def _timm_encoder(name: str, encoder: Encoder | None, img_size: int | None, drop_path_rate: float) -> Encoder:
@@ -378,8 +420,9 @@ def _timm_encoder(name: str, encoder: Encoder | None, img_size: int | None, drop
 
     import timm
 
-    from mim.models.encoder import MaskedEncoder
+    from mim.models.encoder import MaskedEncoder, check_timm_name
 
+    check_timm_name("FinetuneModule", "checkpoint", name, pretrained=True)  # close matches for a misspelt name
     kwargs: dict[str, Any] = {"img_size": img_size} if img_size is not None else {}
     try:  # timm resamples a learned position table to img_size on load
         model: Any = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
@@ -427,6 +470,10 @@ def check_data(encoder: Encoder, datamodule: Any, num_classes: int | None) -> No
         encoder: the encoder.
         datamodule: the trainer's datamodule (None: nothing to check).
         num_classes: the head's class count, if already set.
+
+    Raises:
+        DataMismatchError: no or too few labels, another class count, or inputs the encoder cannot read
+            (:func:`mim.checks.check_encoder_data`).
     """
     if datamodule is None:
         if num_classes is None:
@@ -447,27 +494,6 @@ def check_data(encoder: Encoder, datamodule: Any, num_classes: int | None) -> No
         raise DataMismatchError(
             f"FinetuneModule.num_classes is {num_classes} but {type(datamodule).__name__} has {classes}"
         )
-    kind = "table" if hasattr(datamodule, "num_numeric") else "video" if hasattr(datamodule, "num_frames") else "image"
-    if kind != encoder.modality:
-        raise DataMismatchError(f"the encoder reads {encoder.modality}s but {type(datamodule).__name__} yields {kind}s")
-    if kind == "table":
-        schema = (getattr(encoder, "num_numeric", None), getattr(encoder, "category_cardinalities", None))
-        wanted = (datamodule.num_numeric, list(datamodule.category_cardinalities))
-        if encoder.is_configured and (schema[0], list(schema[1] or [])) != wanted:
-            raise DataMismatchError(
-                f"the encoder was trained on a table with (numeric, category sizes) = {schema} but "
-                f"{type(datamodule).__name__} has {wanted}: fine-tune on a table with the same columns"
-            )
-        return
-    in_chans, size = getattr(datamodule, "in_chans", None), getattr(datamodule, "image_size", None)
-    own_chans, own_size = getattr(encoder, "in_chans", None), getattr(encoder, "img_size", None)
-    if in_chans is not None and own_chans is not None and in_chans != own_chans:
-        raise DataMismatchError(
-            f"the encoder takes {own_chans}-channel input but {type(datamodule).__name__} yields {in_chans} channels"
-        )
-    if size is not None and own_size is not None and tuple(own_size) != (size, size):
-        raise DataMismatchError(
-            f"the encoder takes {tuple(own_size)} images but {type(datamodule).__name__} yields {size} x {size}: set "
-            f"model.init_args.img_size {size} (the sin-cos position table is rebuilt for the new grid) or "
-            f"data.init_args.image_size {own_size[0]}"
-        )
+    # channels, image size, frames or table schema (an encoder rebuilt from a checkpoint takes model.init_args.img_size,
+    # for which the sin-cos position table is recomputed)
+    check_encoder_data(encoder, datamodule, img_size_field="model.init_args.img_size")

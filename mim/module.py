@@ -2,27 +2,43 @@
 
 One step (docs/architecture.md, "One training step"): draw masks -> encode the visible tokens once -> every target
 computes its loss from the shared latent -> weighted sum -> optimizer step -> ``target.after_step`` (EMA and the like).
+
+Guards against silently wrong training, shared with ``FinetuneModule`` (the Lightning side lives here, the pure parts
+in :mod:`mim.optim` and :mod:`mim.checks`): the data is checked against the encoder before the first step
+(:func:`mim.checks.check_encoder_data`); a warmup longer than the run is clipped with a warning
+(:func:`mim.optim.clip_warmup`); LightningCLI's ``--optimizer`` / ``--lr_scheduler`` (which would replace the module's
+optimizer, lr scaling and schedule) are refused (:func:`refuse_cli_optimizer`); optimizer steps with a non-finite loss
+or gradient are skipped and counted (:func:`guarded_optimizer_step`); and torch's global generators are reseeded at
+every training batch (:func:`reseed_global_rng`), so model-side randomness (drop path, dropout) replays on resume.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from mim.checks import check_int, check_range, invalid
+from mim.checks import check_encoder_data, check_int, check_range, invalid
 from mim.masking.base import MaskingStrategy
 from mim.models.base import Encoder
-from mim.optim import cosine_anneal, param_groups, scaled_lr, warmup_cosine
+from mim.optim import NonFiniteGuard, NonFiniteMode, clip_warmup, cosine_anneal, param_groups, scaled_lr, warmup_cosine
 from mim.targets.base import Target
 from mim.types import Batch, Masks, step_seed
 
-__all__ = ["PretrainModule", "built_by_lightning_cli", "step_seed"]
+__all__ = [
+    "PretrainModule",
+    "built_by_lightning_cli",
+    "guarded_optimizer_step",
+    "refuse_cli_optimizer",
+    "reseed_global_rng",
+    "step_seed",
+]
 
 
 def built_by_lightning_cli() -> bool:
@@ -32,6 +48,85 @@ def built_by_lightning_cli() -> bool:
     except ImportError:  # pragma: no cover - another Lightning: keep the plain arguments only
         return False
     return _given_hyperparameters.get() is not None
+
+
+def refuse_cli_optimizer(module: L.LightningModule, supported: str) -> None:
+    """Refuse a ``configure_optimizers`` that LightningCLI put in place of the module's own.
+
+    ``--optimizer`` / ``--lr_scheduler`` (or ``optimizer:`` / ``lr_scheduler:`` in a config) make LightningCLI set an
+    instance attribute ``configure_optimizers`` over the class's method (``LightningCLI.
+    _add_configure_optimizers_method_to_model``): the module's parameter groups, lr scaling, warmup and cosine would be
+    dropped without a word. mim refuses it rather than composing the two.
+
+    Args:
+        module: the module, at ``setup("fit")``.
+        supported: the module's own optimizer arguments, for the message.
+
+    Raises:
+        ValueError: the method was replaced.
+    """
+    if "configure_optimizers" not in vars(module):
+        return
+    owner = type(module).__name__
+    raise ValueError(
+        f"{owner}.configure_optimizers was replaced by LightningCLI's --optimizer / --lr_scheduler (or an optimizer: "
+        f"/ lr_scheduler: section of the config), which would silently drop {owner}'s parameter groups (no weight "
+        "decay on norms, biases and special tokens), its lr scaling (lr = blr x effective batch / 256), warmup and "
+        f"cosine schedule. Remove them and set {owner}'s own arguments instead: {supported}. For another optimizer, "
+        f"subclass {owner} and override configure_optimizers"
+    )
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    return any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)
+
+
+def guarded_optimizer_step(module: L.LightningModule, guard: NonFiniteGuard, optimizer: Any, closure: Any) -> bool:
+    """``LightningModule.optimizer_step`` that skips a step whose loss or gradients are not finite.
+
+    Runs Lightning's closure (the last micro-batch's forward and backward), asks ``guard`` (losses of every micro-batch
+    of the group, fed by ``training_step``; every gradient; reduced across ranks: one host sync per optimizer step),
+    then steps through Lightning's optimizer wrapper, so precision plugins, gradient clipping and
+    ``on_before_optimizer_step`` work as usual; or skips: no weight or optimizer-state change, gradients zeroed. The lr
+    schedule and ``global_step`` advance either way (as for a step fp16's GradScaler skips).
+
+    Under fp16 AMP (a GradScaler) only the losses are checked: the scaler skips overflowing gradients itself and lowers
+    its scale. DeepSpeed strategies run the closure inside their engine and handle overflow themselves: the step is left
+    to them unchecked. ``guard.mode == "off"`` steps without a check or a sync.
+
+    Returns:
+        Whether the step was applied.
+    """
+    trainer = module.trainer
+    if not guard.enabled or closure is None or _is_deepspeed(trainer.strategy):
+        guard.forget_losses()
+        optimizer.step(closure=closure)
+        return True
+    loss = closure()
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    finite = guard.step_is_finite(
+        module.parameters(),
+        lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+        check_grads=scaler is None,
+    )
+    if guard.record(finite, trainer.global_step, rank_zero_warn):
+        optimizer.step(closure=lambda: loss)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    module.log("train/nonfinite_steps", float(guard.total))
+    return finite
+
+
+def reseed_global_rng(module: L.LightningModule, seed: int, batch_idx: int) -> None:
+    """Reseed torch's default CPU and CUDA generators from (seed, "global", step, rank, micro-batch).
+
+    Model-side randomness that draws from the global generators (drop path, dropout) then depends only on the step, so
+    a resumed run replays it. ``torch.manual_seed`` sets the generators' seeds on the host: no device sync.
+    """
+    trainer = module.trainer
+    micro = batch_idx % trainer.accumulate_grad_batches
+    parts: tuple[Any, ...] = (seed, "global", trainer.global_step, trainer.global_rank, micro)
+    torch.manual_seed(step_seed(*parts))
 
 
 def _target_names(targets: list[Target]) -> list[str]:
@@ -64,7 +159,17 @@ class PretrainModule(L.LightningModule):
         min_lr: final learning rate of the cosine schedule.
         decay_special_tokens: apply weight decay to cls / mask tokens (official MAE: True).
         batch_size: per-device batch size for lr scaling; default: the datamodule's ``batch_size``.
-        seed: seed of the mask generator; masks depend only on (seed, step, rank, micro-batch).
+        seed: seed of the mask generator; masks depend only on (seed, step, rank, micro-batch). Also reseeds torch's
+            global generators at every training batch (drop path and dropout replay on resume).
+        nonfinite: what an optimizer step with a non-finite loss or gradient does: ``skip`` (no weight or optimizer
+            state change; counted in ``train/nonfinite_steps``, warned once; ``max_nonfinite_steps`` in a row stop the
+            run), ``raise`` (stop at the first) or ``off`` (no check). The check reads one flag, reduced across ranks,
+            on the host per optimizer step (as fp16 AMP does); DeepSpeed strategies keep their own overflow handling.
+        max_nonfinite_steps: consecutive non-finite optimizer steps that stop a ``skip`` run with
+            :class:`mim.optim.NonFiniteStepError`.
+
+    A warmup that does not end before the run does is clipped to the run (with a warning), so the lr reaches its
+    target; LightningCLI's ``--optimizer`` / ``--lr_scheduler`` are refused (use the arguments above).
     """
 
     def __init__(
@@ -85,6 +190,8 @@ class PretrainModule(L.LightningModule):
         decay_special_tokens: bool = True,
         batch_size: int | None = None,
         seed: int = 0,
+        nonfinite: NonFiniteMode = "skip",
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         if not targets:
@@ -109,6 +216,7 @@ class PretrainModule(L.LightningModule):
             check_int(owner, "warmup_steps", warmup_steps, minimum=0)
         if batch_size is not None:
             check_int(owner, "batch_size", batch_size)
+        self.guard = NonFiniteGuard(owner, mode=nonfinite, max_consecutive=max_nonfinite_steps)
         # Under LightningCLI the hyperparameters are the recipe's plain config (every class_path and init_args), which
         # mim.load and load_from_checkpoint rebuild the module from; built in Python, the parts are objects: not saved.
         self.save_hyperparameters(ignore=["encoder", "masking", "targets"] if not built_by_lightning_cli() else [])
@@ -140,7 +248,14 @@ class PretrainModule(L.LightningModule):
         shard_if_fsdp2(self)
 
     def configure_data(self, datamodule: Any) -> None:
-        """Build what depends on the data (a table encoder's tokenizer), then the targets' heads (once)."""
+        """Check the data against the encoder, build what depends on it (a table encoder's tokenizer), then the
+        targets' heads (once).
+
+        Raises:
+            DataMismatchError: the datamodule announces channels, an image size, frames or a table schema that the
+                encoder does not take (:func:`mim.checks.check_encoder_data`).
+        """
+        check_encoder_data(self.encoder, datamodule)
         if self._bound:
             return
         self.encoder.configure_data(datamodule)
@@ -199,13 +314,23 @@ class PretrainModule(L.LightningModule):
         out["loss"] = total
         return out
 
+    def setup(self, stage: str) -> None:
+        """Lightning hook: refuse LightningCLI's ``--optimizer`` / ``--lr_scheduler`` before anything runs."""
+        if stage == "fit":
+            refuse_cli_optimizer(self, _OPTIMIZER_ARGUMENTS)
+
     # ------------------------------------------------------------------ steps
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed torch's global generators from (seed, step, rank, micro-batch): drop path replays on resume."""
+        reseed_global_rng(self, self.seed, batch_idx)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         micro = batch_idx % self.trainer.accumulate_grad_batches
         inputs = self.inputs(batch)
         gen = self.generator(inputs.device, self.trainer.global_step, self.global_rank, micro)
         masks = self.draw_masks(batch, gen, inputs)
         out = self.compute_losses(batch, masks, inputs)
+        self.guard.observe_loss(out["loss"])  # a device op: the optimizer step reads it
         bs = inputs.shape[0]
         self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
         single = len(self.targets) == 1  # then "<target>/loss" is train/loss again
@@ -231,6 +356,15 @@ class PretrainModule(L.LightningModule):
         out = self.compute_losses(batch, self.draw_masks(batch, gen, inputs), inputs)
         self.log("test/loss", out["loss"], sync_dist=True, batch_size=inputs.shape[0])
 
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        """``mim predict``: the encoder's features with every token visible, ``{"features": (B, D)}`` (the mean of the
+        patch tokens, as the linear probes read them) and ``label`` (B,) when the batch has one."""
+        latent = self.encoder(self.inputs(batch))  # (B, prefix + N, D)
+        out = {"features": self.encoder.pool(latent, "avg")}  # (B, D)
+        if "label" in batch:
+            out["label"] = batch["label"]
+        return out
+
     def on_train_epoch_end(self) -> None:
         # Corrupt samples the datamodule skipped so far (a host-side counter: no device sync).
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -245,16 +379,19 @@ class PretrainModule(L.LightningModule):
             return hp.weight_decay
         return cosine_anneal(step, total_steps=self._total_steps, start=hp.weight_decay, end=hp.weight_decay_end)
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        """The optimizer step (skipped when its loss or gradients are not finite), then ``target.after_step``."""
         if self.hparams.weight_decay_end is not None:  # type: ignore[attr-defined]
             wd = self.weight_decay_at(self.trainer.global_step)
-            for optimizer in self.trainer.optimizers:
-                for group in optimizer.param_groups:
+            for opt in self.trainer.optimizers:
+                for group in opt.param_groups:
                     if group.get("decay", False):
                         group["weight_decay"] = wd
-        super().optimizer_step(*args, **kwargs)
-        for target in self.target_list:
-            target.after_step(self.encoder, self.progress)
+        if guarded_optimizer_step(self, self.guard, optimizer, optimizer_closure):
+            for target in self.target_list:
+                target.after_step(self.encoder, self.progress)
 
     # ------------------------------------------------------------------ optimization
     def effective_batch(self) -> tuple[int, int, int, int]:
@@ -297,6 +434,14 @@ class PretrainModule(L.LightningModule):
                 epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
                 steps_per_epoch = total / epochs if epochs else float(total)
             warmup = round(hp.warmup_epochs * steps_per_epoch)
+        source = (
+            f"warmup_steps={hp.warmup_steps}"
+            if hp.warmup_steps is not None
+            else f"warmup_epochs={hp.warmup_epochs:g} x {steps_per_epoch:g} steps per epoch"
+        )
+        warmup, warning = clip_warmup(type(self).__name__, warmup, self._total_steps, source=source)
+        if warning:
+            rank_zero_warn(warning)
         lr_text = f"lr {lr:.3g}" if hp.lr is not None else f"lr = blr {hp.blr:g} x {eff}/256 = {lr:.4g}"
         rank_zero_info(
             f"mim: effective batch = {per_device} per device x {accum} accumulation x {world} devices = {eff}; "
@@ -327,7 +472,17 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mim"] = {"encoder": self.encoder.config, "format": 1}
+        checkpoint["mim"] = {"encoder": self.encoder.config, "format": 1, "nonfinite_steps": self.guard.state_dict()}
         data_config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
         if callable(data_config):  # input size, mean, std ...: what `mim export` writes for timm
             checkpoint["mim"]["data"] = data_config()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the non-finite step counters (a resumed run keeps counting)."""
+        self.guard.load_state_dict(checkpoint.get("mim", {}).get("nonfinite_steps", {}))
+
+
+_OPTIMIZER_ARGUMENTS = (
+    "model.init_args.lr or blr (lr = blr x effective batch / 256), betas, weight_decay, weight_decay_end, "
+    "warmup_epochs or warmup_steps, warmup_start_lr, min_lr, decay_special_tokens"
+)

@@ -5,20 +5,36 @@ facebookresearch/mae main_pretrain.py and util/lr_sched.py): AdamW with betas (0
 1-D parameters (norms) and biases; frozen parameters (the sin-cos tables) are in no group; base lr = blr *
 effective batch / 256; linear warmup from 0 then half-cosine to ``min_lr``, updated every optimizer step.
 :class:`LARS` is the optimizer of MAE's linear probe (facebookresearch/mae util/lars.py).
+
+Guards shared by the training modules: :func:`clip_warmup` (a warmup longer than the run is clipped, with a warning)
+and :class:`NonFiniteGuard` (optimizer steps with a non-finite loss or gradient are skipped, counted, and stop the
+run after too many in a row).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from mim.checks import check_range
+from mim.checks import check_choice, check_int, check_range
 
-__all__ = ["LARS", "cosine_anneal", "layer_decay_groups", "param_groups", "scaled_lr", "warmup_cosine"]
+__all__ = [
+    "LARS",
+    "NonFiniteGuard",
+    "NonFiniteStepError",
+    "clip_warmup",
+    "cosine_anneal",
+    "layer_decay_groups",
+    "param_groups",
+    "scaled_lr",
+    "warmup_cosine",
+]
+
+NonFiniteMode = Literal["skip", "raise", "off"]
 
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
@@ -40,6 +56,35 @@ def warmup_cosine(
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_warmup(owner: str, warmup: int, total: int, *, source: str) -> tuple[int, str | None]:
+    """The warmup to use in a run of ``total`` optimizer steps, and a warning when it had to be clipped.
+
+    A warmup that does not end before the run does (``warmup >= total``) never lets the lr reach its target: the run
+    would train at a fraction of the lr it asks for, silently (a production recipe run with ``max_steps 1``). It is
+    clipped to ``total - 1`` steps, so that the last step runs at the target lr (a run of one step: no warmup); the
+    cosine then has no room left, which is what such a short run can have.
+
+    Args:
+        owner: the module's name, for the warning.
+        warmup: the requested warmup, in optimizer steps.
+        total: the run's length in optimizer steps (>= 1).
+        source: how ``warmup`` was derived, e.g. ``"warmup_epochs=40 x 40 steps per epoch"``.
+
+    Returns:
+        ``(warmup, None)`` when it fits, else ``(total - 1, warning)``.
+    """
+    if warmup < total:
+        return warmup, None
+    clipped = max(0, total - 1)
+    run = f"{total} optimizer step{'s' if total != 1 else ''}"
+    return clipped, (
+        f"{owner}: warmup ({warmup} optimizer steps from {source}) is not shorter than the run ({run}), so the lr "
+        f"would never reach its target; clipped to {clipped} steps (the last step runs at the target lr). For the "
+        "recipe's schedule, run it to its end (trainer.max_epochs / max_steps) or set a shorter warmup_epochs or "
+        "warmup_steps"
+    )
 
 
 def param_groups(
@@ -203,3 +248,134 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(d)
                 p.add_(mu, alpha=-group["lr"])
         return loss
+
+
+class NonFiniteStepError(RuntimeError):
+    """A non-finite loss or gradient too many optimizer steps in a row (or once, in ``raise`` mode)."""
+
+
+class NonFiniteGuard:
+    """Decides whether an optimizer step may apply: not when a loss or a gradient of it is NaN or infinite.
+
+    The training module feeds every micro-batch's loss to :meth:`observe_loss` (device work only), then, after the
+    backward pass of an accumulation group and before the optimizer step, asks :meth:`step_is_finite` (which reduces
+    the verdict across ranks and costs one host sync, as fp16 AMP's GradScaler does) and :meth:`record` the answer.
+    A skipped step changes neither the weights nor the optimizer state; ``skip`` mode stops the run with
+    :class:`NonFiniteStepError` after ``max_consecutive`` non-finite steps in a row, ``raise`` mode at the first.
+
+    Args:
+        owner: the module's name, for messages.
+        mode: ``skip`` (skip, count, warn once, stop after ``max_consecutive`` in a row), ``raise`` (stop at the
+            first) or ``off`` (no check and no sync: a non-finite update reaches the weights).
+        max_consecutive: non-finite steps in a row that stop a ``skip`` run.
+
+    Attributes:
+        total: non-finite (skipped) optimizer steps so far.
+        consecutive: non-finite optimizer steps in a row, up to the last one.
+    """
+
+    def __init__(self, owner: str, *, mode: NonFiniteMode = "skip", max_consecutive: int = 5) -> None:
+        self.owner = owner
+        self.mode: NonFiniteMode = check_choice(owner, "nonfinite", mode, ("skip", "raise", "off"))
+        self.max_consecutive = check_int(owner, "max_nonfinite_steps", max_consecutive, minimum=1)
+        self.total = 0
+        self.consecutive = 0
+        self._loss_bad: Tensor | None = None
+        self._warned = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """Remember whether one micro-batch's loss is finite: a device op, no host sync."""
+        if not self.enabled:
+            return
+        bad = ~torch.isfinite(loss.detach()).all()  # () bool
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+
+    def forget_losses(self) -> None:
+        """Drop the losses observed since the last check (a step taken without one, e.g. under DeepSpeed)."""
+        self._loss_bad = None
+
+    def step_is_finite(
+        self,
+        parameters: Iterable[nn.Parameter],
+        reduce: Callable[[Tensor], Tensor],
+        *,
+        check_grads: bool = True,
+    ) -> bool:
+        """Whether the step's losses (since the last call) and, with ``check_grads``, its gradients are all finite.
+
+        Args:
+            parameters: the optimized parameters (their ``.grad``; sharded DTensor gradients are checked locally).
+            reduce: sums a () float tensor over the ranks (``strategy.reduce(t, reduce_op="sum")``), so that every
+                rank decides the same: losses are per rank, and sharded gradients too.
+            check_grads: False under fp16 AMP, whose GradScaler skips steps with overflowing gradients itself (and
+                lowers its scale); the losses are still checked, so that a NaN from the data does not shrink the scale
+                step after step.
+
+        Returns:
+            True when the step may apply. One host sync (the reduced verdict is read on the host).
+        """
+        flags: list[Tensor] = []
+        if self._loss_bad is not None:
+            flags.append(self._loss_bad)
+        self._loss_bad = None
+        if check_grads:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
+            grads = [g for g in grads if g.numel() > 0]  # FSDP2 gives a rank an empty shard of a small parameter
+            if grads:  # the max-abs norm: NaN and inf propagate, finite values never overflow
+                norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)  # ()
+                flags.append(~torch.isfinite(norm))
+        if not flags:
+            return True
+        device = flags[-1].device
+        bad = torch.stack([f.to(device) for f in flags]).any().float()  # () 1.0 when anything is non-finite
+        return float(reduce(bad)) == 0.0  # the one host sync per optimizer step
+
+    def record(self, finite: bool, step: int, warn: Callable[[str], None]) -> bool:
+        """Count the verdict of optimizer step ``step``; warn at the first skip; raise when it is time to stop.
+
+        Returns:
+            ``finite``: whether to apply the step.
+
+        Raises:
+            NonFiniteStepError: ``raise`` mode, or ``max_consecutive`` non-finite steps in a row.
+        """
+        if finite:
+            self.consecutive = 0
+            return True
+        self.total += 1
+        self.consecutive += 1
+        hints = (
+            "lower the lr (blr / lr) or lengthen the warmup, train in bf16-mixed rather than 16-mixed, clip gradients "
+            "(trainer.gradient_clip_val=1.0), or check the data for NaN / inf values"
+        )
+        if self.mode == "raise":
+            raise NonFiniteStepError(
+                f"{self.owner}: non-finite loss or gradients at optimizer step {step} (nonfinite='raise'): {hints}"
+            )
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteStepError(
+                f"{self.owner}: {self.consecutive} optimizer steps in a row with a non-finite loss or gradients, the "
+                f"last at step {step} ({self.total} skipped in all; max_nonfinite_steps={self.max_consecutive}); "
+                f"stopping. Try: {hints}"
+            )
+        if not self._warned:
+            warn(
+                f"{self.owner}: non-finite loss or gradients at optimizer step {step}: the step is skipped (weights "
+                f"and optimizer state unchanged); skipped steps are counted in train/nonfinite_steps and "
+                f"{self.max_consecutive} in a row stop the run (max_nonfinite_steps). Warned once"
+            )
+            self._warned = True
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        """The counters, for checkpoints."""
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the counters of :meth:`state_dict`."""
+        self.total, self.consecutive = int(state.get("total", 0)), int(state.get("consecutive", 0))

@@ -127,8 +127,8 @@ class Masks:
         )
 
 
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (seed, step, rank, micro-batch, ...): pure Python, no device work.
+def step_seed(*parts: int | str) -> int:
+    """A 63-bit seed mixed from integers (seed, step, rank, micro-batch, ...) and tags: pure Python, no device work.
 
     Every random draw of a training step comes from a generator seeded with this (masks on the device, augmentation
     draws on the host), so a resumed run replays the same draws.

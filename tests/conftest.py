@@ -58,3 +58,14 @@ def real_clips(tmp_path_factory) -> Path:
     for clip in clips:
         shutil.copy(clip, root / clip.name)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Lightning's launchers and one-process DeepSpeed / FSDP2 fits set MASTER_PORT, RANK, ... in this process: put the
+    environment back after every test, so a later test (e.g. a launcher's defaults) sees the one pytest started with."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)

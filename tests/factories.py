@@ -157,3 +157,15 @@ def finetune_top1(encoder: Any, *, steps: int, seed: int = 0, num_train: int = 1
 def binomial_se(accuracy: float, n: int) -> float:
     """Standard error of an accuracy measured on ``n`` independent test images."""
     return (accuracy * (1 - accuracy) / n) ** 0.5
+
+
+class StopAt(L.Callback):
+    """Ends training after optimizer step ``step`` (an interruption: the trainer's settings, hence the learning-rate
+    schedule, stay those of the uninterrupted run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

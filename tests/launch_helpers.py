@@ -85,3 +85,67 @@ class Preempt(L.Callback):
             signal.raise_signal(signal.SIGUSR1)  # the Python-level handler runs before this returns
             _record(trainer, pl_module, self.out_dir, {"preempted": True})
             os._exit(0)
+
+
+class StepLog(L.Callback):
+    """Appends one JSON line per optimizer step to ``path`` (flushed at once, so a killed run keeps its lines):
+    ``{"step", "loss", "lr", "rank"}`` with the loss and lr as exact float reprs.
+
+    Args:
+        path: the JSON-lines file (rank R > 0 writes ``path`` with ``.rank<R>`` appended).
+    """
+
+    def __init__(self, *, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        path = self.path if trainer.global_rank == 0 else f"{self.path}.rank{trainer.global_rank}"
+        line = {
+            "step": trainer.global_step,
+            "loss": float(outputs["loss"]),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "rank": trainer.global_rank,
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+
+
+class Hang(L.Callback):
+    """At optimizer step ``at_step`` (on rank ``rank``) writes ``marker`` and sleeps, so that a test can kill the
+    process at a known step (SIGKILL, SIGTERM) without racing the run's end.
+
+    Args:
+        at_step: the optimizer step after which to stop.
+        marker: a file written (with the process id) when the hang starts.
+        rank: the rank that hangs (others go on, and block in the next collective).
+        seconds: how long to sleep.
+    """
+
+    def __init__(self, *, at_step: int, marker: str, rank: int = 0, seconds: float = 600.0) -> None:
+        self.at_step, self.marker, self.rank, self.seconds = at_step, marker, rank, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.at_step and trainer.global_rank == self.rank:
+            Path(self.marker).write_text(str(os.getpid()))
+            import time
+
+            deadline = time.monotonic() + self.seconds
+            while time.monotonic() < deadline and not trainer.received_sigterm:  # SIGTERM ends the hang
+                time.sleep(0.05)
+
+
+class PoisonBatch(L.Callback):
+    """Fills the first image of the training batches with these indices (within the epoch) with NaN, before the
+    training step sees them: a corrupt sample that makes the step's loss non-finite.
+
+    Args:
+        steps: batch indices (``batch_idx``) to poison.
+    """
+
+    def __init__(self, *, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx in self.steps:
+            batch["image"][0].fill_(float("nan"))

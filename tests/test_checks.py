@@ -197,4 +197,4 @@ def test_checks_imports_only_the_standard_library():
     tree = ast.parse(Path(mim.checks.__file__).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert roots <= {"__future__", "collections", "math", "numbers", "typing"}, roots
+    assert roots <= {"__future__", "collections", "inspect", "math", "numbers", "typing"}, roots

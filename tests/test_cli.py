@@ -175,3 +175,18 @@ def test_ckpt_path_last_resumes_the_newest_complete_checkpoint_or_stops(tmp_path
     text = caplog.text + capsys.readouterr().err
     assert f"mim: resuming from {first}" in text  # the broken, newer file was skipped
     assert f"Restored all states from the checkpoint at {first}" in text  # Lightning resumed from it (a new version)
+
+
+@needs_data
+def test_mim_test_and_predict_run_on_a_pretraining_recipe(tmp_path: Path):
+    """`mim test` logs the held-out loss; `mim predict` gives the encoder's features of every sample (no mask)."""
+    from mim.lightning_cli import build
+
+    base = ["-c", str(DEBUG / "mae_fashion_mnist.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.logger=false"]  # fmt: skip
+    assert main(["test", *base, "--trainer.limit_test_batches=1"]) == 0
+    assert main(["predict", *base, "--trainer.limit_predict_batches=1"]) == 0
+    cli = build([*base, "--trainer.limit_predict_batches=2"], save_config_callback=None)
+    (first, second) = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    assert first["features"].shape == (64, 64) and first["label"].shape == (64,)  # batch 64, width 64
+    assert torch.isfinite(first["features"]).all() and not torch.equal(first["features"], second["features"])

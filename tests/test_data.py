@@ -425,11 +425,11 @@ def test_epoch_shuffle_is_a_function_of_seed_and_epoch():
     from mim.data.base import EpochShuffleSampler
 
     a, b = EpochShuffleSampler(100, seed=3), EpochShuffleSampler(100, seed=3)
-    first = list(a)
-    assert sorted(first) == list(range(100))
+    first = list(a)  # (index, sample_seed) keys
+    assert sorted(i for i, _ in first) == list(range(100))
     a.set_epoch(1)
     second = list(a)
-    assert second != first and sorted(second) == list(range(100))
+    assert second != first and sorted(i for i, _ in second) == list(range(100))
     b.set_epoch(1)  # a fresh sampler (e.g. after resuming) at the same epoch gives the same order
     assert list(b) == second
     assert list(EpochShuffleSampler(100, seed=4)) != first

@@ -210,9 +210,9 @@ class _Data:
 def test_check_data_names_both_values():
     encoder = tiny_encoder()  # 16 x 16, 3 channels
     check_data(encoder, _Data(num_classes=4, in_chans=3, image_size=16), None)
-    with pytest.raises(ValueError, match=r"takes \(16, 16\) images but _Data yields 28 x 28.*img_size 28"):
+    with pytest.raises(ValueError, match=r"img_size=\(16, 16\) but _Data yields 28 x 28 images: .*img_size=28"):
         check_data(encoder, _Data(num_classes=4, in_chans=3, image_size=28), None)
-    with pytest.raises(ValueError, match="takes 3-channel input but _Data yields 1 channels"):
+    with pytest.raises(ValueError, match="MaskedEncoder.in_chans=3 but _Data yields 1-channel images"):
         check_data(encoder, _Data(num_classes=4, in_chans=1, image_size=16), None)
     with pytest.raises(ValueError, match="num_classes is 10 but _Data has 4"):
         check_data(encoder, _Data(num_classes=4, in_chans=3, image_size=16), 10)
@@ -428,16 +428,16 @@ def test_mim_finetune_bad_input_is_one_line(tmp_path: Path, capsys):
     recipe = str(DEBUG / "finetune_fashion_mnist.yaml")
     root = f"--trainer.default_root_dir={tmp_path}"
     assert main(["finetune", "-c", recipe, f"--model.init_args.checkpoint={tmp_path / 'notes.ckpt'}", root]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        err[-1] == f"mim finetune: error: {tmp_path / 'notes.ckpt'}: a text file, not a checkpoint (it begins 'hello')"
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("mim finetune: error:")]
+    assert line.startswith(
+        f"mim finetune: error: {tmp_path / 'notes.ckpt'}: a text file, not a checkpoint (it begins 'hello')"
     )
     assert main(["finetune", "-c", recipe, "--data.init_args.image_size=32", root]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(
-        "mim finetune: error: the encoder takes (28, 28) images but FashionMNISTDataModule yields 32"
-    )
-    assert "Traceback" not in "\n".join(err)
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("mim finetune: error:")]
+    assert "yields 32" in line and "28" in line, line
+    assert "Traceback" not in err
     assert not list(tmp_path.rglob("*.ckpt"))[1:]  # only the text file: nothing was trained
 
 

@@ -36,6 +36,7 @@ PROBE_IMAGES = 4000
 MARGIN = 0.015
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("fashion_mnist")
@@ -114,7 +115,7 @@ def test_ijepa_beats_random_init_on_the_linear_probe():
 
     # Downstream: fine-tuning the I-JEPA student beats fine-tuning its initial weights, same steps, by more than two
     # standard errors of the difference.
-    steps, n = 150, 2000
+    steps, n = 150, 10000  # every test image: the smallest standard error the data allows
     tuned, scratch = (finetune_top1(e, steps=steps, num_test=n) for e in (module.encoder, random_init))
     gap_se = (binomial_se(tuned, n) ** 2 + binomial_se(scratch, n) ** 2) ** 0.5
     print(

@@ -49,6 +49,7 @@ def _fit(recipe: str, root: Path, *overrides: str):
     return cli
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("fashion_mnist")

@@ -1,5 +1,7 @@
-"""Lightning callbacks: :class:`OnlineKNN` (k-NN accuracy of the encoder during pretraining)."""
+"""Lightning callbacks: :class:`OnlineKNN` (k-NN accuracy of the encoder during pretraining) and
+:class:`FaultTolerance` (atomic checkpoints, a checkpoint on SIGTERM, resume settings; on by default in ``mim fit``)."""
 
+from mim.callbacks.fault_tolerance import FaultTolerance
 from mim.callbacks.online_eval import OnlineKNN
 
-__all__ = ["OnlineKNN"]
+__all__ = ["FaultTolerance", "OnlineKNN"]

@@ -8,13 +8,21 @@ always receives float images ``(x / 255 - mean) / std``.
 
 A subclass validates its own arguments, calls ``super().__init__`` with the shared ones and implements
 :meth:`ImageDataModule.build_datasets`; the base owns the loaders and the normalisation.
+
+Training order and augmentation are a pure function of (seed, epoch, rank, world size): the training loader's
+:class:`EpochShuffleSampler` yields ``(index, sample_seed)`` keys, and the datasets run each sample's random draws
+(crops, flips, clip starts) under torch's and python's global generators seeded with ``sample_seed`` and restored
+afterwards (:func:`seeded_draws`). Nothing depends on the loader's worker count or the process, so with
+:class:`MapResumeMixin` a run resumed from a mid-epoch checkpoint sees exactly the batches of the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +30,17 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mim.checks import check_int, check_pair_range, check_range, invalid
-from mim.types import Batch
+from mim.types import Batch, step_seed
 
 __all__ = [
+    "EpochShuffleSampler",
     "FileDataset",
     "ImageDataModule",
+    "MapResumeMixin",
+    "SampleKey",
     "SkippedFilesMixin",
     "TensorImageDataset",
     "HeldOutLoadersMixin",
@@ -39,6 +50,10 @@ __all__ = [
     "default_stats",
     "normalize_image",
     "normalize_video",
+    "sample_key",
+    "silence_unresumable_loader_warning",
+    "training_position",
+    "seeded_draws",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,6 +185,41 @@ def class_index(
     return classes, {name: i for i, name in enumerate(classes)}
 
 
+SampleKey = int | tuple[int, int]
+"""What a map-style dataset's ``__getitem__`` takes: an index (in-order loaders, direct access) or the
+``(index, sample_seed)`` pair of :class:`EpochShuffleSampler` (training)."""
+
+
+def sample_key(key: SampleKey) -> tuple[int, int | None]:
+    """``(index, sample_seed)`` of a :data:`SampleKey`; ``sample_seed`` is None for a plain index."""
+    if isinstance(key, tuple):
+        index, seed = key
+        return int(index), int(seed)
+    return int(key), None
+
+
+@contextmanager
+def seeded_draws(seed: int | None) -> Iterator[None]:
+    """Run the block with torch's global CPU generator and python's ``random`` seeded with ``seed``; both are
+    restored afterwards. ``seed=None``: the block runs on the generators as they are.
+
+    The transforms (torchvision's random crops and flips, RandAugment, random clip starts) draw from these global
+    generators; seeding them per sample makes every draw a function of the sample's seed alone, whatever process
+    or loader worker runs it.
+    """
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: 2 us, where torch.manual_seed takes 80
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 class TensorImageDataset(Dataset):
     """Samples from in-memory ``uint8`` images, each passed through ``transform``.
 
@@ -191,10 +241,14 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> Batch:
+    def __getitem__(self, key: SampleKey) -> Batch:
+        """Sample ``index`` of ``key`` (an index or an ``(index, sample_seed)`` pair: :func:`sample_key`); the
+        transform's random draws are seeded with ``sample_seed`` (:func:`seeded_draws`)."""
+        index, seed = sample_key(key)
         image = self.images[index]  # (C, H, W)
         if self.transform is not None:
-            image = self.transform(image)  # (C, H', W')
+            with seeded_draws(seed):
+                image = self.transform(image)  # (C, H', W')
         return {"image": image, "label": self.labels[index]}
 
 
@@ -255,15 +309,21 @@ class FileDataset(Dataset, ABC):
             warnings.warn(f"skipping unreadable {self.kind} {self.file_path(index)}: {err}", self.warning, stacklevel=2)
             return None
 
-    def __getitem__(self, index: int) -> Batch:
+    def __getitem__(self, key: SampleKey) -> Batch:
+        """The sample of file ``index`` of ``key`` (an index or an ``(index, sample_seed)`` pair:
+        :func:`sample_key`), or of the next readable file; decoding and transform draw their randomness (clip
+        starts, crops) from generators seeded with ``sample_seed`` (:func:`seeded_draws`), afresh for every file
+        tried, so a replacement sample does not depend on whether the unreadable file was tried first."""
+        index, seed = sample_key(key)
         n = len(self)
         for offset in range(n):
             i = (index + offset) % n
             if self.bad[i]:
                 continue
-            decoded = self.load(i)
-            if decoded is not None:
-                return self.to_sample(i, decoded)
+            with seeded_draws(seed):
+                decoded = self.load(i)
+                if decoded is not None:
+                    return self.to_sample(i, decoded)
         raise RuntimeError(f"{type(self).__name__}: none of the {n} {self.kind} files can be decoded")
 
 
@@ -290,6 +350,9 @@ class SkippedFilesMixin:
         return ""
 
     def teardown(self, stage: str) -> None:
+        parent = getattr(super(), "teardown", None)
+        if parent is not None:
+            parent(stage)
         if self.num_skipped:
             paths = self.skipped_paths()
             dataset = self._file_datasets()[0]
@@ -312,18 +375,44 @@ def loader_kwargs(batch_size: int, num_workers: int, **extra: Any) -> dict[str, 
     }
 
 
-def train_loader(owner: str, dataset: Dataset, *, seed: int, unit: str = "samples", **kwargs: Any) -> DataLoader:
-    """A shuffled training loader of whole batches, ordered by (seed, epoch) (:class:`EpochShuffleSampler`).
+def train_loader(
+    owner: str,
+    dataset: Dataset,
+    *,
+    seed: int,
+    unit: str = "samples",
+    rank: int = 0,
+    world_size: int = 1,
+    resume: tuple[int, int] | None = None,
+    **kwargs: Any,
+) -> DataLoader:
+    """A shuffled training loader of whole batches from :class:`EpochShuffleSampler` (this rank's share).
+
+    Args:
+        owner: names the datamodule in errors.
+        dataset: a map-style dataset whose ``__getitem__`` takes ``(index, sample_seed)`` pairs
+            (:data:`SampleKey`); one with ``__getitems__`` gets a batch's list of them.
+        seed: seeds the order and every sample's random draws.
+        unit: what the dataset's items are, for the error message.
+        rank, world_size: this process's global rank and the number of processes.
+        resume: ``(epoch, batches_done)`` of a checkpoint (:meth:`EpochShuffleSampler.resume_from`); None: none.
+        **kwargs: DataLoader arguments (``batch_size`` is required).
 
     Raises:
-        ValueError: the dataset has fewer than ``batch_size`` items (``drop_last`` would leave no batch).
+        ValueError: a rank's share of the dataset is smaller than ``batch_size`` (``drop_last`` would leave no batch).
     """
-    num_samples = len(dataset)  # type: ignore[arg-type]  # map-style datasets have a length
-    if num_samples < kwargs["batch_size"]:
+    num_items = len(dataset)  # type: ignore[arg-type]  # map-style datasets have a length
+    batch_size = kwargs["batch_size"]
+    per_rank = -(-num_items // world_size)  # ceil: the sampler pads the last ranks' shares
+    if per_rank < batch_size:
+        shares = f" over {world_size} ranks ({per_rank} per rank)" if world_size > 1 else ""
         raise ValueError(
-            f"{owner}: {num_samples} training {unit} is fewer than batch_size={kwargs['batch_size']}; lower batch_size"
+            f"{owner}: {num_items} training {unit}{shares} is fewer than batch_size={batch_size}; lower batch_size"
         )
-    return DataLoader(dataset, sampler=EpochShuffleSampler(num_samples, seed=seed), drop_last=True, **kwargs)
+    sampler = EpochShuffleSampler(num_items, seed=seed, batch_size=batch_size, num_replicas=world_size, rank=rank)
+    if resume is not None:
+        sampler.resume_from(*resume)
+    return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
 
 def eval_loader(dataset: Dataset | None, **kwargs: Any) -> DataLoader | list:
@@ -333,30 +422,160 @@ def eval_loader(dataset: Dataset | None, **kwargs: Any) -> DataLoader | list:
     return DataLoader(dataset, shuffle=False, drop_last=False, **kwargs)
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that is a pure function of (seed, epoch).
+class EpochShuffleSampler(DistributedSampler):
+    """This rank's share of one seeded permutation per epoch, as ``(index, sample_seed)`` keys.
 
-    Lightning calls ``set_epoch`` before every epoch (also after resuming from a checkpoint), so a resumed
-    run sees the same order as an uninterrupted one. (Under DDP Lightning swaps in a ``DistributedSampler``,
-    which is seeded the same way.)
+    The order and every sample's seed are a pure function of (seed, epoch, rank, world size): epoch ``e`` shuffles
+    ``range(num_items)`` with a generator seeded by ``step_seed(seed, e)``, pads the permutation to a multiple of
+    ``num_replicas`` by repeating its start (as ``DistributedSampler`` does, so every rank has the same length) and
+    gives rank ``r`` the positions ``r, r + num_replicas, ...``. The item at position ``p`` of the padded global
+    order comes with ``sample_seed = step_seed(seed, e, p)``, which seeds the dataset's random draws for it
+    (:func:`seeded_draws`): augmentation does not depend on the worker count, the process or the world size.
+
+    A ``DistributedSampler`` with explicit ``num_replicas`` / ``rank``, so Lightning uses it as it is under DDP
+    (it only wraps samplers that are not ``DistributedSampler`` instances) and calls :meth:`set_epoch` before every
+    epoch. :meth:`resume_from` makes one epoch start after the batches a checkpointed run already consumed, while
+    ``len`` stays the whole share (Lightning then ends the resumed epoch at its usual last batch).
 
     Args:
-        num_samples: dataset length.
+        num_items: dataset length N.
         seed: base seed.
+        batch_size: items per batch (the unit of :meth:`resume_from`).
+        num_replicas: number of ranks (world size).
+        rank: this rank, in ``[0, num_replicas)``.
+
+    Attributes:
+        num_samples: items of one rank per epoch, ``ceil(N / num_replicas)`` (``DistributedSampler``'s name).
+        total_size: ``num_samples * num_replicas``, the padded global order's length.
+        epoch: the epoch the next iteration yields.
     """
 
-    def __init__(self, num_samples: int, *, seed: int = 0) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(
+        self, num_items: int, *, seed: int = 0, batch_size: int = 1, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        owner = "EpochShuffleSampler"
+        check_int(owner, "num_items", num_items)
+        check_int(owner, "seed", seed, minimum=None)
+        check_int(owner, "batch_size", batch_size)
+        check_int(owner, "num_replicas", num_replicas)
+        check_int(owner, "rank", rank, minimum=0, maximum=num_replicas - 1)
+        items: Any = range(num_items)  # DistributedSampler only takes its dataset's length
+        super().__init__(items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.num_items, self.batch_size = num_items, batch_size
+        self._skip: tuple[int, int] = (-1, 0)  # (epoch, items of this rank to leave out in it)
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+    def global_order(self, epoch: int) -> list[int]:
+        """The padded global order of ``epoch``: ``total_size`` dataset indices (a permutation, then its start)."""
+        generator = torch.Generator().manual_seed(step_seed(self.seed, epoch))
+        order = torch.randperm(self.num_items, generator=generator).tolist()  # (N,)
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        return order  # (total_size,)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Whole batches of this rank per epoch (the training loader drops the last partial one)."""
+        return self.num_samples // self.batch_size
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` leave out this rank's first ``batches_done`` batches.
+
+        That pass then yields the remaining items exactly as an uninterrupted one would; other epochs are whole.
+        Also sets :attr:`epoch` to the one a resumed run continues with (Lightning may start the loader's workers,
+        which read the sampler at once, before it calls :meth:`set_epoch`). ``batches_done`` at or beyond the
+        epoch's whole batches (an epoch-end checkpoint) skips nothing: the run continues with epoch ``epoch + 1``.
+        """
+        check_int("EpochShuffleSampler.resume_from", "epoch", epoch, minimum=0)
+        check_int("EpochShuffleSampler.resume_from", "batches_done", batches_done, minimum=0)
+        if batches_done < self.batches_per_epoch:
+            self._skip = (epoch, batches_done * self.batch_size)
+            self.set_epoch(epoch)
+        else:
+            self._skip = (-1, 0)
+            self.set_epoch(epoch + 1)
+
+    def keys(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's whole share of ``epoch``: ``num_samples`` ``(index, sample_seed)`` pairs, nothing skipped."""
+        order = self.global_order(epoch)  # (total_size,)
+        positions = range(self.rank, self.total_size, self.num_replicas)  # (num_samples,)
+        return [(order[p], step_seed(self.seed, epoch, p)) for p in positions]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]  # keys, not plain indices
+        skip_epoch, skip = self._skip
+        keys = self.keys(self.epoch)
+        return iter(keys[skip:] if skip_epoch == self.epoch else keys)
+
+
+def training_position(trainer: Any) -> dict[str, int]:
+    """``{"epoch", "batches_done"}`` of a trainer's fit loop (``{}`` without a trainer): what a resumable datamodule
+    saves. ``batches_done`` is Lightning's ``batch_progress.current.ready``, the training batches fetched so far in the
+    epoch (see :meth:`MapResumeMixin.state_dict`)."""
+    if trainer is None:
+        return {}
+    fit_loop = trainer.fit_loop
+    return {
+        "epoch": int(fit_loop.epoch_progress.current.completed),
+        "batches_done": int(fit_loop.epoch_loop.batch_progress.current.ready),
+    }
+
+
+def silence_unresumable_loader_warning() -> None:
+    """Hide Lightning's "your dataloader is not resumable" warning on a mid-epoch resume: it looks for ``state_dict``
+    on the DataLoader only, while mim's datamodules resume their loaders themselves (exactly; tests/test_resume_exact.py).
+    Called when a datamodule loads its resume position, so runs without one keep the warning."""
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class MapResumeMixin:
+    """Exact mid-epoch resume for a datamodule whose training loader comes from :func:`train_loader`.
+
+    Lightning saves :meth:`state_dict` in checkpoints and calls :meth:`load_state_dict` on restore, before it asks
+    for the training loader; :meth:`_train_loader` then builds the loader of this rank whose sampler leaves out the
+    batches the checkpointed run already consumed (:meth:`EpochShuffleSampler.resume_from`).
+    """
+
+    trainer: Any
+    _map_resume: tuple[int, int] | None = None  # (epoch, batches_done) from load_state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches_done"}``: the training position of this rank (Lightning saves it in checkpoints).
+
+        ``batches_done`` counts the training batches already fetched in the current epoch (Lightning's
+        ``batch_progress.current.ready``): inside ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``)
+        that includes the batch just trained on, which Lightning counts as completed on restore; on validation end
+        inside an epoch it is the batches trained so far; at the end of an epoch it is the epoch's length, so a
+        resumed run starts the next epoch whole. Empty without a trainer.
+        """
+        return training_position(getattr(self, "_trainer", None) or getattr(self, "trainer", None))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume mid-epoch: the next training loader leaves out the batches of ``state_dict``'s epoch already
+        consumed. A state without ``epoch`` / ``batches_done`` (an older checkpoint) resumes nothing."""
+        if "epoch" in state_dict and "batches_done" in state_dict:
+            self._map_resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+            silence_unresumable_loader_warning()
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """(global rank, world size) from the trainer; (0, 1) without one."""
+        trainer = getattr(self, "_trainer", None) or getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _train_loader(self, owner: str, dataset: Dataset, *, seed: int, **kwargs: Any) -> DataLoader:
+        """:func:`train_loader` for this rank, resumed at the position of the last :meth:`load_state_dict`."""
+        rank, world = self._rank_and_world()
+        return train_loader(owner, dataset, seed=seed, rank=rank, world_size=world, resume=self._map_resume, **kwargs)
+
+    def teardown(self, stage: str) -> None:
+        """Forget the resume position at the end of a run: a later ``fit`` without a checkpoint starts whole."""
+        self._map_resume = None
+        parent = getattr(super(), "teardown", None)
+        if parent is not None:
+            parent(stage)
 
 
 class HeldOutLoadersMixin:
@@ -371,12 +590,13 @@ class HeldOutLoadersMixin:
         return self.val_dataloader()  # type: ignore[attr-defined]
 
 
-class ImageDataModule(HeldOutLoadersMixin, LightningDataModule, ABC):
+class ImageDataModule(HeldOutLoadersMixin, MapResumeMixin, LightningDataModule, ABC):
     """Base for image datamodules: ``uint8`` batches from the loaders, normalised on the device.
 
     Subclasses implement :meth:`build_datasets`. The loaders yield ``{"image": (B, C, H, W) uint8,
     "label": (B,) int64}``; :meth:`on_after_batch_transfer` replaces ``image`` with the float32
-    normalised version (:func:`normalize_image`) once the batch is on the device.
+    normalised version (:func:`normalize_image`) once the batch is on the device. The training loader gives each
+    rank its share of a seeded order, and a resumed run continues mid-epoch exactly (:class:`MapResumeMixin`).
 
     Args:
         batch_size: samples per device and step (the training loader drops the last partial batch).
@@ -386,7 +606,7 @@ class ImageDataModule(HeldOutLoadersMixin, LightningDataModule, ABC):
         std: C per-channel standard deviations of the [0, 1]-scaled pixels (all > 0); None: ImageNet's.
         num_classes: number of label classes.
         num_workers: loader worker processes (0 loads in the main process); workers persist across epochs.
-        seed: seeds the training loader's shuffle (and, through it, the workers' augmentation RNG).
+        seed: seeds the training order and every training sample's augmentation (:class:`EpochShuffleSampler`).
 
     Attributes:
         batch_size, image_size, in_chans, mean, std, num_classes, num_workers, seed: the arguments
@@ -452,7 +672,7 @@ class ImageDataModule(HeldOutLoadersMixin, LightningDataModule, ABC):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")  # a no-op once the datasets exist
         assert self.train_dataset is not None
-        return train_loader(type(self).__name__, self.train_dataset, seed=self.seed, **self._loader_kwargs())
+        return self._train_loader(type(self).__name__, self.train_dataset, seed=self.seed, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

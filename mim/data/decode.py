@@ -12,6 +12,18 @@ large JPEG costs most in the decode (BENCHMARKS.md, "C7: data loader"). :func:`d
 Other formats (PNG, ...) and JPEGs that simplejpeg rejects (CMYK, ...) go through PIL at full size.
 Randomness comes from an explicit :class:`random.Random`, so a caller seeds it from (seed, epoch, rank,
 worker).
+
+High bit depth (:func:`convert_image`, shared with ``mim pack``): PIL's ``convert("RGB")`` clips a 16-bit grey image
+(modes ``I;16``, ``I;16B``, ``I``) to 255 instead of scaling it, so these are scaled here to 8 bits as
+``round(v * 255 / max)``: ``max`` = 65535 for 16-bit PNGs and PGMs (PIL stretches a PGM's maxval to 16 bits), and
+``2**BitsPerSample - 1`` for TIFFs of up to 16 bits. A 32-bit integer (mode ``I`` with no such depth) or
+floating-point (mode ``F``) image has no known range: it is refused with a ``ValueError`` naming the file (a
+loader then skips it as unreadable), as scaling by 2**32 would silently turn it black. 16-bit RGB, RGBA and
+grey + alpha PNGs are reduced to 8 bits by PIL itself when it opens them (keeping the high byte, ``v >> 8``, which
+differs from the rounded value by at most 1); they decode correctly without this step.
+
+Images smaller than the output: :class:`SmallImageCheck` warns once per dataset (over all loader workers) with one
+example, since such images are upsampled by every crop.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -29,9 +42,141 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
-__all__ = ["decode_center_crop", "decode_random_resized_crop", "image_size_of", "sample_crop_box"]
+__all__ = [
+    "SmallImageCheck",
+    "SmallImageWarning",
+    "convert_image",
+    "decode_center_crop",
+    "decode_random_resized_crop",
+    "image_size_of",
+    "max_pixel_value",
+    "open_image",
+    "sample_crop_box",
+]
 
 _JPEG_MAGIC = b"\xff\xd8"
+_TIFF_BITS_PER_SAMPLE = 258
+_CONVERT_HINT = "convert it to an 8-bit or 16-bit PNG (e.g. with numpy: scale to 0..65535, save as uint16)"
+
+
+class SmallImageWarning(UserWarning):
+    """Images smaller than the output size: every crop of them is upsampled (blurry inputs)."""
+
+
+def max_pixel_value(image: Image.Image, *, name: str = "image") -> int | None:
+    """The full-scale value of a high-bit-depth grey image (scaled to 255 by :func:`convert_image`), None for 8 bits.
+
+    Args:
+        image: an opened PIL image.
+        name: the file (or shard member) for the error message.
+
+    Returns:
+        None for 8-bit modes (``L``, ``RGB``, ``P``, ...); 65535 for 16-bit modes (``I;16``, ``I;16B``, ...) and for
+        mode ``I`` read from a PNG or PGM/PPM; ``2**BitsPerSample - 1`` for a TIFF of at most 16 bits.
+
+    Raises:
+        ValueError: mode ``F`` (floating point) or a 32-bit integer image, whose value range is unknown.
+    """
+    mode = image.mode
+    if mode != "I" and mode != "F" and not mode.startswith("I;16"):
+        return None
+    if mode == "F":
+        raise ValueError(
+            f"{name}: a floating-point image (PIL mode 'F', {image.format or 'unknown'} format) has no known value "
+            f"range to scale to 8 bits; {_CONVERT_HINT}"
+        )
+    bits: int | None = 16 if mode.startswith("I;16") or image.format in ("PNG", "PPM") else None
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None and _TIFF_BITS_PER_SAMPLE in tags:
+        per_sample = tags[_TIFF_BITS_PER_SAMPLE]
+        bits = int(per_sample[0] if isinstance(per_sample, tuple) else per_sample)
+    if bits is None or not 1 <= bits <= 16:
+        depth = f"{bits}-bit" if bits is not None else "32-bit (PIL mode 'I')"
+        raise ValueError(
+            f"{name}: a {depth} integer image ({image.format or 'unknown'} format) has no known value range to scale "
+            f"to 8 bits (16 bits at most are scaled); {_CONVERT_HINT}"
+        )
+    return (1 << bits) - 1
+
+
+def convert_image(image: Image.Image, mode: Literal["RGB", "L"], *, name: str = "image") -> Image.Image:
+    """``image.convert(mode)`` that scales high-bit-depth grey images to 8 bits instead of clipping them.
+
+    PIL's own ``convert`` clips a 16-bit value v to ``min(v, 255)`` (a 16-bit photo becomes white); here v becomes
+    ``round(v * 255 / max)`` with ``max`` from :func:`max_pixel_value` (65535 for 16-bit PNGs), clipped to [0, 255]
+    (negative values of signed images become 0), then grey is replicated for ``mode="RGB"``. 8-bit images are
+    converted by PIL unchanged.
+
+    Args:
+        image: an opened PIL image (decoded here).
+        mode: "RGB" or "L".
+        name: the file (or shard member) for error messages.
+
+    Returns:
+        A PIL image in ``mode``.
+
+    Raises:
+        ValueError: a floating-point or 32-bit integer image (no known range; see :func:`max_pixel_value`).
+    """
+    maximum = max_pixel_value(image, name=name)
+    if maximum is None:
+        return image.convert(mode)
+    values = np.asarray(image).astype(np.int64)  # (H, W), any byte order
+    # round(v * 255 / max) in integers (half up; no ties for max = 65535): floor((2 * 255 v + max) / (2 max))
+    grey = np.clip((values * 510 + maximum) // (2 * maximum), 0, 255).astype(np.uint8)  # (H, W)
+    out = Image.fromarray(grey)  # mode "L"
+    return out if mode == "L" else out.convert(mode)
+
+
+def open_image(path: str, mode: Literal["RGB", "L"]) -> Image.Image:
+    """The image file at ``path``, decoded and converted to ``mode`` with :func:`convert_image` (16-bit aware).
+
+    Raises:
+        OSError, SyntaxError, ValueError, Image.DecompressionBombError: the file cannot be decoded (or has no
+            known value range, see :func:`max_pixel_value`).
+    """
+    with Image.open(path) as image:
+        return convert_image(image, mode, name=path)
+
+
+class SmallImageCheck:
+    """Warns once per dataset (over the main process and all loader workers) about an image smaller than the output.
+
+    Such an image is upsampled by every crop, which a user should know about, but one warning per image would flood
+    the log. The flag lives in shared memory (like :class:`~mim.data.base.FileDataset`'s table of bad files), so a
+    dataset that holds this object warns at most once whatever its number of workers (two workers meeting their
+    first small image at the same instant may both warn).
+
+    Args:
+        owner: the datamodule, for the message.
+        size: the output side (``image_size``); images with a side below it are reported.
+        field: the argument that sets ``size``.
+    """
+
+    def __init__(self, owner: str, size: int, *, field: str = "image_size") -> None:
+        self.owner, self.size, self.field = owner, size, field
+        self.warned = torch.zeros(1, dtype=torch.bool).share_memory_()  # True once the warning was issued
+
+    def __call__(self, name: str, height: int, width: int) -> bool:
+        """Warn (the first time) when ``height`` or ``width`` is below ``size``; returns whether the image is small.
+
+        Args:
+            name: the file or shard member, named in the warning as the example.
+            height: the image's height in pixels.
+            width: the image's width in pixels.
+        """
+        if height >= self.size and width >= self.size:
+            return False
+        if not bool(self.warned[0]):
+            self.warned[0] = True
+            warnings.warn(
+                f"{self.owner}: some images are smaller than {self.field}={self.size} and are upsampled by every crop, "
+                f"e.g. {name} ({height}x{width} pixels, height x width); lower {self.field} or use larger images "
+                "(warned once per dataset)",
+                SmallImageWarning,
+                stacklevel=2,
+            )
+        return True
 
 
 def sample_crop_box(
@@ -104,7 +249,7 @@ def _decode_scaled_array(data: bytes, mode: Literal["RGB", "L"], min_height: int
     with Image.open(io.BytesIO(data)) as image:
         if image.format == "JPEG":
             image.draft(mode, (min_width, min_height))  # DCT scaling, keeps >= the requested size
-        array = np.asarray(image.convert(mode))  # decodes the whole file
+        array = np.asarray(convert_image(image, mode, name="image bytes"))  # decodes the whole file
     return array if array.ndim == 3 else array[:, :, None]  # (H', W', C)
 
 
@@ -162,7 +307,9 @@ def decode_random_resized_crop(
     fy, fx = array.shape[0] / height, array.shape[1] / width  # the DCT scale actually used
     y0, x0 = round(top * fy), round(left * fx)
     y1, x1 = max(y0 + 1, round((top + h) * fy)), max(x0 + 1, round((left + w) * fx))
-    crop = torch.from_numpy(np.ascontiguousarray(array[y0:y1, x0:x1])).permute(2, 0, 1)  # (C, h', w') uint8
+    region = array[y0:y1, x0:x1]  # (h', w', C); PIL's arrays are read-only, which torch warns about
+    region = np.ascontiguousarray(region) if array.flags.writeable else region.copy()
+    crop = torch.from_numpy(region).permute(2, 0, 1)  # (C, h', w') uint8
     # torch's uint8 antialiased bicubic kernel: ~3x faster than PIL's resample plus the array -> PIL copy
     # (measured 0.40 ms vs 1.24 + 0.49 ms for a 300 px crop -> 224), same filter.
     out = resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)  # (C, size, size)

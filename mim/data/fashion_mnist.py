@@ -138,7 +138,11 @@ def find_fashion_mnist(root: str | Path | None = None) -> Path:
     for folder in candidates:
         if _has_files(folder):
             return folder
-    raise FileNotFoundError(f"Fashion-MNIST not found; looked in {[str(c) for c in candidates]}. {_HOW_TO_GET}")
+    where = "root" if root is not None else "the default places"
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found (FashionMNISTDataModule.root={None if root is None else str(root)!r}: {where}); "
+        f"looked in {[str(c) for c in candidates]}. {_HOW_TO_GET}"
+    )
 
 
 def load_fashion_mnist(split: Literal["train", "test"], root: str | Path | None = None) -> tuple[Tensor, Tensor]:
@@ -192,7 +196,7 @@ class FashionMNISTDataModule(ImageDataModule):
         crop_scale: area range of the random resized crop (MAE: (0.2, 1.0)).
         rand_augment: RandAugment magnitude on the training split (fine-tuning: 9, as MAE); None: off.
         num_workers: loader worker processes.
-        seed: seeds the subsets and the training shuffle.
+        seed: seeds the subsets, the training order and every training sample's augmentation.
     """
 
     def __init__(

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mim.checks import check_choice, check_int, check_range
 from mim.data.base import FileDataset, ImageDataModule, SkippedFilesMixin, check_crops, class_index
+from mim.data.decode import SmallImageCheck, open_image
 from mim.data.transforms import eval_transform, mae_train_transform
 from mim.types import Batch
 
@@ -142,8 +143,10 @@ class ImageFolderDataset(FileDataset):
 
     Args:
         samples: (path, label) pairs.
-        mode: PIL mode the images are converted to ("RGB" for 3 channels, "L" for 1).
+        mode: PIL mode the images are converted to ("RGB" for 3 channels, "L" for 1); 16-bit images are scaled to
+            8 bits (:func:`mim.data.decode.convert_image`), not clipped.
         transform: maps a PIL image to a (C, H, W) uint8 tensor.
+        image_size: the output side; the first image smaller than it is reported once (a ``SmallImageWarning``).
     """
 
     kind = "image"
@@ -156,6 +159,7 @@ class ImageFolderDataset(FileDataset):
         *,
         mode: Literal["RGB", "L"],
         transform: Callable[[Image.Image], Tensor],
+        image_size: int | None = None,
     ) -> None:
         if not samples:
             raise ValueError("ImageFolderDataset.samples must not be empty")
@@ -163,14 +167,18 @@ class ImageFolderDataset(FileDataset):
         self.samples = list(samples)
         self.mode = mode
         self.transform = transform
+        self.small_images = None if image_size is None else SmallImageCheck("ImageFolderDataModule", image_size)
 
     def file_path(self, index: int) -> str:
         return self.samples[index][0]
 
     def decode_file(self, index: int) -> Image.Image:
-        """The image at ``index`` in ``mode``."""
-        with Image.open(self.samples[index][0]) as image:
-            return image.convert(self.mode)  # decodes the whole file
+        """The image at ``index`` in ``mode`` (decodes the whole file)."""
+        path = self.samples[index][0]
+        image = open_image(path, self.mode)
+        if self.small_images is not None and not bool(self.small_images.warned[0]):
+            self.small_images(path, image.height, image.width)
+        return image
 
     def to_sample(self, index: int, decoded: Image.Image) -> Batch:
         label = torch.tensor(self.samples[index][1], dtype=torch.int64)  # ()
@@ -200,7 +208,7 @@ class ImageFolderDataModule(SkippedFilesMixin, ImageDataModule):
         eval_crop_pct: validation resizes the shorter side to ``image_size / eval_crop_pct`` and centre-crops
             (MAE: 0.875, i.e. 256 -> 224).
         num_workers: loader worker processes.
-        seed: seeds the validation split and the training shuffle.
+        seed: seeds the validation split, the training order and every training sample's augmentation.
     """
 
     def __init__(
@@ -273,8 +281,12 @@ class ImageFolderDataModule(SkippedFilesMixin, ImageDataModule):
             if self.augment
             else evaluate
         )
-        train = ImageFolderDataset(self.train_samples, mode=mode, transform=train_tf)
-        val = ImageFolderDataset(self.val_samples, mode=mode, transform=evaluate) if self.val_samples else None
+        train = ImageFolderDataset(self.train_samples, mode=mode, transform=train_tf, image_size=self.image_size)
+        val = (
+            ImageFolderDataset(self.val_samples, mode=mode, transform=evaluate, image_size=self.image_size)
+            if self.val_samples
+            else None
+        )
         return train, val
 
     def _skipped_where(self) -> str:

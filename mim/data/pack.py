@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mim.checks import check_int
+from mim.data.decode import convert_image
 from mim.data.folder import CorruptImageWarning, scan_image_folder
 
 __all__ = [
@@ -151,9 +152,17 @@ def read_sources(src: str | Path) -> tuple[list[str] | None, list[tuple[str, int
 def encode_image(path: str, resize_short: int | None, quality: int) -> bytes | None:
     """JPEG bytes for one input: the original bytes of a JPEG when no resize is needed, else re-encoded RGB.
 
+    16-bit grey images are scaled to 8 bits (``round(v * 255 / 65535)``, :func:`mim.data.decode.convert_image`),
+    not clipped to white as PIL's ``convert`` would.
+
     Returns:
         The bytes, or None when the file cannot be read or decoded (the caller warns and skips it).
     """
+    return _encode_image(path, resize_short, quality)[0]
+
+
+def _encode_image(path: str, resize_short: int | None, quality: int) -> tuple[bytes | None, str]:
+    """(JPEG bytes, "") as :func:`encode_image`, or (None, why the file was not readable)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -162,11 +171,11 @@ def encode_image(path: str, resize_short: int | None, quality: int) -> bytes | N
             needs_resize = resize_short is not None and short > resize_short
             if image.format == "JPEG" and image.mode in ("RGB", "L") and not needs_resize:
                 image.verify()  # catches many corrupt files without a full decode
-                return data
+                return data, ""
             if needs_resize:
                 assert resize_short is not None
                 image.draft("RGB", (resize_short, resize_short))  # DCT scaling for JPEGs, >= the target
-            rgb = image.convert("RGB")
+            rgb = convert_image(image, "RGB", name=path)  # scales 16-bit images to 8 bits
         if needs_resize:
             assert resize_short is not None
             w, h = rgb.size
@@ -174,9 +183,9 @@ def encode_image(path: str, resize_short: int | None, quality: int) -> bytes | N
             rgb = rgb.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BICUBIC)
         out = io.BytesIO()
         rgb.save(out, format="JPEG", quality=quality)
-        return out.getvalue()
-    except _DECODE_ERRORS:
-        return None
+        return out.getvalue(), ""
+    except _DECODE_ERRORS as err:
+        return None, f"{type(err).__name__}: {err}"
 
 
 def read_video(path: str) -> bytes | None:
@@ -200,11 +209,13 @@ def read_video(path: str) -> bytes | None:
         return None
 
 
-def _encode_task(task: tuple[int, str, int | None, int, str]) -> tuple[int, bytes | None]:
+def _encode_task(task: tuple[int, str, int | None, int, str]) -> tuple[int, bytes | None, str]:
+    """(index, bytes or None, why not) of one input."""
     index, path, resize_short, quality, kind = task
     if kind == "video":
-        return index, read_video(path)
-    return index, encode_image(path, resize_short, quality)
+        data = read_video(path)
+        return index, data, "" if data is not None else "not a readable video"
+    return (index, *_encode_image(path, resize_short, quality))
 
 
 def _tar_bytes(payload: int) -> int:
@@ -341,15 +352,15 @@ def pack(
         if after_shard is not None:
             after_shard(number)
 
-    results: Iterator[tuple[int, bytes | None]]
+    results: Iterator[tuple[int, bytes | None, str]]
     pool = get_context("spawn").Pool(workers) if workers > 0 and tasks else None
     try:
         results = pool.imap(_encode_task, tasks, chunksize=16) if pool is not None else map(_encode_task, tasks)
-        for index, data in results:
+        for index, data, why in results:
             path, label = samples[index]
             bar.update(1)
             if data is None:
-                warnings.warn(f"mim pack: skipping unreadable {unit} {path}", CorruptImageWarning, stacklevel=2)
+                warnings.warn(f"mim pack: skipping unreadable {unit} {path} ({why})", CorruptImageWarning, stacklevel=2)
                 state["skipped"].append(path)
                 continue
             key = f"{index:09d}"

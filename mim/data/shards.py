@@ -10,10 +10,17 @@ in a pass; every rank yields exactly ``samples_per_epoch // world_size // batch_
 runs out of shards starts another seeded pass), so ranks never disagree on the number of steps. Corrupt input is
 skipped with a :class:`~mim.data.folder.CorruptImageWarning`, counted (:attr:`ShardDataModule.num_corrupt`) and
 raises beyond ``max_corrupt``. Order, splitting, resampling and what counts as corrupt: docs/design.md, "Shards".
+
+A bad member (or unreadable shard) is counted once, however often it is read again (every epoch, every resampling
+pass, by any worker): readers record a fingerprint of its URL and key in a shared-memory table and the count is the
+number of distinct fingerprints (:meth:`ShardDataset.bad_fingerprints`). Local shard paths that do not exist
+(a missing folder, a brace pattern that matches no file, an empty folder) fail at construction with a
+``FileNotFoundError`` naming the path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -34,8 +42,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from mim.checks import check_choice, check_int, invalid
-from mim.data.base import ImageDataModule, check_crops
-from mim.data.decode import decode_center_crop, decode_random_resized_crop
+from mim.data.base import ImageDataModule, check_crops, silence_unresumable_loader_warning, training_position
+from mim.data.decode import SmallImageCheck, decode_center_crop, decode_random_resized_crop, image_size_of
 from mim.data.folder import CorruptImageWarning
 from mim.data.transforms import seeded_rand_augment
 from mim.types import Batch
@@ -50,6 +58,7 @@ __all__ = [
     "ShardResumeMixin",
     "ShardSpec",
     "expand_shard_urls",
+    "fingerprint",
     "resolve_shards",
     "per_rank_samples",
     "rank_and_world",
@@ -59,6 +68,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 _MAX_READERS = 256  # counter slots: main process + up to 255 loader workers
+_BAD_PER_READER = 512  # fingerprints of bad samples each reader remembers (beyond: counted, not deduplicated)
 _MIN_FOR_FRACTION = 100  # a fractional max_corrupt is enforced once this many samples were read
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _AUGMENT = 0x4155_4753  # seed tag of the per-sample augmentation generators
@@ -74,22 +84,86 @@ def seed_of(*parts: int) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-def expand_shard_urls(urls: str | Sequence[str]) -> tuple[list[str], dict[str, Any] | None]:
+def fingerprint(name: str) -> int:
+    """A nonzero signed 64-bit fingerprint of a string (blake2b), the key of the bad-sample table."""
+    value = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
+    return value or 1
+
+
+def expand_shard_urls(
+    urls: str | Sequence[str], *, owner: str = "ShardDataModule", field: str = "urls"
+) -> tuple[list[str], dict[str, Any] | None]:
     """Shard URLs and the ``index.json`` contents (None without one).
 
     Args:
         urls: a ``mim pack`` output folder, or one or more brace patterns / URLs (``a-{000..009}.tar``,
             ``pipe:cat x.tar``, ``file:x.tar``); several patterns may also be joined with ``::``.
+        owner: the datamodule, for messages.
+        field: the argument ``urls`` came from, for messages.
+
+    Raises:
+        FileNotFoundError: a folder without index.json (empty or not), a path that does not exist, or local
+            shard paths none of which exists (a missing folder, a brace pattern that matches no file).
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     if len(patterns) == 1 and os.path.isdir(patterns[0]):
         index_path = Path(patterns[0]) / "index.json"
         if not index_path.is_file():
-            raise FileNotFoundError(f"ShardDataModule.urls: {patterns[0]!r} is a folder without index.json")
+            raise FileNotFoundError(_folder_without_index(owner, field, patterns[0]))
         index = json.loads(index_path.read_text())
         return [str(index_path.parent / s["name"]) for s in index["shards"]], index
     expanded = [u for p in patterns for u in wds.shardlists.expand_urls(p)]
+    _check_local_shards(owner, field, urls, expanded)
     return expanded, None
+
+
+def _folder_without_index(owner: str, field: str, folder: str) -> str:
+    """The message for a shard folder without ``index.json``: empty, or holding tar files without an index."""
+    tars = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.endswith(".tar"))
+    if not tars:
+        what = "is empty" if not any(True for _ in os.scandir(folder)) else "holds no index.json and no .tar shards"
+        return (
+            f"{owner}.{field} must be a folder written by `mim pack` (with index.json) or shard paths, got {folder!r}, "
+            f"which {what}; write shards into it with `mim pack SRC {folder}` or check the path"
+        )
+    return (
+        f"{owner}.{field} must be a folder written by `mim pack` (with index.json) or shard paths, got {folder!r}, "
+        f"which holds {len(tars)} .tar files ({tars[0]} ... {tars[-1]}) but no index.json; pass them as a brace "
+        f"pattern such as '{folder}/shard-{{000000..{len(tars) - 1:06d}}}.tar' with samples_per_epoch and "
+        "num_classes, or repack with `mim pack`"
+    )
+
+
+def _local_path(url: str) -> str | None:
+    """The file path of a local shard URL (a plain path or ``file:``), None for piped or remote ones."""
+    if url.startswith("file:"):
+        return urlparse(url).path or url[len("file:") :]
+    if url == "-" or url.startswith("pipe:") or "://" in url:
+        return None
+    return url
+
+
+def _check_local_shards(owner: str, field: str, urls: str | Sequence[str], expanded: Sequence[str]) -> None:
+    """Raise ``FileNotFoundError`` when ``expanded`` are all local paths and none of them exists.
+
+    Some missing shards among existing ones are left to the readers (skipped and counted as corrupt).
+    """
+    paths = [_local_path(u) for u in expanded]
+    if not paths or any(p is None for p in paths) or any(os.path.exists(p) for p in paths if p is not None):
+        return
+    folders = sorted({os.path.dirname(p) or "." for p in paths if p is not None})
+    absent = [f for f in folders if not os.path.isdir(f)]
+    shown = urls if isinstance(urls, str) else list(urls)
+    if len(paths) == 1:
+        where = f"{paths[0]!r} does not exist"
+    elif absent:
+        where = f"the folder {absent[0]!r} does not exist"
+    else:
+        where = f"none of its {len(paths)} files exists (e.g. {paths[0]!r}; list {folders[0]!r} for the shard names)"
+    raise FileNotFoundError(
+        f"{owner}.{field} must name existing shards, got {shown!r}: {where}; check the path, or write shards "
+        "with `mim pack SRC OUT/` and pass OUT/"
+    )
 
 
 @dataclass
@@ -128,7 +202,7 @@ def resolve_shards(
     Returns:
         The resolved :class:`ShardSpec`.
     """
-    train_urls, index = expand_shard_urls(urls)
+    train_urls, index = expand_shard_urls(urls, owner=owner, field="urls")
     if not train_urls:
         raise ValueError(f"{owner}.urls: {urls!r} names no shards")
     if index is not None and index.get("kind", "image") != kind:
@@ -140,7 +214,7 @@ def resolve_shards(
         num_classes = max(1, _from_index(owner, "num_classes", index, "num_classes", f"urls ({urls!r})"))
     val_list: list[str] = []
     if val_urls is not None:
-        val_list, val_index = expand_shard_urls(val_urls)
+        val_list, val_index = expand_shard_urls(val_urls, owner=owner, field="val_urls")
         if not val_list:
             raise ValueError(f"{owner}.val_urls: {val_urls!r} names no shards")
         if val_samples is None:
@@ -264,7 +338,11 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer, self.seed, self.max_corrupt = shuffle_buffer, seed, max_corrupt
         self.rand_augment = rand_augment
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # set through the loader's sampler
-        self.corrupt = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # per reader slot
+        # Bad samples and shards found by each reader slot (first seen by it; a row's first _BAD_PER_READER also
+        # have their fingerprints in `bad`, 0 = empty), so a sample read again in a later epoch is counted once.
+        self.corrupt = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # (R,) per reader slot
+        self.bad = torch.zeros(_MAX_READERS, _BAD_PER_READER, dtype=torch.int64).share_memory_()  # (R, F)
+        self.small_images = SmallImageCheck("ShardDataset", image_size)
         self.read = torch.zeros(_MAX_READERS, dtype=torch.int64).share_memory_()  # samples read, per slot
         # (epoch, batches already consumed in it) of a resumed run; epoch -1: none
         self.resume = torch.tensor([-1, 0], dtype=torch.int64).share_memory_()
@@ -274,8 +352,19 @@ class ShardDataset(IterableDataset):
 
     @property
     def num_corrupt(self) -> int:
-        """Corrupt samples and shards skipped so far, over all readers."""
-        return int(self.corrupt.sum())
+        """Corrupt samples and shards skipped so far, over all readers, each counted once however often it was read."""
+        fingerprints, overflow = self.bad_fingerprints()
+        return int(fingerprints.numel()) + overflow
+
+    def bad_fingerprints(self) -> tuple[Tensor, int]:
+        """(distinct fingerprints of the bad samples and shards recorded so far (F,) int64, count not recorded).
+
+        Each reader slot records up to 512 fingerprints; further bad samples of a slot are counted without
+        deduplication (the second value).
+        """
+        recorded = self.bad[self.bad != 0]  # (F',) int64, over all readers
+        overflow = int((self.corrupt - _BAD_PER_READER).clamp_(min=0).sum())
+        return torch.unique(recorded), overflow
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
@@ -300,10 +389,21 @@ class ShardDataset(IterableDataset):
         done = int(self.resume[1]) if int(self.resume[0]) == epoch else 0
         return done if done < self.num_samples // self.batch_size else 0  # an ended epoch: nothing to skip
 
-    def _skip(self, slot: int, message: str) -> None:
+    def _skip(self, slot: int, message: str, name: str) -> None:
+        """Skip a bad sample or shard: warn and count it the first time ``name`` (its URL and key) is met.
+
+        Raises:
+            TooManyCorruptError: the count exceeds ``max_corrupt``.
+        """
+        code = fingerprint(name)
+        if bool((self.bad == code).any()):  # met before (an earlier epoch or pass, or another worker)
+            return
+        position = int(self.corrupt[slot])
+        if position < _BAD_PER_READER:
+            self.bad[slot, position] = code
         self.corrupt[slot] += 1
         warnings.warn(f"{type(self).__name__}: skipping {message}", self.warning, stacklevel=3)
-        total, read = int(self.corrupt.sum()), int(self.read.sum())
+        total, read = self.num_corrupt, int(self.read.sum())
         if isinstance(self.max_corrupt, int) and total > self.max_corrupt:
             raise TooManyCorruptError(
                 f"ShardDataset: {total} corrupt samples/shards exceed max_corrupt={self.max_corrupt} "
@@ -332,15 +432,17 @@ class ShardDataset(IterableDataset):
                             continue
                     yield url, key, fields
             except (OSError, tarfile.TarError, EOFError, ValueError) as err:
-                self._skip(slot, f"unreadable shard {url} (after key {last}): {type(err).__name__}: {err}")
+                self._skip(slot, f"unreadable shard {url} (after key {last}): {type(err).__name__}: {err}", url)
 
     def _decode(self, url: str, key: str, fields: dict[str, bytes], slot: int, rng: random.Random) -> Batch | None:
         ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
         if ext is None:
-            self._skip(slot, f"sample {key} in {url}: no image member (has {sorted(fields)})")
+            self._skip(slot, f"sample {key} in {url}: no image member (has {sorted(fields)})", f"{url}\0{key}")
             return None
         try:
             data = fields[ext]
+            if not bool(self.small_images.warned[0]):  # until one was reported: a header read per image
+                self.small_images(f"{key}.{ext} in {url}", *image_size_of(data))
             if self.train:
                 image = decode_random_resized_crop(data, self.image_size, rng, mode=self.mode, scale=self.crop_scale)
                 if self.rand_augment is not None:
@@ -349,7 +451,7 @@ class ShardDataset(IterableDataset):
                 image = decode_center_crop(data, self.image_size, mode=self.mode, crop_pct=self.eval_crop_pct)
             label = int(fields["cls"].decode().strip()) if "cls" in fields else -1
         except _DECODE_ERRORS as err:
-            self._skip(slot, f"sample {key}.{ext} in {url}: {type(err).__name__}: {err}")
+            self._skip(slot, f"sample {key}.{ext} in {url}: {type(err).__name__}: {err}", f"{url}\0{key}")
             return None
         self.read[slot] += 1
         return {"image": image, "label": torch.tensor(label, dtype=torch.int64)}
@@ -480,14 +582,7 @@ class ShardResumeMixin:
         that includes the batch just trained on, which Lightning counts as completed on restore; at the end of
         an epoch it is the epoch's length, so a resumed run starts the next epoch whole.
         """
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        fit_loop = trainer.fit_loop
-        return {
-            "epoch": int(fit_loop.epoch_progress.current.completed),
-            "batches_done": int(fit_loop.epoch_loop.batch_progress.current.ready),
-        }
+        return training_position(self.trainer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume mid-epoch: the first pass over the saved epoch leaves out the batches already consumed."""
@@ -495,6 +590,7 @@ class ShardResumeMixin:
             return
         self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
         self._apply_resume()
+        silence_unresumable_loader_warning()
 
 
 class ShardLoadersMixin(ShardResumeMixin):
@@ -556,8 +652,13 @@ class ShardLoadersMixin(ShardResumeMixin):
 
     @property
     def num_corrupt(self) -> int:
-        """Corrupt samples and shards skipped so far, over the training and validation loaders."""
-        return sum(d.num_corrupt for d in (self.train_dataset, self.val_dataset) if isinstance(d, ShardDataset))
+        """Corrupt samples and shards skipped so far, over the training and validation loaders (each counted once,
+        also when the validation shards are the training shards)."""
+        datasets = [d for d in (self.train_dataset, self.val_dataset) if isinstance(d, ShardDataset)]
+        if not datasets:
+            return 0
+        found = [d.bad_fingerprints() for d in datasets]
+        return int(torch.unique(torch.cat([f for f, _ in found])).numel()) + sum(n for _, n in found)
 
 
 class ShardDataModule(ShardLoadersMixin, ImageDataModule):

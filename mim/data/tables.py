@@ -30,7 +30,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mim.checks import check_choice, check_range, invalid
-from mim.data.base import HeldOutLoadersMixin, check_loader_settings, eval_loader, loader_kwargs, train_loader
+from mim.data.base import (
+    HeldOutLoadersMixin,
+    MapResumeMixin,
+    SampleKey,
+    check_loader_settings,
+    eval_loader,
+    loader_kwargs,
+    sample_key,
+)
 from mim.data.table_preprocess import LabelTask, TableBatch, TablePreprocessor, infer_column_kinds
 
 __all__ = ["TableDataModule", "TableDataset", "read_table", "sklearn_table"]
@@ -49,11 +57,18 @@ def read_table(path: str | Path, *, field: str = "path") -> pd.DataFrame:
         ValueError: for an unknown suffix, or a table without rows or columns.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"TableDataModule.{field}: {str(path)!r} is a folder; give one .csv or .parquet file (one row per sample)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"TableDataModule.{field}: table file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        frame = pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"TableDataModule.{field}: table {str(path)!r} is empty (no header, no rows)") from None
     elif suffix in (".parquet", ".pq"):
         frame = pd.read_parquet(path)
     else:
@@ -72,6 +87,9 @@ def read_table(path: str | Path, *, field: str = "path") -> pd.DataFrame:
 class TableDataset(Dataset):
     """Rows of an already transformed table; ``__getitems__`` slices whole batches at once.
 
+    Rows are addressed by index or by the ``(index, sample_seed)`` keys of the training sampler (tables are not
+    augmented: the seed is unused).
+
     Args:
         tensors: a :class:`TableBatch` of all rows (every value has the rows as its first dimension).
     """
@@ -86,11 +104,12 @@ class TableDataset(Dataset):
     def __len__(self) -> int:
         return self.num_rows
 
-    def __getitem__(self, index: int) -> TableBatch:
-        return {key: value[index] for key, value in self.tensors.items()}  # type: ignore[return-value]
+    def __getitem__(self, key: SampleKey) -> TableBatch:
+        index = sample_key(key)[0]
+        return {name: value[index] for name, value in self.tensors.items()}  # type: ignore[return-value]
 
-    def __getitems__(self, indices: list[int]) -> TableBatch:
-        rows = torch.as_tensor(indices, dtype=torch.int64)  # (B,)
+    def __getitems__(self, keys: list[SampleKey]) -> TableBatch:
+        rows = torch.as_tensor([sample_key(k)[0] for k in keys], dtype=torch.int64)  # (B,)
         return {key: value[rows] for key, value in self.tensors.items()}  # type: ignore[return-value]
 
 
@@ -102,7 +121,7 @@ def _collate_table(samples: Any) -> Any:
 # ------------------------------------------------------------------------------------------- datamodule
 
 
-class TableDataModule(HeldOutLoadersMixin, LightningDataModule):
+class TableDataModule(HeldOutLoadersMixin, MapResumeMixin, LightningDataModule):
     """A CSV or Parquet table as :class:`TableBatch` batches, with the preprocessing fitted on the train split.
 
     Args:
@@ -120,7 +139,11 @@ class TableDataModule(HeldOutLoadersMixin, LightningDataModule):
             "regression" (float32 labels).
         batch_size: rows per device and step (the training loader drops the last partial batch).
         num_workers: loader worker processes (0 loads in the main process).
-        seed: seeds the training shuffle (:class:`EpochShuffleSampler`) and the ``val_fraction`` split.
+        seed: seeds the training order (:class:`~mim.data.base.EpochShuffleSampler`, this rank's share under DDP)
+            and the ``val_fraction`` split.
+
+    A checkpoint carries the fitted preprocessing and the training position, so a run resumed mid-epoch sees the
+    rows of the uninterrupted run (:class:`~mim.data.base.MapResumeMixin`).
 
     Attributes:
         preprocessor: the fitted :class:`TablePreprocessor` (fitted on first use, or restored by
@@ -253,7 +276,9 @@ class TableDataModule(HeldOutLoadersMixin, LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         assert self.train_dataset is not None
-        return train_loader("TableDataModule", self.train_dataset, seed=self.seed, unit="rows", **self._loader_kwargs())
+        return self._train_loader(
+            "TableDataModule", self.train_dataset, seed=self.seed, unit="rows", **self._loader_kwargs()
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
@@ -276,11 +301,13 @@ class TableDataModule(HeldOutLoadersMixin, LightningDataModule):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The fitted preprocessing as plain python types (Lightning stores it in the checkpoint)."""
-        return {"preprocessor": self.fit_preprocessor().state_dict()}
+        """The fitted preprocessing as plain python types and, under a trainer, the training position
+        (``epoch``, ``batches_done``: :meth:`MapResumeMixin.state_dict`); Lightning stores it in the checkpoint."""
+        return {**super().state_dict(), "preprocessor": self.fit_preprocessor().state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the preprocessing from a checkpoint; datasets built earlier are rebuilt with it."""
+        """Restore the preprocessing (datasets built earlier are rebuilt with it) and the training position."""
+        super().load_state_dict(state_dict)
         self.preprocessor = TablePreprocessor.from_state_dict(state_dict["preprocessor"])
         self.train_dataset = self.val_dataset = None
 

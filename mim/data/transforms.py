@@ -9,9 +9,11 @@
 * :class:`ClipRandomResizedCrop`, :class:`ClipCenterCrop`: random resized and centre crops of a (T, C, H, W)
   uint8 clip, bilinear, with one box (and one flip) for all T frames (VideoMAE, V-JEPA).
 
-The image transforms accept a PIL image or a (C, H, W) uint8 tensor. The randomness is torch's global RNG, which
-a DataLoader worker seeds from the loader's generator and Lightning's ``seed_everything`` seeds in the main
-process.
+The image transforms accept a PIL image or a (C, H, W) uint8 tensor. Their randomness is torch's global generator;
+the datasets seed it for every sample from the sample's seed and restore it afterwards
+(:func:`mim.data.base.seeded_draws` with the seeds of :class:`mim.data.base.EpochShuffleSampler`), so each
+training sample's augmentation is a function of (seed, epoch, position) alone, whatever loader worker or process
+runs it, and a resumed run replays it.
 """
 
 from __future__ import annotations

@@ -52,6 +52,10 @@ class ClipDecoder:
         short_side: resize the frames' shorter side at decode (None keeps the decoded size).
         in_chans: 3 decodes RGB, 1 grey.
         decode_threads: FFmpeg threads per decode (0: one per core).
+
+    The random clip start and the crops draw from torch's global generator; the datasets seed it per sample
+    (:func:`~mim.data.base.seeded_draws` for files, a per-sample ``random.Random`` for shards), so the clips are a
+    function of the sample's seed.
     """
 
     def __init__(
@@ -149,7 +153,8 @@ class VideoDataModuleBase(ImageDataModule):
         decode_threads: FFmpeg threads per decode; None: 1 with loader workers (they already use the cores,
             as VideoMAE's ``num_threads=1``), one per core without.
         num_workers: loader worker processes (decoding is CPU-bound: use several).
-        seed: seeds the training shuffle (and, through it, the workers' sampling and augmentation).
+        seed: seeds the training order and every training video's clip start and crops
+            (:class:`~mim.data.base.EpochShuffleSampler`).
     """
 
     def __init__(

@@ -194,7 +194,8 @@ def sample_frame_indices(
     """Frame indices of one clip: ``num_frames`` frames ``frame_stride`` apart.
 
     The start is uniform over the valid starts ``0 .. num_video_frames - span`` (``span = (num_frames - 1) *
-    frame_stride + 1``) with torch's global RNG, or the middle one for ``mode="center"``. A video shorter than
+    frame_stride + 1``) with torch's global generator (the datasets seed it per sample:
+    :func:`mim.data.base.seeded_draws`), or the middle one for ``mode="center"``. A video shorter than
     ``span`` starts at 0 and repeats its last frame (indices clamp to ``num_video_frames - 1``).
 
     Args:

@@ -5,7 +5,8 @@ as ``{key}.cls``. :class:`VideoShardDataset` is a :class:`~mim.data.shards.Shard
 in-memory bytes with the same :class:`~mim.data.video.ClipDecoder` as the file datasets, so the shard order,
 rank / worker splitting, seeding, fixed epoch length, exact mid-epoch resume and corrupt-member accounting are
 those of :class:`~mim.data.shards.ShardDataModule`. Corrupt members are skipped with a
-:class:`~mim.data.video.CorruptVideoWarning` and counted (:attr:`VideoShardDataModule.num_corrupt`).
+:class:`~mim.data.video.CorruptVideoWarning` and counted (:attr:`VideoShardDataModule.num_corrupt`), each once
+however often it is read again (by its shard URL and key).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class VideoShardDataset(ShardDataset):
     def _decode(self, url: str, key: str, fields: dict[str, bytes], slot: int, rng: random.Random) -> Batch | None:
         ext = next((e for e in _SHARD_VIDEO_EXTENSIONS if e in fields), None)
         if ext is None:
-            self._skip(slot, f"sample {key} in {url}: no video member (has {sorted(fields)})")
+            self._skip(slot, f"sample {key} in {url}: no video member (has {sorted(fields)})", f"{url}\0{key}")
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
@@ -68,7 +69,7 @@ class VideoShardDataset(ShardDataset):
                 label = int(fields["cls"].decode().strip()) if "cls" in fields else 0
                 frames = self.decoder.read(fields[ext])  # (T, C, H, W)
             except DECODE_ERRORS as err:  # av.FFmpegError subclasses OSError / ValueError
-                self._skip(slot, f"sample {key}.{ext} in {url}: {type(err).__name__}: {err}")
+                self._skip(slot, f"sample {key}.{ext} in {url}: {type(err).__name__}: {err}", f"{url}\0{key}")
                 return None
             sample = self.decoder.clips(frames, label)  # video: (R, C, T, S, S)
         self.read[slot] += 1

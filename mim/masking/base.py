@@ -77,8 +77,9 @@ class ScoreMasking(MaskingStrategy):
         k = num_visible(num_tokens, self.mask_ratio)
         if not 0 < k < num_tokens:
             raise ValueError(
-                f"mask_ratio={self.mask_ratio} leaves {k} of {num_tokens} tokens visible; "
-                "choose a ratio that keeps at least one token visible and one hidden"
+                f"{type(self).__name__}.mask_ratio must keep at least one of the {num_tokens} tokens visible and one "
+                f"hidden (at most 1 - 1/{num_tokens} = {1 - 1 / num_tokens:.4g}), got {self.mask_ratio} "
+                f"({k} visible); lower mask_ratio or use more tokens (a larger image or a smaller patch)"
             )
         return k
 

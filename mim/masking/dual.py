@@ -211,7 +211,8 @@ class DualMasking(MaskingStrategy):
             kd = num_visible(n, self.decoder_mask_ratio)
             if kd < 1:
                 raise ValueError(
-                    f"DualMasking.decoder_mask_ratio={self.decoder_mask_ratio} keeps no token of {n} for the decoder"
+                    f"DualMasking.decoder_mask_ratio must keep at least one of the {n} tokens for the decoder "
+                    f"(at most 1 - 1/{n} = {1 - 1 / n:.4g}), got {self.decoder_mask_ratio}; lower decoder_mask_ratio"
                 )
             noise = torch.rand(batch_size, n, generator=generator, device=device)  # (B, N)
             decoder = torch.argsort(noise, dim=1)[:, :kd].sort(dim=1).values  # (B, Kd)

@@ -65,8 +65,9 @@ class TubeMasking(MaskingStrategy):
         k = num_visible(hw, self.mask_ratio)
         if not 0 < k < hw:
             raise ValueError(
-                f"mask_ratio={self.mask_ratio} leaves {k} of {hw} spatial positions visible; "
-                "choose a ratio that keeps at least one position visible and one hidden"
+                f"{type(self).__name__}.mask_ratio must keep at least one of the {hw} spatial positions visible and "
+                f"one hidden (at most 1 - 1/{hw} = {1 - 1 / hw:.4g}), got {self.mask_ratio} ({k} visible); "
+                "lower mask_ratio or use more tokens (a larger image or a smaller patch)"
             )
         return k
 

@@ -7,6 +7,7 @@ visible tokens, prepend the prefix tokens (cls, registers) and run the transform
 
 from __future__ import annotations
 
+import difflib
 import weakref
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -31,7 +32,11 @@ from mim.models.embed import (
 from mim.tokens import gather_tokens
 from mim.types import Batch, TokenGrid
 
-__all__ = ["MaskedEncoder", "init_mae_weights_"]
+__all__ = ["MaskedEncoder", "check_timm_name", "init_mae_weights_", "timm_name_suggestions"]
+
+# timm modules whose models are VisionTransformer s (what MaskedEncoder wraps): the first place to look for a typo
+_VIT_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid")
+_VIT_PATTERNS = ("vit_*", "deit*", "eva*", "beit*")  # further ViT-like names, suggested after those
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -47,6 +52,75 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def timm_name_suggestions(name: str, *, n: int = 3, pretrained: bool = False) -> list[str]:
+    """Up to ``n`` timm names close to ``name`` (:func:`difflib.get_close_matches`), ViTs first.
+
+    Args:
+        name: the unknown name (a ``.tag`` suffix is matched against pretrained tags when ``pretrained``).
+        n: how many suggestions at most.
+        pretrained: suggest names with pretrained weights (``vit_base_patch16_224.mae``) instead of architectures.
+
+    Returns:
+        Close names from the ViT family (timm's ``vision_transformer``, ``deit`` and hybrid modules, then
+        ``vit_*``, ``deit*``, ``eva*``, ``beit*``), else from every timm model; possibly empty.
+    """
+    if pretrained:
+        arch = name.split(".")[0]
+        tagged = timm.list_pretrained(f"{arch}.*") if timm.is_model(arch) else []
+        if tagged:  # the architecture exists: suggest its tags
+            return difflib.get_close_matches(name, tagged, n=n, cutoff=0.0)
+        families = [timm.list_pretrained(list(_VIT_PATTERNS)), timm.list_pretrained()]
+    else:
+        name = name.split(".")[0]
+        families = [
+            timm.list_models(module=list(_VIT_MODULES)),
+            timm.list_models(list(_VIT_PATTERNS)),
+            timm.list_models(),
+        ]
+    found: list[str] = []
+    for names in families:
+        for match in difflib.get_close_matches(name, names, n=n, cutoff=0.75 if not found else 0.8):
+            if match not in found:
+                found.append(match)
+        if len(found) >= n:
+            break
+    if not found:  # nothing close: the best of every model, at a lower bar
+        found = difflib.get_close_matches(name, families[-1], n=n, cutoff=0.5)
+    return found[:n]
+
+
+def check_timm_name(owner: str, field: str, name: Any, *, pretrained: bool = False) -> str:
+    """``name`` when timm knows it, else ``ValueError`` naming ``owner.field`` with close ViT names.
+
+    Args:
+        owner: the class (or command) that takes the name, for the message.
+        field: the argument, e.g. ``"arch"``.
+        name: a timm model name, e.g. ``vit_base_patch16_224``; with ``pretrained``, also ``name.tag`` (checked
+            against timm's pretrained tags) or a ``hf-hub:`` / ``local-dir:`` source (not checked: timm reads it).
+        pretrained: the name is loaded with pretrained weights (``mim finetune --checkpoint timm:NAME``).
+
+    Returns:
+        ``name``.
+
+    Raises:
+        ValueError: e.g. ``MaskedEncoder.arch must be a timm model name (did you mean 'vit_tiny_patch16_224'?),
+            got 'vit_tinyy_patch16_224'; list them with timm.list_models('vit_*')``.
+    """
+    if not isinstance(name, str) or not name:
+        raise invalid(owner, field, "a timm model name such as 'vit_base_patch16_224'", name)
+    if pretrained and name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return name
+    arch, _, tag = name.partition(".")
+    known = timm.is_model(arch)
+    if known and not (pretrained and tag and name not in timm.list_pretrained(f"{arch}.*")):
+        return name
+    kind = "a timm model name with pretrained weights" if pretrained and known else "a timm model name"
+    close = timm_name_suggestions(name, pretrained=pretrained)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "no similar name in timm"
+    listing = f"timm.list_pretrained('{arch}.*')" if pretrained and known else "timm.list_models('vit_*')"
+    raise ValueError(f"{owner}.{field} must be {kind} ({hint}), got {name!r}; list them with {listing}")
 
 
 def create_token_vit(owner: str, arch: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
@@ -140,9 +214,7 @@ class MaskedEncoder(Encoder):
             raise invalid(owner, "num_frames", f"a multiple of tubelet_size={tubelet_size}", num_frames)
         if num_frames == 1 and tubelet_size != 1:
             raise invalid(owner, "tubelet_size", "1 for images (num_frames=1)", tubelet_size)
-        if not timm.is_model(arch):
-            close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
-            raise invalid(owner, "arch", f"a timm model name (similar names: {close})", arch)
+        check_timm_name(owner, "arch", arch)
         check_int(owner, "in_chans", in_chans)
         check_range(owner, "drop_path_rate", drop_path_rate, 0, 1, high_open=True)
         check_choice(owner, "init", init, ("mae", "timm"))
