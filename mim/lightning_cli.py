@@ -30,8 +30,9 @@ class MimCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The recipe's trainer, with a :class:`~mim.callbacks.FaultTolerance` callback unless the recipe has one."""
         trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(c, FaultTolerance) for c in trainer.callbacks):
-            trainer.callbacks.append(FaultTolerance())
+        callbacks: list = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        if not any(isinstance(c, FaultTolerance) for c in callbacks):
+            callbacks.append(FaultTolerance())
         return trainer
 
     def before_fit(self) -> None:
@@ -190,7 +191,7 @@ def run(args: list[str]) -> None:
     from mim.optim import NonFiniteStepError
 
     try:
-        _cli(args, save_config_kwargs={"overwrite": True})
+        cli = _cli(args, save_config_kwargs={"overwrite": True})
     except SIGTERMException as e:
         raise Preempted("stopped by SIGTERM; resume with --ckpt_path last (or --resume auto)") from e
     except (CheckpointError, WorldSizeMismatchError, DataMismatchError, NonFiniteStepError) as e:
@@ -198,6 +199,8 @@ def run(args: list[str]) -> None:
     except RuntimeError as e:
         if not _peer_failure(e):
             raise
+        if FaultTolerance.sigterm_received:  # this rank was preempted too; a peer saved and exited first
+            raise Preempted("stopped by SIGTERM (another rank saved the checkpoint and exited first)") from e
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise UserInputError(
             f"another process of this run died or stopped answering ({first}); its own log says why (out of memory, "
@@ -209,3 +212,6 @@ def run(args: list[str]) -> None:
         if "Does not validate against any of the Union subtypes" in str(e) and messages:
             raise UserInputError("; ".join(messages)) from e
         raise UserInputError(_paragraph(e)) from e
+    saved = [c.preempted_checkpoint for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, FaultTolerance)]
+    if any(saved):
+        raise Preempted(f"stopped by SIGTERM after saving {next(p for p in saved if p)}; resume with --resume auto")

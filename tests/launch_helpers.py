@@ -131,7 +131,9 @@ class Hang(L.Callback):
             import time
 
             deadline = time.monotonic() + self.seconds
-            while time.monotonic() < deadline and not trainer.received_sigterm:  # SIGTERM ends the hang
+            from mim.callbacks import FaultTolerance
+
+            while time.monotonic() < deadline and not (trainer.received_sigterm or FaultTolerance.sigterm_received):
                 time.sleep(0.05)
 
 

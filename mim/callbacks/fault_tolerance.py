@@ -5,10 +5,9 @@
 
 * **Atomic checkpoints**: at setup it installs :func:`mim.distributed.use_atomic_checkpoints` (a file is written under a
   temporary name with a SHA-256 sidecar and renamed when complete; a full disk leaves the previous checkpoint intact).
-* **SIGTERM: save, then exit.** Lightning turns SIGTERM into ``SIGTERMException`` at the next step boundary (on every
-  rank, after a broadcast); this callback then writes ``preempted-step=<N>.ckpt`` next to the run's other checkpoints,
-  so ``--ckpt_path last`` (or ``auto``) continues from the step the signal arrived at instead of the last periodic
-  checkpoint.
+* **SIGTERM: save, then stop.** At the end of the step the signal arrives in (agreed over the ranks), every rank saves
+  ``preempted-step=<N>.ckpt`` next to the run's other checkpoints and training stops (``mim fit`` then exits with 143),
+  so ``--ckpt_path last`` (or ``--resume auto``) continues from that step instead of the last periodic checkpoint.
 * **Resume settings**: every checkpoint records the settings an exact resume depends on (the seeds, the world size,
   gradient accumulation and the datamodule's constructor arguments: data sources, batch size, augmentation, workers).
   On resume it logs which of them changed and whether the resume is still exact.
@@ -19,11 +18,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -115,10 +116,14 @@ class FaultTolerance(L.Callback):
         atomic: install the atomic checkpoint writer on the trainer's strategy.
 
     Attributes:
+        sigterm_received: class-wide: this process was stopped by SIGTERM (also a rank whose peers exited first and
+            which then saw a lost connection; the CLI then reports the preemption, not a crash).
         preempted_checkpoint: the path written on SIGTERM (None before).
         resume_changes: the settings that changed at the last resume (``"name: old -> new"``).
         resume_exact: whether the last resume was exact (None before a resume).
     """
+
+    sigterm_received = False
 
     def __init__(self, *, save_on_sigterm: bool = True, atomic: bool = True) -> None:
         self.save_on_sigterm = save_on_sigterm
@@ -127,6 +132,8 @@ class FaultTolerance(L.Callback):
         self.resume_changes: list[str] = []
         self.resume_exact: bool | None = None
         self._trainer: L.Trainer | None = None
+        self._stop_requested = False
+        self._previous_handler: Any = None
 
     @property
     def state_key(self) -> str:
@@ -134,6 +141,9 @@ class FaultTolerance(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        self._stop_requested = False
+        self.preempted_checkpoint = None
+        FaultTolerance.sigterm_received = False
         if self.atomic:
             use_atomic_checkpoints(trainer)
 
@@ -160,16 +170,56 @@ class FaultTolerance(L.Callback):
             )
 
     # ------------------------------------------------------------------ SIGTERM
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not (self.save_on_sigterm and isinstance(exception, SIGTERMException)):
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Replace Lightning's SIGTERM handler (registered just before) for the training loop.
+
+        Lightning's own handler broadcasts from inside the signal handler and raises on the rank that got the signal
+        at its next step end, while the other ranks wait in the next step's broadcast: under DDP a checkpoint saved
+        then can hang (measured: 1 run in 2 on 2 CPU processes). This one only sets a flag (and forwards the signal to
+        the processes Lightning's launcher started); the ranks agree on it at a step end and all save there.
+        """
+        if not self.save_on_sigterm or threading.current_thread() is not threading.main_thread():
             return
-        if trainer.state.fn != TrainerFn.FITTING:
+        self._previous_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._stop_requested and self._trainer is not None:
+            launcher = getattr(self._trainer.strategy, "launcher", None)
+            if launcher is not None:  # Lightning's launcher started the other ranks: only this process got the signal
+                launcher.kill(signum)
+        self._stop_requested = True
+        FaultTolerance.sigterm_received = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """At a step end after SIGTERM (on any rank): every rank saves ``preempted-step=<N>.ckpt`` and training stops.
+
+        With several ranks the flag is summed over them at every step end (one all-reduce of a scalar and a host sync
+        per step, as Lightning's own per-step SIGTERM broadcast costs), so that all ranks save at the same step.
+        """
+        if not self.save_on_sigterm or self.preempted_checkpoint is not None:
             return
-        callback = trainer.checkpoint_callback
-        folder = getattr(callback, "dirpath", None) or trainer.default_root_dir
+        stop = self._stop_requested
+        if trainer.world_size > 1:
+            flag = torch.tensor(float(stop), device=pl_module.device)
+            stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+        if not stop:
+            return
+        FaultTolerance.sigterm_received = True
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         path = Path(folder) / f"preempted-step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)
         self.preempted_checkpoint = path
+        trainer.should_stop = True
         rank_zero_info(
             f"mim: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last (or --resume auto)"
         )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+        self._previous_handler = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):  # Lightning's handler, outside the training loop (sanity check)
+            FaultTolerance.sigterm_received = True

@@ -313,3 +313,33 @@ def test_a_dying_rank_stops_the_others_with_an_error_instead_of_a_hang(tmp_path:
     kept = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
     assert kept == ["epoch=0-step=2.ckpt"]  # written before the fault, intact
     verify_checkpoint(tmp_path / "ckpt" / kept[0])
+
+
+@pytest.mark.distributed
+def test_sigterm_in_a_two_process_run_saves_once_and_resumes_bit_identically(tmp_path: Path):
+    def ddp(root: Path, log: Path, *extra: str) -> list[str]:
+        args = _fit_args(root, log, *extra)
+        args[3:3] = ["-c", str(ROOT / "recipes" / "_base" / "ddp.yaml")]  # after the recipe, before the flags
+        return [*args, "--trainer.devices=2"]
+
+    reference = _run(ddp(tmp_path / "reference", tmp_path / "reference.jsonl"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = _steps(tmp_path / "reference.jsonl")
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    marker = tmp_path / "hung"
+    proc = _start(ddp(tmp_path, tmp_path / "a.jsonl", _callback("Hang", at_step=5, marker=str(marker))))
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGTERM)  # to the launching process (rank 0); Lightning forwards it to rank 1
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    saved = tmp_path / "ckpt" / "preempted-step=5.ckpt"
+    verify_checkpoint(saved)
+    assert "another process of this run died" not in stderr  # rank 1 reports the preemption, not a crash
+
+    done = _run(ddp(tmp_path, tmp_path / "b.jsonl", "--resume=auto"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {saved}" in done.stderr
+    resumed = _steps(tmp_path / "b.jsonl")
+    assert sorted(resumed) == list(range(6, STEPS + 1))
+    assert resumed == {s: expected[s] for s in resumed}
