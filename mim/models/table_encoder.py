@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol
 
-import timm
 import torch
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
-from mim.checks import check_choice, invalid
+from mim.checks import check_choice
 from mim.models.base import Encoder
-from mim.models.encoder import create_token_vit, init_mae_weights_
+from mim.models.encoder import check_timm_name, create_token_vit, init_mae_weights_
 from mim.models.tabular import FeatureTokenizer
 from mim.tokens import gather_tokens
 from mim.types import Batch, TokenGrid
@@ -63,8 +62,7 @@ class MaskedTableEncoder(Encoder):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not timm.is_model(arch):
-            raise invalid("MaskedTableEncoder", "arch", "a timm model name", arch)
+        check_timm_name("MaskedTableEncoder", "arch", arch)
         check_choice("MaskedTableEncoder", "init", init, ("mae", "timm"))
         kwargs = dict(model_kwargs or {})
         vit = create_token_vit("MaskedTableEncoder", arch, kwargs)

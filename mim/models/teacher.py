@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import Tensor, nn
 
-from mim.checks import invalid
+from mim.models.encoder import check_timm_name
 
 __all__ = ["FrozenTeacher", "TeacherOutput", "encoder_timm_kwargs", "read_weights", "weights_sha256"]
 
@@ -175,8 +175,7 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, *, arch: str, checkpoint: str | Path, model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if not timm.is_model(arch):
-            raise invalid("FrozenTeacher", "arch", "a timm model name", arch)
+        check_timm_name("FrozenTeacher", "arch", arch)
         kwargs = dict(model_kwargs or {})
         try:
             model = _allocate(arch, kwargs)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from mim.checks import check_choice, invalid
 from mim.models.align import DynamicAlignment, linear_adapters
-from mim.models.encoder import MaskedEncoder
+from mim.models.encoder import MaskedEncoder, check_timm_name
 from mim.models.teacher import FrozenTeacher, TeacherOutput
 from mim.targets.base import Target
 from mim.tokens import gather_tokens
@@ -143,11 +143,9 @@ class TeacherTarget(Target):
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
-        import timm
 
         owner = "TeacherTarget"
-        if not isinstance(teacher_arch, str) or not timm.is_model(teacher_arch):
-            raise invalid(owner, "teacher_arch", "a timm model name", teacher_arch)
+        check_timm_name(owner, "teacher_arch", teacher_arch)
         if not str(teacher_checkpoint):
             raise invalid(owner, "teacher_checkpoint", "the path of a local weights file", teacher_checkpoint)
         choices = {
