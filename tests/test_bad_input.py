@@ -370,3 +370,21 @@ def test_pretrained_timm_name_checks_the_tag():
         check_timm_name("finetune", "checkpoint", "vit_base_patch16_224.maee", pretrained=True)
     with pytest.raises(ValueError, match="finetune.checkpoint must be a timm model name"):
         check_timm_name("finetune", "checkpoint", "vitt_base_patch16_224.mae", pretrained=True)
+
+
+def test_image_folder_scales_16bit_pngs_and_warns_once_about_small_images(tmp_path: Path):
+    from mim.data import ImageFolderDataModule
+
+    arrays = [_grey16((12, 12), seed=i) for i in range(4)]
+    for i, array in enumerate(arrays):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(array).save(tmp_path / f"c{i % 2}" / f"{i}.png")  # 16-bit grey PNGs, 12 x 12
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, in_chans=1, batch_size=2, val_fraction=0.0)
+    dm.setup("fit")
+    dataset = dm.train_dataset
+    with pytest.warns(SmallImageWarning) as caught:
+        decoded = [np.asarray(dataset.decode_file(i)) for i in range(len(dataset))]
+    assert len(caught) == 1 and "12" in str(caught[0].message) and "16" in str(caught[0].message)  # once, with sizes
+    by_path = {dataset.file_path(i): image for i, image in enumerate(decoded)}
+    for i, array in enumerate(arrays):
+        assert np.array_equal(by_path[str(tmp_path / f"c{i % 2}" / f"{i}.png")], _expected(array))  # not all 255
