@@ -8,32 +8,121 @@ train, so ``mim masks``, ``mim export`` and ``mim --help`` start fast.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import shlex
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from mim.callbacks import FaultTolerance
+from mim.callbacks import FaultTolerance, RunMetrics, RunPictures
 from mim.checkpoint import CheckpointError, check_resume, newest_checkpoint
+from mim.run_logging import (
+    LogConfig,
+    WandbRunId,
+    checkpoint_run_id,
+    default_logger,
+    finish_wandb,
+    log_location,
+    summary,
+)
 
 __all__ = ["MimCLI", "Preempted", "UserInputError", "build", "run"]
 
 
 class MimCLI(LightningCLI):
     """LightningCLI with mim's defaults: any LightningModule / LightningDataModule by ``class_path``, the
-    :class:`~mim.callbacks.FaultTolerance` callback on every trainer, and ``--ckpt_path last|auto``."""
+    :class:`~mim.callbacks.FaultTolerance` callback on every trainer, ``--ckpt_path last|auto``, wandb as the default
+    logger of ``fit`` (CSV under ``WANDB_MODE=disabled`` or when wandb cannot start; :mod:`mim.run_logging`) continuing
+    the checkpoint's wandb run on resume, the resolved config logged, and a summary at the end of ``fit``."""
+
+    _args: list[str]
+    _newest: dict[Path, Path | None]
+    _resume_run_id: str | None = None
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args`` (mim always passes them: Lightning's warning about ``args`` with ``sys.argv`` does not apply)
+        and keep them for the end summary's resume command."""
+        self._args = [str(a) for a in args] if isinstance(args, list | tuple) else []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+
+    def _newest_checkpoint(self, root: Path) -> Path | None:
+        """:func:`~mim.checkpoint.newest_checkpoint` under ``root``, looked up once per run (it reports skipped files)."""
+        cache = self.__dict__.setdefault("_newest", {})
+        key = root.resolve()
+        if key not in cache:
+            cache[key] = newest_checkpoint(root)
+        return cache[key]
+
+    def before_instantiate_classes(self) -> None:
+        """For ``fit`` resuming a checkpoint (``--ckpt_path PATH|last|auto``), read the wandb run id it stores, so the
+        default logger continues that run."""
+        self._resume_run_id = None
+        if self.subcommand != "fit":
+            return
+        config = self.config["fit"]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path in ("last", "auto"):
+            ckpt_path = self._newest_checkpoint(_root_dir(config["trainer"].get("default_root_dir")))
+        self._resume_run_id = checkpoint_run_id(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The recipe's trainer, with a :class:`~mim.callbacks.FaultTolerance` callback unless the recipe has one."""
+        """The recipe's trainer, with mim's default callbacks unless the recipe has its own (:class:`~mim.callbacks.
+        FaultTolerance`, the wandb run id, :class:`~mim.callbacks.RunMetrics`, :class:`~mim.callbacks.RunPictures`), and
+        mim's default logger (:func:`~mim.run_logging.default_logger`) when the recipe sets no ``trainer.logger``."""
+        trainer_config = (
+            self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        )
+        if "logger" not in kwargs and trainer_config.get("logger") in (None, True):
+            recipes = self._recipes()
+            kwargs["logger"] = default_logger(
+                _root_dir(trainer_config.get("default_root_dir")),
+                name=Path(recipes[0]).stem if recipes else None,
+                run_id=self._resume_run_id,
+                wandb=self.subcommand == "fit",
+            )
         trainer = super().instantiate_trainer(**kwargs)
         callbacks: list = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
-        if not any(isinstance(c, FaultTolerance) for c in callbacks):
-            callbacks.append(FaultTolerance())
+        for default in (FaultTolerance, WandbRunId, RunMetrics, RunPictures):  # unless the recipe configures its own
+            if not any(isinstance(c, default) for c in callbacks):
+                callbacks.append(default())
         return trainer
+
+    def _recipes(self) -> list[str]:
+        """The ``-c`` files of this run, in order."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        return [str(getattr(p, "absolute", p)) for p in (config.get("config") or [])]
+
+    def after_fit(self) -> None:
+        """On rank 0: where the checkpoints and logs are, and the commands that resume, export and fine-tune."""
+        if not self.trainer.is_global_zero:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", None) or None
+        last = getattr(ckpt, "last_model_path", None) or None
+        if last is None and ckpt is not None:
+            last = getattr(ckpt, "_last_checkpoint_saved", None) or None
+        args = _without_ckpt_path(self._args[1:] if self._args[:1] == ["fit"] else self._args)
+        finetune = "finetune" not in type(self.model).__module__
+        rank_zero_info(
+            summary(
+                best=best,
+                last=last,
+                logs=log_location(self.trainer),
+                resume=[*args, "--resume", "auto"],
+                finetune=finetune,
+            )
+        )
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` to the newest complete checkpoint of the run, or stop when there is none (never
@@ -53,7 +142,7 @@ class MimCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path in ("last", "auto"):
             root = Path(self.trainer.default_root_dir)
-            newest = newest_checkpoint(root)
+            newest = self._newest_checkpoint(root)
             if newest is None and ckpt_path == "last":
                 raise CheckpointError(
                     f"--ckpt_path last: no complete checkpoint under {root} (trainer.default_root_dir), so there is "
@@ -68,6 +157,58 @@ class MimCLI(LightningCLI):
                 ckpt_path = str(newest)
             self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
         check_resume(ckpt_path, self.trainer.world_size, strategy=self.trainer.strategy)
+
+
+def _root_dir(default_root_dir: str | os.PathLike | None) -> Path:
+    """``trainer.default_root_dir`` as the Trainer resolves it (the working directory when unset)."""
+    return Path(default_root_dir) if default_root_dir else Path(os.getcwd())
+
+
+def _without_ckpt_path(args: list[str]) -> list[str]:
+    """``args`` less any ``--ckpt_path X`` / ``--ckpt_path=X``, quoted for a shell."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            out.append(shlex.quote(arg))
+    return out
+
+
+# Start-up noise that says nothing about a mim run, dropped by message (and only inside `mim fit|validate|...`).
+_QUIET_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree helper on newer torch
+    r"Total length of `list` across ranks is zero",  # a datamodule without validation data returns []
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # frozen teachers are in eval mode by design
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",
+)
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Within: the warnings of :data:`_QUIET_WARNINGS` and Lightning's product tips are not shown."""
+    tips = _DropTips()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch")]
+    with warnings.catch_warnings():
+        for pattern in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for lg in loggers:
+            lg.addFilter(tips)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeFilter(tips)
 
 
 def _check_writable(folder: Path) -> None:
@@ -92,6 +233,7 @@ def _check_writable(folder: Path) -> None:
 
 
 def _cli(args: list[str], **kwargs: Any) -> MimCLI:
+    kwargs.setdefault("save_config_callback", LogConfig)
     return MimCLI(
         LightningModule,
         LightningDataModule,
@@ -186,12 +328,26 @@ def run(args: list[str]) -> None:
             unwritable, the disk is full; the traceback would add nothing.
         Preempted: SIGTERM stopped the run (its checkpoint is saved).
     """
+    try:
+        with _quiet():
+            cli = _run(args)
+    except BaseException:
+        finish_wandb(exit_code=1)
+        raise
+    finish_wandb()
+    saved = [c.preempted_checkpoint for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, FaultTolerance)]
+    if any(saved):
+        raise Preempted(f"stopped by SIGTERM after saving {next(p for p in saved if p)}; resume with --resume auto")
+
+
+def _run(args: list[str]) -> MimCLI:
+    """:func:`run` before its wandb run is finished: the CLI, with its failures turned into mim's exceptions."""
     from mim.checkpoint import WorldSizeMismatchError
     from mim.checks import DataMismatchError
     from mim.optim import NonFiniteStepError
 
     try:
-        cli = _cli(args, save_config_kwargs={"overwrite": True})
+        return _cli(args, save_config_kwargs={"overwrite": True})
     except SIGTERMException as e:
         raise Preempted("stopped by SIGTERM; resume with --ckpt_path last (or --resume auto)") from e
     except (CheckpointError, WorldSizeMismatchError, DataMismatchError, NonFiniteStepError) as e:
@@ -212,6 +368,3 @@ def run(args: list[str]) -> None:
         if "Does not validate against any of the Union subtypes" in str(e) and messages:
             raise UserInputError("; ".join(messages)) from e
         raise UserInputError(_paragraph(e)) from e
-    saved = [c.preempted_checkpoint for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, FaultTolerance)]
-    if any(saved):
-        raise Preempted(f"stopped by SIGTERM after saving {next(p for p in saved if p)}; resume with --resume auto")

@@ -69,3 +69,8 @@ def _restore_environ():
     if dict(os.environ) != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# Tests never reach wandb's servers or write wandb runs unless they ask for it (tests/test_run_logging.py sets
+# WANDB_MODE=offline itself); .ci/run sets the same.
+os.environ.setdefault("WANDB_MODE", "disabled")

@@ -36,6 +36,7 @@ FLOORS: dict[str, int] = {
     "mim.finetune": 4,
     "mim.evaluation": 4,
     "mim.lightning_cli": 4,
+    "mim.run_logging": 3,
     "mim.masks_cli": 4,
     "mim.quickstart": 5,
     "mim.cli": 6,

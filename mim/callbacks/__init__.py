@@ -3,5 +3,7 @@
 
 from mim.callbacks.fault_tolerance import FaultTolerance
 from mim.callbacks.online_eval import OnlineKNN
+from mim.callbacks.run_metrics import RunMetrics
+from mim.callbacks.run_pictures import RunPictures
 
-__all__ = ["FaultTolerance", "OnlineKNN"]
+__all__ = ["FaultTolerance", "OnlineKNN", "RunMetrics", "RunPictures"]
