@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from mim.callbacks import FaultTolerance, RunMetrics, RunPictures
+from mim.callbacks import FaultTolerance, RunMetrics, RunPictures, RunProgressBar
 from mim.checkpoint import CheckpointError, check_resume, newest_checkpoint
 from mim.run_logging import (
     LogConfig,
@@ -96,6 +97,9 @@ class MimCLI(LightningCLI):
         for default in (FaultTolerance, WandbRunId, RunMetrics, RunPictures):  # unless the recipe configures its own
             if not any(isinstance(c, default) for c in callbacks):
                 callbacks.append(default())
+        for i, c in enumerate(callbacks):  # Lightning's default bar restarts every epoch: one bar over the run instead
+            if type(c) is TQDMProgressBar:
+                callbacks[i] = RunProgressBar(refresh_rate=c.refresh_rate)
         return trainer
 
     def _recipes(self) -> list[str]:
