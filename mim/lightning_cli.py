@@ -91,6 +91,7 @@ class MimCLI(LightningCLI):
                 name=Path(recipes[0]).stem if recipes else None,
                 run_id=self._resume_run_id,
                 wandb=self.subcommand == "fit",
+                settings=self._wandb_settings(),
             )
         trainer = super().instantiate_trainer(**kwargs)
         callbacks: list = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
@@ -101,6 +102,18 @@ class MimCLI(LightningCLI):
             if type(c) is TQDMProgressBar:
                 callbacks[i] = RunProgressBar(refresh_rate=c.refresh_rate)
         return trainer
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """A ``wandb:`` section of the recipe: ``project``, ``name``, ``group``, ``tags``, ``entity``, ``notes`` of the
+        default logger's run (``WANDB_PROJECT`` ... environment variables win over it)."""
+        for key, kind in (("project", str), ("name", str), ("group", str), ("entity", str), ("notes", str)):
+            parser.add_argument(f"--wandb.{key}", type=kind | None, default=None, help=f"wandb run {key}")
+        parser.add_argument("--wandb.tags", type=list[str] | None, default=None, help="wandb run tags")
+
+    def _wandb_settings(self) -> dict[str, Any]:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        section = config.get("wandb")
+        return {} if section is None else dict(section.as_dict() if hasattr(section, "as_dict") else section)
 
     def _recipes(self) -> list[str]:
         """The ``-c`` files of this run, in order."""

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 __all__ = [
     "RUN_ID_KEY",
     "LogConfig",
+    "OfflineRun",
     "WandbRunId",
     "checkpoint_run_id",
     "default_logger",
@@ -73,7 +74,12 @@ def _csv(save_dir: str) -> CSVLogger:
 
 
 def default_logger(
-    save_dir: str | os.PathLike, *, name: str | None = None, run_id: str | None = None, wandb: bool = True
+    save_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    run_id: str | None = None,
+    wandb: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> Logger:
     """The logger of a recipe that sets none: wandb, or CSV when wandb is disabled or cannot start.
 
@@ -83,6 +89,8 @@ def default_logger(
         name: the wandb run name (e.g. the recipe's file stem); ``WANDB_NAME`` wins when set.
         run_id: continue this wandb run (a resumed run, :func:`checkpoint_run_id`); None: a new run.
         wandb: False: the CSV logger (e.g. ``mim validate``/``predict``, which need no wandb run).
+        settings: the recipe's ``wandb:`` section (``project``, ``name``, ``group``, ``tags``, ``entity``, ``notes``);
+            the ``WANDB_PROJECT`` / ``WANDB_NAME`` / ``WANDB_RUN_GROUP`` ... environment variables win over it.
 
     Returns:
         A ``WandbLogger`` (``project``: ``WANDB_PROJECT`` or "mim"; ``group``: ``WANDB_RUN_GROUP``, else the
@@ -100,19 +108,26 @@ def default_logger(
         kwargs: dict[str, Any] = {}
         if not mode and not _has_api_key():
             kwargs["mode"] = "offline"  # no account set up: record locally, `wandb sync` uploads later
+        recipe = {k: v for k, v in (settings or {}).items() if v not in (None, [], "")}
         group = (
-            os.environ.get("WANDB_RUN_GROUP") or os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+            os.environ.get("WANDB_RUN_GROUP")
+            or recipe.get("group")
+            or os.environ.get("SLURM_JOB_ID")
+            or os.environ.get("TORCHELASTIC_RUN_ID")
         )
         if group:
             kwargs["group"] = group
+        for key in ("tags", "entity", "notes"):  # wandb reads WANDB_TAGS, WANDB_ENTITY, WANDB_NOTES itself
+            if key in recipe and not os.environ.get(f"WANDB_{key.upper()}"):
+                kwargs[key] = list(recipe[key]) if key == "tags" else recipe[key]
         if run_id:
             kwargs["resume"] = "allow"
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         logger = WandbLogger(
-            name=os.environ.get("WANDB_NAME") or name,
+            name=os.environ.get("WANDB_NAME") or recipe.get("name") or name,
             save_dir=save_dir,
             id=run_id,
-            project=os.environ.get("WANDB_PROJECT", "mim"),
+            project=os.environ.get("WANDB_PROJECT") or recipe.get("project") or "mim",
             **kwargs,
         )
         if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
@@ -338,6 +353,8 @@ def _records(path: Path) -> Iterator[Any]:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):

@@ -8,13 +8,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from mim.cli import main
-from mim.run_logging import RUN_ID_KEY, checkpoint_run_id, read_offline_run, summary
+from mim.run_logging import RUN_ID_KEY, OfflineRun, checkpoint_run_id, read_offline_run, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "debug" / "mae_fashion_mnist.yaml"
@@ -44,9 +45,20 @@ def _offline_run(root: Path) -> tuple[str, dict, list[dict], Path]:
     """The one offline run under ``root``: its id, config (key -> value), history rows and folder."""
     runs = sorted((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
-    run = read_offline_run(runs[0])
-    assert run.run_id
+    run = _read_when_written(runs[0])
     return run.run_id, run.config, run.history, runs[0]
+
+
+def _read_when_written(folder: Path) -> OfflineRun:
+    """:func:`read_offline_run` once wandb's service process has written the run's records (it flushes its
+    transaction log asynchronously: right after ``finish`` a loaded machine may show an empty log for a moment)."""
+    deadline = time.monotonic() + 30
+    while True:
+        run = read_offline_run(folder)
+        if (run.run_id and run.history) or time.monotonic() > deadline:
+            assert run.run_id, f"{folder}: no run record after 30 s"
+            return run
+        time.sleep(0.2)
 
 
 @needs_data
@@ -164,3 +176,22 @@ def test_checkpoint_run_id_tolerates_missing_and_foreign_files(tmp_path: Path):
     assert checkpoint_run_id(tmp_path / "junk.ckpt") is None
     torch.save({RUN_ID_KEY: "abc123", "state_dict": {}}, tmp_path / "ok.ckpt")
     assert checkpoint_run_id(tmp_path / "ok.ckpt") == "abc123"
+
+
+@needs_data
+def test_recipe_wandb_section_names_the_run(offline: Path, tmp_path: Path):
+    recipe = tmp_path / "named.yaml"
+    recipe.write_text("wandb:\n  project: mim-tests\n  name: my-run\n  group: g1\n  tags: [debug, cpu]\n")
+    assert main([*_args(offline), "-c", str(recipe)]) == 0
+    folder = next((offline / "wandb").glob("offline-run-*"))
+    from mim.run_logging import _records
+
+    _read_when_written(folder)
+    records = list(_records(next(folder.glob("run-*.wandb"))))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
+    assert (run.project, run.display_name, run.run_group, list(run.tags)) == (
+        "mim-tests",
+        "my-run",
+        "g1",
+        ["debug", "cpu"],
+    )
