@@ -8,6 +8,9 @@ passes is what timm gets.
 
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -169,3 +172,12 @@ class StopAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    """A tar file at ``path`` with one member per ``name: bytes`` (hand-made webdataset shards, corrupt members)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -30,6 +30,7 @@ from mim.data.pack import encode_image, pack
 from mim.data.shards import ShardDataModule
 from mim.data.video_shards import VideoShardDataModule, VideoShardDataset
 from mim.models.encoder import MaskedEncoder, check_timm_name
+from tests.factories import write_tar
 
 # 16-bit values around the rounding edges (v = 257 k + 128 is just below k + 0.5) and the extremes
 VALUES = np.array([0, 1, 128, 129, 385, 386, 257, 32767, 32768, 65407, 65408, 65534, 65535], dtype=np.uint16)
@@ -58,14 +59,6 @@ def _png16(array: np.ndarray, color_type: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
-def _write_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _png8(size: int, value: int = 90) -> bytes:
@@ -206,7 +199,7 @@ def test_small_image_check_warns_once():
 
 
 def test_shards_warn_once_about_small_images(tmp_path: Path):
-    _write_tar(tmp_path / "s.tar", {f"{i:03d}.png": _png8(20 + i) for i in range(4)})
+    write_tar(tmp_path / "s.tar", {f"{i:03d}.png": _png8(20 + i) for i in range(4)})
     dm = ShardDataModule(urls=str(tmp_path / "s.tar"), samples_per_epoch=4, num_classes=1, image_size=32, batch_size=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -246,10 +239,10 @@ def test_empty_folder_and_pattern_matching_nothing(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="none of its 4 files exists"):
         ShardDataModule(urls=pattern, samples_per_epoch=4, num_classes=1)
     (tmp_path / "loose").mkdir()
-    _write_tar(tmp_path / "loose" / "shard-000000.tar", {})
+    write_tar(tmp_path / "loose" / "shard-000000.tar", {})
     with pytest.raises(FileNotFoundError, match=r"holds 1 \.tar files .* but no index\.json; pass them as a brace"):
         ShardDataModule(urls=str(tmp_path / "loose"))
-    _write_tar(tmp_path / "train.tar", {"000.png": _png8(8)})
+    write_tar(tmp_path / "train.tar", {"000.png": _png8(8)})
     with pytest.raises(FileNotFoundError, match="ShardDataModule.val_urls must name existing shards"):
         ShardDataModule(
             urls=str(tmp_path / "train.tar"),
@@ -265,10 +258,10 @@ def test_empty_folder_and_pattern_matching_nothing(tmp_path: Path):
 
 def _shards_with_one_bad_member(tmp_path: Path) -> list[str]:
     """Two shards of 3 readable 8x8 PNGs, the second with one corrupt member (key 004)."""
-    _write_tar(tmp_path / "a.tar", {f"{i:03d}.png": _png8(8, 10 * i) for i in range(3)})
+    write_tar(tmp_path / "a.tar", {f"{i:03d}.png": _png8(8, 10 * i) for i in range(3)})
     members = {f"{i:03d}.png": _png8(8, 10 * i) for i in range(3, 6)}
     members["004.png"] = b"\x89PNG\r\n\x1a\n not a png"
-    _write_tar(tmp_path / "b.tar", members)
+    write_tar(tmp_path / "b.tar", members)
     return [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
 
 
@@ -336,7 +329,7 @@ class _StubDecoder:
 
 
 def test_video_shard_bad_member_is_counted_once(tmp_path: Path):
-    _write_tar(tmp_path / "v.tar", {"000.mp4": b"ok", "001.mp4": b"bad", "002.mp4": b"ok", "003.mp4": b"ok"})
+    write_tar(tmp_path / "v.tar", {"000.mp4": b"ok", "001.mp4": b"bad", "002.mp4": b"ok", "003.mp4": b"ok"})
     dataset = VideoShardDataset(
         [str(tmp_path / "v.tar")], num_samples=4, batch_size=2, decoder=_StubDecoder(), shuffle_buffer=1, max_corrupt=1
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import tarfile
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mim.data.decode import decode_center_crop, decode_random_resized_crop, samp
 from mim.data.folder import CorruptImageWarning
 from mim.data.pack import pack
 from mim.data.shards import ShardDataModule, ShardDataset, TooManyCorruptError
-from tests.factories import StopAt, cpu_trainer
+from tests.factories import StopAt, cpu_trainer, write_tar
 from tests.test_pack import make_images
 
 
@@ -143,20 +142,12 @@ def test_datamodule_uint8_loader_and_normalised_on_device(packed: Path):
         ShardDataModule(urls=str(packed / "shard-000000.tar"))
 
 
-def _write_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_corrupt_input_is_skipped_counted_and_limited(packed: Path, tmp_path: Path):
     good = sorted(str(p) for p in packed.glob("*.tar"))[:2]  # 8 good samples
     jpeg = io.BytesIO()
     Image.new("RGB", (40, 40), (10, 200, 30)).save(jpeg, format="JPEG")
     bad = tmp_path / "bad.tar"
-    _write_tar(
+    write_tar(
         bad,
         {
             "trunc.jpg": jpeg.getvalue()[: len(jpeg.getvalue()) // 2],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -25,6 +24,7 @@ from mim.data.transforms import ClipCenterCrop  # noqa: E402
 from mim.data.video import ClipDecoder, CorruptVideoWarning, collate_clips  # noqa: E402
 from mim.data.video_folder import VideoDataModule  # noqa: E402
 from mim.data.video_shards import VideoShardDataModule, VideoShardDataset  # noqa: E402
+from tests.factories import write_tar
 
 SMALL = dict(num_frames=4, frame_stride=2, image_size=32, resize_short=48)
 
@@ -189,19 +189,11 @@ def test_order_is_a_function_of_seed_and_epoch(packed_videos: Path):
     assert not all(torch.equal(x, y) for x, y in zip(a, run(0, 1), strict=True))
 
 
-def _write_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_corrupt_member_is_skipped_and_counted(packed_videos: Path, real_clips: Path, tmp_path: Path):
     good = sorted(str(p) for p in packed_videos.glob("*.tar"))  # 4 good videos
     bad = tmp_path / "bad.tar"
     clip = sorted(real_clips.glob("*.mp4"))[1].read_bytes()
-    _write_tar(
+    write_tar(
         bad,
         {
             "garbage.mp4": np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8).tobytes(),
