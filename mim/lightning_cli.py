@@ -110,14 +110,17 @@ class MimCLI(LightningCLI):
             parser.add_argument(f"--wandb.{key}", type=kind | None, default=None, help=f"wandb run {key}")
         parser.add_argument("--wandb.tags", type=list[str] | None, default=None, help="wandb run tags")
 
+    def _run_config(self) -> Any:
+        """This run's parsed configuration (the subcommand's section, or the whole of it under ``build``)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def _wandb_settings(self) -> dict[str, Any]:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        section = config.get("wandb")
+        section = self._run_config().get("wandb")
         return {} if section is None else dict(section.as_dict() if hasattr(section, "as_dict") else section)
 
     def _recipes(self) -> list[str]:
         """The ``-c`` files of this run, in order."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._run_config()
         return [str(getattr(p, "absolute", p)) for p in (config.get("config") or [])]
 
     def after_fit(self) -> None:

@@ -358,7 +358,7 @@ def _records(path: Path) -> Iterator[Any]:
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module
             record.ParseFromString(pending)
             pending = b""
             yield record
