@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from mim.masking import MultiBlockMasking, RandomMasking
+from mim.masking.base import stream_position
 from mim.masking.multiblock import block_shape
 from mim.types import Masks, TokenGrid
 from tests.contracts import MaskingStrategyContract
+from tests.syncs import count_host_syncs
 
 CPU = torch.device("cpu")
 
@@ -266,6 +268,46 @@ def test_bad_config_raises(kwargs: dict, field: str) -> None:
 def test_grid_too_small_raises() -> None:
     with pytest.raises(ValueError, match="too small"):
         MultiBlockMasking()(2, TokenGrid(1, 7, 5), generator=_gen(0), device=CPU)
+
+
+def test_masks_are_drawn_without_host_syncs() -> None:
+    """The per-batch shapes are Python integers drawn on the host (issue 13: I-JEPA had one sync per step)."""
+    strategy = MultiBlockMasking()
+    with count_host_syncs() as syncs:
+        strategy(8, TokenGrid(1, 14, 14), generator=_gen(0), device=CPU)
+    assert syncs.count == 0, syncs.calls
+
+
+def test_stream_position_follows_the_generator() -> None:
+    gen = _gen(5)
+    start = stream_position(gen)
+    torch.rand(3, generator=gen)
+    assert stream_position(gen) != start
+    gen.manual_seed(5)
+    assert stream_position(gen) == start
+    assert stream_position(_gen(6)) != start
+
+
+def test_shapes_vary_between_draws_of_one_generator() -> None:
+    """Successive batches from one generator get fresh block shapes (not one shape per seed)."""
+    strategy, grid, gen = MultiBlockMasking(), TokenGrid(1, 14, 14), _gen(0)
+    shapes = {_block_dims(strategy(2, grid, generator=gen, device=CPU), grid) for _ in range(40)}
+    assert len(shapes) >= 4, shapes
+    again = _gen(0)
+    first = _block_dims(strategy(2, grid, generator=again, device=CPU), grid)
+    assert first == _block_dims(strategy(2, grid, generator=_gen(0), device=CPU), grid)
+
+
+def test_target_scale_draw_is_uniform() -> None:
+    """The block area fraction n / HW, with n = floor(HW * U(0.15, 0.2)), has the mean of that floor (1000 seeds)."""
+    strategy, grid = MultiBlockMasking(target_aspect=(1.0, 1.0)), TokenGrid(1, 40, 40)
+    cells = torch.tensor([strategy.sizes(grid, _gen(i))["h"] ** 2 for i in range(1000)], dtype=torch.float64)
+    fraction = cells / grid.num_tokens
+    assert 0.15 - 0.02 <= float(fraction.min()) and float(fraction.max()) <= 0.2 + 0.02
+    # squares of side round(sqrt(n)) for n uniform-ish in [240, 320]: the mean side is sqrt(280) = 16.7 +- rounding
+    side = cells.sqrt()
+    assert abs(float(side.mean()) - math.sqrt(0.175 * 1600)) < 0.25, float(side.mean())
+    assert float(side.std()) > 0.5
 
 
 def test_vectorised_speed_report() -> None:

@@ -3,8 +3,8 @@ Tabular Data", ICLR 2025, arXiv 2410.05016; released collator jose-melo/t-jepa s
 
 A table of F features is the token grid (1, 1, F) (mim/types.py). Per batch, two counts are drawn: the context
 size ``n_ctx`` and the target size ``n_tgt``, uniformly over the pairs with ``n_ctx + n_tgt <= F`` (the
-distribution of T-JEPA's redraw loop); reading the pair is **one host sync per batch** (as
-:class:`~mim.masking.multiblock.MultiBlockMasking`). Per sample, the context is ``n_ctx`` features drawn uniformly
+distribution of T-JEPA's redraw loop), on the host from the mask generator's seed and position (no host sync, as
+:class:`~mim.masking.multiblock.MultiBlockMasking`'s block shapes). Per sample, the context is ``n_ctx`` features drawn uniformly
 without replacement, and each of the M targets is ``n_tgt`` features drawn uniformly without replacement from the
 features *not* in the context, independently per target (vectorised: no per-sample loop, no further sync).
 Context and targets are disjoint; targets may overlap each other.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mim.checks import check_int, check_pair_range
-from mim.masking.base import MaskingStrategy
+from mim.masking.base import MaskingStrategy, host_random
 from mim.types import Masks, TokenGrid
 
 __all__ = ["FeatureSubsetMasking", "feasible_count_pairs", "feature_subset_masks"]
@@ -121,11 +121,11 @@ class FeatureSubsetMasking(MaskingStrategy):
             )
         return context, target
 
-    def sample_counts(self, num_tokens: int, generator: torch.Generator, device: torch.device) -> tuple[int, int]:
-        """Draw (n_ctx, n_tgt) uniformly over the feasible pairs (one generator draw, one host sync)."""
+    def sample_counts(self, num_tokens: int, generator: torch.Generator) -> tuple[int, int]:
+        """Draw (n_ctx, n_tgt) uniformly over the feasible pairs, on the host (no host sync)."""
         context, target = self.count_ranges(num_tokens)
         total = feasible_count_pairs(num_tokens, context, target)
-        index = int(torch.randint(total, (1,), generator=generator, device=device).item())  # one host sync per batch
+        index = host_random(generator, "feature-subset-counts").randrange(total)
         return _pair_at(index, num_tokens, context, target)
 
     def __call__(
@@ -139,7 +139,7 @@ class FeatureSubsetMasking(MaskingStrategy):
         progress: float = 0.0,
     ) -> Masks:
         n = grid.num_tokens
-        n_ctx, n_tgt = self.sample_counts(n, generator, device)
+        n_ctx, n_tgt = self.sample_counts(n, generator)
         return feature_subset_masks(
             n_ctx,
             n_tgt,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mim.checks import check_choice, check_int, check_pair_range
-from mim.masking.base import MaskingStrategy
+from mim.masking.base import MaskingStrategy, host_random
 from mim.types import Masks, TokenGrid
 
 __all__ = ["MultiBlockMasking", "block_indices", "block_shape", "place_blocks"]
@@ -136,15 +136,21 @@ class MultiBlockMasking(MaskingStrategy):
                 best = max(best, h * w)
         return best * min(max(round(grid.t * self.temporal_scale[1]), 1), grid.t)
 
-    def sizes(self, grid: TokenGrid, generator: torch.Generator, device: torch.device) -> dict[str, int]:
-        """Draw the per-batch shapes: target (t, h, w), context side c, and the visible count K."""
+    def sizes(self, grid: TokenGrid, generator: torch.Generator) -> dict[str, int]:
+        """Draw the per-batch shapes: target (t, h, w), context side c, and the visible count K.
+
+        The shapes are Python integers that the tensor code needs on the host; they are drawn on the host, from a
+        Python generator seeded from the mask generator (:func:`~mim.masking.base.host_random`), as the official sampler
+        draws them from its per-iteration seed: no host sync.
+        """
         n_tok = grid.num_tokens
         if n_tok - self.num_targets * self._max_target_tokens(grid) < 1:
             raise ValueError(
                 f"grid {grid.shape} is too small for num_targets={self.num_targets} blocks of target_scale "
                 f"{self.target_scale}: no context token would be guaranteed; use a larger grid or fewer targets"
             )
-        u = torch.rand(4, generator=generator, device=device).tolist()  # one host sync per batch
+        host = host_random(generator, "multiblock-sizes")
+        u = [host.random() for _ in range(4)]
 
         def lerp(r: tuple[float, float], x: float) -> float:
             return r[0] + x * (r[1] - r[0])
@@ -169,7 +175,7 @@ class MultiBlockMasking(MaskingStrategy):
         scores: Tensor | None = None,
         progress: float = 0.0,
     ) -> Masks:
-        s = self.sizes(grid, generator, device)
+        s = self.sizes(grid, generator)
         b, m, n = batch_size, self.num_targets, grid.num_tokens
 
         def place(size: int, extent: int, count: int) -> Tensor:
