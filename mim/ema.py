@@ -83,12 +83,16 @@ class EMA(nn.Module):
         return self.module(*args, **kwargs)
 
     @torch.no_grad()
-    def update(self, online: nn.Module, momentum: float) -> None:
+    def update(self, online: nn.Module, momentum: float, *, applied: Tensor | None = None) -> None:
         """``ema = momentum * ema + (1 - momentum) * online`` for every parameter, in one fused call.
 
         Args:
             online: a module with the same parameter structure as the copy (the student).
             momentum: m in [0, 1]; 1 keeps the EMA unchanged, 0 copies the online weights.
+            applied: a () float tensor on the device, 1.0 when the optimizer step was applied, 0.0 when it was skipped
+                on the device (:func:`mim.module.guarded_optimizer_step`): the lerp weight becomes
+                ``(1 - momentum) * applied``, so a skipped step leaves the EMA unchanged without a host sync (one lerp
+                kernel per tensor instead of one fused call: torch has no fused lerp by a tensor weight).
         """
         if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum!r}")
@@ -106,16 +110,24 @@ class EMA(nn.Module):
         if momentum == 1.0:
             return
         targets, sources = local_shards(ema_params, online_params, sharded=sharded)
+
+        def lerp_(ema: list[Tensor], new: list[Tensor]) -> None:
+            if applied is None:
+                torch._foreach_lerp_(ema, new, 1.0 - momentum)
+            else:
+                weight = applied.to(device=ema[0].device, dtype=ema[0].dtype) * (1.0 - momentum)
+                torch._foreach_lerp_(ema, new, [weight] * len(ema))
+
         low = [i for i, t in enumerate(targets) if t.dtype in (torch.bfloat16, torch.float16)]
         if low:  # 16-bit shards: lerp float32 masters, then copy them into the shards
             masters = self._masters([targets[i] for i in low])
-            torch._foreach_lerp_(masters, [sources[i].float() for i in low], 1.0 - momentum)
+            lerp_(masters, [sources[i].float() for i in low])
             torch._foreach_copy_([targets[i] for i in low], masters)
             keep = set(low)
             targets = [t for i, t in enumerate(targets) if i not in keep]
             sources = [t for i, t in enumerate(sources) if i not in keep]
         if targets:
-            torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+            lerp_(targets, sources)
 
     def _masters(self, shards: list[Tensor]) -> list[Tensor]:
         """The float32 masters of ``shards``, (re)built from them when missing or made for another layout."""

@@ -30,7 +30,14 @@ from mim.checks import DataMismatchError, check_choice, check_encoder_data, chec
 from mim.ema import EMA
 from mim.load import build_encoder, encoder_state, load_encoder_weights
 from mim.models.base import Encoder
-from mim.module import built_by_lightning_cli, guarded_optimizer_step, refuse_cli_optimizer, reseed_global_rng
+from mim.models.decoder import set_activation_checkpointing
+from mim.module import (
+    built_by_lightning_cli,
+    fused_adamw,
+    guarded_optimizer_step,
+    refuse_cli_optimizer,
+    reseed_global_rng,
+)
 from mim.optim import NonFiniteGuard, NonFiniteMode, clip_warmup, layer_decay_groups, scaled_lr, warmup_cosine
 from mim.types import Batch, step_seed
 
@@ -92,9 +99,12 @@ class FinetuneModule(L.LightningModule):
             every training batch (drop path replays on resume).
         nonfinite: an optimizer step with a non-finite loss or gradient: ``skip`` (counted in
             ``train/nonfinite_steps``, warned once, ``max_nonfinite_steps`` in a row stop the run), ``raise`` or
-            ``off``; as ``PretrainModule.nonfinite`` (one host sync per optimizer step; DeepSpeed keeps its own
-            handling).
+            ``off``; as ``PretrainModule.nonfinite`` (on the device with the fused optimizer, else one host sync
+            per optimizer step; DeepSpeed keeps its own handling).
         max_nonfinite_steps: consecutive non-finite optimizer steps that stop a ``skip`` run.
+        fused_optimizer: AdamW's fused implementation, as ``PretrainModule.fused_optimizer``.
+        activation_checkpointing: recompute the encoder blocks' activations in the backward pass, as
+            ``PretrainModule.activation_checkpointing``.
 
     A warmup that does not end before the run does is clipped to the run (with a warning); LightningCLI's
     ``--optimizer`` / ``--lr_scheduler`` are refused (use the arguments above).
@@ -131,6 +141,8 @@ class FinetuneModule(L.LightningModule):
         seed: int = 0,
         nonfinite: NonFiniteMode = "skip",
         max_nonfinite_steps: int = 5,
+        fused_optimizer: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         owner = "FinetuneModule"
@@ -234,6 +246,8 @@ class FinetuneModule(L.LightningModule):
         weight EMA included (:func:`mim.distributed.apply_fsdp2`), as ``PretrainModule`` is.
         """
         self.configure_data(self._trainer.datamodule if self._trainer is not None else None)  # type: ignore[attr-defined]
+        if self.hparams.activation_checkpointing:  # type: ignore[attr-defined]
+            set_activation_checkpointing(self, True)
         from mim.distributed import shard_if_fsdp2
 
         shard_if_fsdp2(self)
@@ -287,7 +301,7 @@ class FinetuneModule(L.LightningModule):
             logits = self(inputs).float()
             loss = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
         self.guard.observe_loss(loss)  # a device op: the optimizer step reads it
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=labels.shape[0])
+        self.log("train/loss", loss.detach(), batch_size=labels.shape[0])  # shown by RunProgressBar, no per-step sync
         self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], batch_size=labels.shape[0])
         return loss
 
@@ -326,9 +340,15 @@ class FinetuneModule(L.LightningModule):
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
     ) -> None:
         """The optimizer step (skipped when its loss or gradients are not finite), then the weight EMA."""
-        if guarded_optimizer_step(self, self.guard, optimizer, optimizer_closure) and self.ema is not None:
+        applied = guarded_optimizer_step(self, self.guard, optimizer, optimizer_closure)
+        if self.ema is not None and (isinstance(applied, Tensor) or applied):
             parts = nn.ModuleDict({"encoder": self.encoder, "fc_norm": self.fc_norm, "head": self._head()})
-            self.ema.update(parts, self.hparams.ema_decay)  # type: ignore[attr-defined]
+            gate = applied if isinstance(applied, Tensor) else None  # decided on the device: the EMA skips there too
+            self.ema.update(parts, self.hparams.ema_decay, applied=gate)  # type: ignore[attr-defined]
+
+    def on_train_end(self) -> None:
+        """Read the last step's non-finite count (counted on the device, a step late)."""
+        self.guard.flush(rank_zero_warn)
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
@@ -381,7 +401,7 @@ class FinetuneModule(L.LightningModule):
         )
         for group in groups:
             group["lr"] = lr * group["lr_scale"]
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas), fused=fused_adamw(self, hp.fused_optimizer))
 
         def factor(step: int) -> float:
             return warmup_cosine(step, warmup_steps=warmup, total_steps=total, base_lr=1.0, min_lr=hp.min_lr / lr)

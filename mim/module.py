@@ -14,6 +14,7 @@ every training batch (:func:`reseed_global_rng`), so model-side randomness (drop
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from mim.checks import check_encoder_data, check_int, check_range, invalid
 from mim.masking.base import MaskingStrategy
 from mim.models.base import Encoder
+from mim.models.decoder import set_activation_checkpointing
 from mim.optim import NonFiniteGuard, NonFiniteMode, clip_warmup, cosine_anneal, param_groups, scaled_lr, warmup_cosine
 from mim.targets.base import Target
 from mim.types import Batch, Masks, step_seed
@@ -34,6 +36,7 @@ from mim.types import Batch, Masks, step_seed
 __all__ = [
     "PretrainModule",
     "built_by_lightning_cli",
+    "fused_adamw",
     "guarded_optimizer_step",
     "refuse_cli_optimizer",
     "reseed_global_rng",
@@ -81,21 +84,28 @@ def _is_deepspeed(strategy: Any) -> bool:
     return any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)
 
 
-def guarded_optimizer_step(module: L.LightningModule, guard: NonFiniteGuard, optimizer: Any, closure: Any) -> bool:
+def guarded_optimizer_step(
+    module: L.LightningModule, guard: NonFiniteGuard, optimizer: Any, closure: Any
+) -> bool | Tensor:
     """``LightningModule.optimizer_step`` that skips a step whose loss or gradients are not finite.
 
-    Runs Lightning's closure (the last micro-batch's forward and backward), asks ``guard`` (losses of every micro-batch
-    of the group, fed by ``training_step``; every gradient; reduced across ranks: one host sync per optimizer step),
-    then steps through Lightning's optimizer wrapper, so precision plugins, gradient clipping and
-    ``on_before_optimizer_step`` work as usual; or skips: no weight or optimizer-state change, gradients zeroed. The lr
-    schedule and ``global_step`` advance either way (as for a step fp16's GradScaler skips).
+    Runs Lightning's closure (the last micro-batch's forward and backward), takes ``guard``'s verdict (losses of every
+    micro-batch of the group, fed by ``training_step``; every gradient; reduced across ranks), then steps through
+    Lightning's optimizer wrapper, so precision plugins, gradient clipping and ``on_before_optimizer_step`` work as
+    usual. The lr schedule and ``global_step`` advance either way (as for a step fp16's GradScaler skips).
 
-    Under fp16 AMP (a GradScaler) only the losses are checked: the scaler skips overflowing gradients itself and lowers
-    its scale. DeepSpeed strategies run the closure inside their engine and handle overflow themselves: the step is left
-    to them unchecked. ``guard.mode == "off"`` steps without a check or a sync.
+    * A fused optimizer (``AdamW(fused=True)``, the modules' default) gets the verdict as ``found_inf`` and skips on the
+      device: no host sync. The counts are read a step late (:meth:`NonFiniteGuard.record_on_device`).
+    * Other optimizers: the verdict is read on the host (one sync per optimizer step); a non-finite step is not
+      taken and its gradients are zeroed.
+
+    Under fp16 AMP (a GradScaler) only the losses are checked, on the host: the scaler skips overflowing gradients
+    itself and lowers its scale. DeepSpeed strategies run the closure inside their engine and handle overflow
+    themselves: the step is left to them unchecked. ``guard.mode == "off"`` steps without a check or a sync.
 
     Returns:
-        Whether the step was applied.
+        Whether the step was applied: a bool when known on the host, else a () float tensor on the device, 1.0 when
+        applied (pass it on to EMA updates, which then skip on the device too).
     """
     trainer = module.trainer
     if not guard.enabled or closure is None or _is_deepspeed(trainer.strategy):
@@ -104,17 +114,43 @@ def guarded_optimizer_step(module: L.LightningModule, guard: NonFiniteGuard, opt
         return True
     loss = closure()
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    finite = guard.step_is_finite(
-        module.parameters(),
-        lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
-        check_grads=scaler is None,
-    )
+
+    def reduce(t: Tensor) -> Tensor:
+        return trainer.strategy.reduce(t, reduce_op="sum")
+
+    if scaler is None and guard.skips_on_device(optimizer):
+        bad = guard.verdict(module.parameters(), reduce)
+        if bad is None:
+            optimizer.step(closure=lambda: loss)
+            return True
+        # counted first: the previous step's counts are read here and may stop the run before this step applies
+        module.log("train/nonfinite_steps", guard.record_on_device(bad, trainer.global_step, rank_zero_warn))
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.found_inf, inner.grad_scale = bad, None  # what torch's GradScaler hands a fused optimizer
+        try:
+            optimizer.step(closure=lambda: loss)
+        finally:
+            del inner.found_inf, inner.grad_scale
+        return 1.0 - bad
+    finite = guard.step_is_finite(module.parameters(), reduce, check_grads=scaler is None)
     if guard.record(finite, trainer.global_step, rank_zero_warn):
         optimizer.step(closure=lambda: loss)
     else:
         optimizer.zero_grad(set_to_none=True)
     module.log("train/nonfinite_steps", float(guard.total))
     return finite
+
+
+def fused_adamw(module: nn.Module, requested: bool) -> bool | None:
+    """``AdamW(fused=...)``: True when requested and every trainable parameter is a plain tensor on a device torch's
+    fused kernel supports; None (torch's default, foreach) otherwise (FSDP2's DTensors, other devices)."""
+    if not requested:
+        return None
+    params = [p for p in module.parameters() if p.requires_grad]
+    supported = {"cpu", "cuda", "mps", "xpu"}
+    plain = not any(hasattr(p, "to_local") for p in params)  # DTensor (FSDP2) has to_local
+    ok = params and plain and all(p.is_floating_point() and p.device.type in supported for p in params)
+    return True if ok else None
 
 
 def reseed_global_rng(module: L.LightningModule, seed: int, batch_idx: int) -> None:
@@ -163,10 +199,18 @@ class PretrainModule(L.LightningModule):
             global generators at every training batch (drop path and dropout replay on resume).
         nonfinite: what an optimizer step with a non-finite loss or gradient does: ``skip`` (no weight or optimizer
             state change; counted in ``train/nonfinite_steps``, warned once; ``max_nonfinite_steps`` in a row stop the
-            run), ``raise`` (stop at the first) or ``off`` (no check). The check reads one flag, reduced across ranks,
-            on the host per optimizer step (as fp16 AMP does); DeepSpeed strategies keep their own overflow handling.
+            run), ``raise`` (stop at the first) or ``off`` (no check). With the fused optimizer the step is skipped on
+            the device and the counts are read a step late (no host sync); otherwise one flag, reduced across ranks,
+            is read on the host per optimizer step (as fp16 AMP does). DeepSpeed strategies keep their own overflow
+            handling.
         max_nonfinite_steps: consecutive non-finite optimizer steps that stop a ``skip`` run with
             :class:`mim.optim.NonFiniteStepError`.
+        fused_optimizer: AdamW's fused implementation (``torch.optim.AdamW(fused=True)``: one kernel over all
+            parameters; a non-finite step is skipped on the device, without a host sync). False: torch's default
+            (foreach) implementation, and the non-finite check reads its flag on the host once per optimizer step.
+        activation_checkpointing: recompute each transformer block's activations in the backward pass instead of
+            keeping them (encoder, decoder, predictor: :func:`mim.models.decoder.set_activation_checkpointing`): less
+            memory for about one more forward pass of compute.
 
     A warmup that does not end before the run does is clipped to the run (with a warning), so the lr reaches its
     target; LightningCLI's ``--optimizer`` / ``--lr_scheduler`` are refused (use the arguments above).
@@ -192,6 +236,8 @@ class PretrainModule(L.LightningModule):
         seed: int = 0,
         nonfinite: NonFiniteMode = "skip",
         max_nonfinite_steps: int = 5,
+        fused_optimizer: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not targets:
@@ -243,6 +289,8 @@ class PretrainModule(L.LightningModule):
         EMA copies included (:func:`mim.distributed.apply_fsdp2`).
         """
         self.configure_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        if self.hparams.activation_checkpointing:  # type: ignore[attr-defined]
+            set_activation_checkpointing(self, True)
         from mim.distributed import shard_if_fsdp2
 
         shard_if_fsdp2(self)
@@ -332,7 +380,9 @@ class PretrainModule(L.LightningModule):
         out = self.compute_losses(batch, masks, inputs)
         self.guard.observe_loss(out["loss"])  # a device op: the optimizer step reads it
         bs = inputs.shape[0]
-        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
+        # not prog_bar: Lightning reads progress-bar values every step (a host sync); RunProgressBar shows the loss
+        # at logging steps instead
+        self.log("train/loss", out["loss"].detach(), batch_size=bs)
         single = len(self.targets) == 1  # then "<target>/loss" is train/loss again
         extra = {f"train/{k}": v for k, v in out.items() if k != "loss" and not (single and k.endswith("/loss"))}
         if extra:
@@ -389,7 +439,14 @@ class PretrainModule(L.LightningModule):
                 for group in opt.param_groups:
                     if group.get("decay", False):
                         group["weight_decay"] = wd
-        if guarded_optimizer_step(self, self.guard, optimizer, optimizer_closure):
+        applied = guarded_optimizer_step(self, self.guard, optimizer, optimizer_closure)
+        if isinstance(applied, Tensor):  # decided on the device: EMA updates are gated there too
+            for target in self.target_list:
+                if "applied" in inspect.signature(target.after_step).parameters:
+                    target.after_step(self.encoder, self.progress, applied=applied)
+                else:  # a target written before ``applied`` existed: called after skipped steps too
+                    target.after_step(self.encoder, self.progress)
+        elif applied:
             for target in self.target_list:
                 target.after_step(self.encoder, self.progress)
 
@@ -456,7 +513,7 @@ class PretrainModule(L.LightningModule):
             decay_special_tokens=hp.decay_special_tokens,
             never_decay={f"targets.{i}.{n}" for i, t in enumerate(self.target_list) for n in t.never_decay()},
         )
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas), fused=fused_adamw(self, hp.fused_optimizer))
 
         def factor(step: int) -> float:
             return warmup_cosine(
@@ -476,6 +533,10 @@ class PretrainModule(L.LightningModule):
         data_config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
         if callable(data_config):  # input size, mean, std ...: what `mim export` writes for timm
             checkpoint["mim"]["data"] = data_config()
+
+    def on_train_end(self) -> None:
+        """Read the last step's non-finite count (counted on the device, a step late)."""
+        self.guard.flush(rank_zero_warn)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the non-finite step counters (a resumed run keeps counting)."""

@@ -13,7 +13,9 @@ run after too many in a row).
 
 from __future__ import annotations
 
+import ctypes
 import math
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -24,6 +26,7 @@ from mim.checks import check_choice, check_int, check_range
 
 __all__ = [
     "LARS",
+    "LaggedRead",
     "NonFiniteGuard",
     "NonFiniteStepError",
     "clip_warmup",
@@ -250,6 +253,42 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+class LaggedRead:
+    """Reads a few device numbers one step late, so that reading them never drains the device's queue.
+
+    ``.item()`` on a value the step just computed makes the host wait for every kernel queued so far: the next step's
+    launches then start from an idle device (a host sync). :meth:`push` instead copies the values to host memory
+    asynchronously (pinned memory and a CUDA event on a GPU); :meth:`pop`, a step later, returns them: by then the
+    device finished that copy long ago, so the wait ends at once and the queue stays full. On the CPU the copy is
+    immediate. The values are read from host memory directly (no Tensor method: nothing a sync counter would count).
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[Tensor, Any, Any] | None = None
+
+    def push(self, values: Tensor, tag: Any = None) -> None:
+        """Start copying the 1-D ``values`` (float32 on the host) and keep ``tag`` with them; drops an unread push."""
+        values = values.detach().to(torch.float32)
+        host = torch.empty(values.shape, dtype=torch.float32, pin_memory=values.is_cuda)
+        host.copy_(values, non_blocking=True)
+        event = None
+        if values.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (host, event, tag)
+
+    def pop(self) -> tuple[list[float], Any] | None:
+        """The values and tag of the last :meth:`push` (waiting for its copy), or None when there is none."""
+        if self._pending is None:
+            return None
+        host, event, tag = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        n = host.numel()
+        return list(struct.unpack(f"{n}f", ctypes.string_at(host.data_ptr(), 4 * n))), tag
+
+
 class NonFiniteStepError(RuntimeError):
     """A non-finite loss or gradient too many optimizer steps in a row (or once, in ``raise`` mode)."""
 
@@ -258,8 +297,17 @@ class NonFiniteGuard:
     """Decides whether an optimizer step may apply: not when a loss or a gradient of it is NaN or infinite.
 
     The training module feeds every micro-batch's loss to :meth:`observe_loss` (device work only), then, after the
-    backward pass of an accumulation group and before the optimizer step, asks :meth:`step_is_finite` (which reduces
-    the verdict across ranks and costs one host sync, as fp16 AMP's GradScaler does) and :meth:`record` the answer.
+    backward pass of an accumulation group and before the optimizer step, takes the :meth:`verdict` (reduced across
+    ranks, on the device). Two ways to act on it:
+
+    * **on the device, no host sync** (:meth:`skips_on_device`: a fused torch optimizer, ``AdamW(fused=True)``): the
+      verdict goes to the optimizer as ``found_inf``, as fp16 AMP's GradScaler passes it, and the fused kernel leaves
+      the weights and the optimizer state (step count included) unchanged; :meth:`record_on_device` counts it on the
+      device and reads the counts one step late (:class:`LaggedRead`), so warnings and the stop come one optimizer
+      step after the step they concern;
+    * **on the host**, for other optimizers: :meth:`step_is_finite` reads the verdict (one host sync per optimizer
+      step) and :meth:`record` counts it; the caller skips the step.
+
     A skipped step changes neither the weights nor the optimizer state; ``skip`` mode stops the run with
     :class:`NonFiniteStepError` after ``max_consecutive`` non-finite steps in a row, ``raise`` mode at the first.
 
@@ -282,6 +330,8 @@ class NonFiniteGuard:
         self.consecutive = 0
         self._loss_bad: Tensor | None = None
         self._warned = False
+        self._counts: Tensor | None = None  # (2,) [total, consecutive] on the device, ahead of the host's by a step
+        self._lagged = LaggedRead()
 
     @property
     def enabled(self) -> bool:
@@ -297,6 +347,80 @@ class NonFiniteGuard:
     def forget_losses(self) -> None:
         """Drop the losses observed since the last check (a step taken without one, e.g. under DeepSpeed)."""
         self._loss_bad = None
+
+    @staticmethod
+    def skips_on_device(optimizer: Any) -> bool:
+        """Whether ``optimizer`` (or the one a Lightning wrapper holds) can skip a step on the device: a fused torch
+        optimizer (it takes ``found_inf``) over plain tensors (not FSDP2's DTensors)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not getattr(inner, "_step_supports_amp_scaling", False):
+            return False
+        if not all(group.get("fused") for group in inner.param_groups):
+            return False
+        return not any(hasattr(p, "to_local") for group in inner.param_groups for p in group["params"])
+
+    def verdict(
+        self,
+        parameters: Iterable[nn.Parameter],
+        reduce: Callable[[Tensor], Tensor],
+        *,
+        check_grads: bool = True,
+    ) -> Tensor | None:
+        """A () float tensor on the device, 1.0 when a loss (since the last call) or, with ``check_grads``, a gradient
+        is not finite on any rank; None when there was nothing to check. No host sync.
+
+        Args: as :meth:`step_is_finite`.
+        """
+        flags: list[Tensor] = []
+        if self._loss_bad is not None:
+            flags.append(self._loss_bad)
+        self._loss_bad = None
+        if check_grads:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
+            grads = [g for g in grads if g.numel() > 0]  # FSDP2 gives a rank an empty shard of a small parameter
+            if grads:
+                # The L2 norm (torch's fused foreach kernel; the max-abs norm has a 25x slower CPU path): NaN and inf
+                # propagate; a finite gradient large enough to overflow it (|g| ~ 1e19 in fp32) is refused as well.
+                norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # ()
+                flags.append(~torch.isfinite(norm))
+        if not flags:
+            return None
+        device = flags[-1].device
+        bad = torch.stack([f.to(device) for f in flags]).any().float()  # () 1.0 when anything is non-finite
+        return (reduce(bad) > 0).float()
+
+    def record_on_device(self, bad: Tensor, step: int, warn: Callable[[str], None]) -> Tensor:
+        """Count the verdict of optimizer step ``step`` on the device, then read and :meth:`record` the previous step's.
+
+        Returns:
+            The () float tensor of skipped steps so far, on the device (for logging without a sync).
+
+        Raises:
+            NonFiniteStepError: as :meth:`record`, one optimizer step late.
+        """
+        if self._counts is None or self._counts.device != bad.device:
+            self._counts = torch.tensor([float(self.total), float(self.consecutive)], device=bad.device)
+        total, consecutive = self._counts.unbind()
+        self._counts = torch.stack([total + bad, (consecutive + bad) * bad])  # a new tensor: logged values stay put
+        self._read_lagged(warn)
+        self._lagged.push(self._counts, step)
+        return self._counts[0]
+
+    def _read_lagged(self, warn: Callable[[str], None]) -> None:
+        read = self._lagged.pop()
+        if read is None:
+            return
+        (total, consecutive), step = read
+        if int(total) > self.total:  # that step was skipped: count, warn and stop as record() does
+            self.total, self.consecutive = int(total) - 1, int(consecutive) - 1
+            self.record(False, step, warn)
+        else:
+            self.consecutive = 0
+
+    def flush(self, warn: Callable[[str], None] | None = None) -> None:
+        """Read the last counts still on the device (a host sync: at checkpoints and at the end of training)."""
+        self._read_lagged(warn or (lambda message: None))
 
     def step_is_finite(
         self,
@@ -318,24 +442,8 @@ class NonFiniteGuard:
         Returns:
             True when the step may apply. One host sync (the reduced verdict is read on the host).
         """
-        flags: list[Tensor] = []
-        if self._loss_bad is not None:
-            flags.append(self._loss_bad)
-        self._loss_bad = None
-        if check_grads:
-            grads = [p.grad for p in parameters if p.grad is not None]
-            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
-            grads = [g for g in grads if g.numel() > 0]  # FSDP2 gives a rank an empty shard of a small parameter
-            if grads:
-                # The L2 norm (torch's fused foreach kernel; the max-abs norm has a 25x slower CPU path): NaN and inf
-                # propagate; a finite gradient large enough to overflow it (|g| ~ 1e19 in fp32) is refused as well.
-                norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # ()
-                flags.append(~torch.isfinite(norm))
-        if not flags:
-            return True
-        device = flags[-1].device
-        bad = torch.stack([f.to(device) for f in flags]).any().float()  # () 1.0 when anything is non-finite
-        return float(reduce(bad)) == 0.0  # the one host sync per optimizer step
+        bad = self.verdict(parameters, reduce, check_grads=check_grads)
+        return bad is None or float(bad) == 0.0  # the one host sync per optimizer step
 
     def record(self, finite: bool, step: int, warn: Callable[[str], None]) -> bool:
         """Count the verdict of optimizer step ``step``; warn at the first skip; raise when it is time to stop.
@@ -375,9 +483,11 @@ class NonFiniteGuard:
         return False
 
     def state_dict(self) -> dict[str, int]:
-        """The counters, for checkpoints."""
+        """The counters, for checkpoints (the last step's included: read from the device)."""
+        self.flush()
         return {"total": self.total, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore the counters of :meth:`state_dict`."""
         self.total, self.consecutive = int(state.get("total", 0)), int(state.get("consecutive", 0))
+        self._counts, self._lagged = None, LaggedRead()

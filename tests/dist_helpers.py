@@ -123,7 +123,7 @@ class EMAProbe(Callback):
     def _wrap(self, name: str, ema: EMA) -> None:
         original = ema.update
 
-        def update(online: torch.nn.Module, momentum: float) -> None:
+        def update(online: torch.nn.Module, momentum: float, *, applied: torch.Tensor | None = None) -> None:
             ema_params, online_params = list(ema.module.parameters()), list(online.parameters())
             kinds = {
                 "zero3": sum(hasattr(p, "ds_tensor") for p in ema_params),
@@ -136,12 +136,13 @@ class EMAProbe(Callback):
                 targets, sources = local_shards(ema_params, online_params)
                 before = [t.detach().clone() for t in targets]
                 sources = [s.detach().clone() for s in sources]
-            comms = _comm_events(lambda: original(online, momentum))
+            comms = _comm_events(lambda: original(online, momentum, applied=applied))
+            weight = (1 - momentum) * (1.0 if applied is None else float(applied))  # applied: skipped on the device?
             with torch.no_grad():
                 after, _ = local_shards(list(ema.module.parameters()), list(online.parameters()))
                 err = max(
                     (
-                        (a - (momentum * b + (1 - momentum) * s)).abs().max().item()
+                        (a - ((1 - weight) * b + weight * s)).abs().max().item()
                         for a, b, s in zip(after, before, sources)
                         if a.numel()
                     ),

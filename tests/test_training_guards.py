@@ -23,7 +23,7 @@ from mim.finetune import FinetuneModule
 from mim.masking import RandomMasking
 from mim.module import PretrainModule
 from mim.optim import NonFiniteGuard, NonFiniteStepError, clip_warmup
-from mim.targets import PixelTarget
+from mim.targets import LatentTarget, PixelTarget
 from tests.factories import TINY_VIT, LossRecorder, cpu_trainer, tiny_encoder
 
 
@@ -296,10 +296,14 @@ def _precision(precision: str) -> dict[str, Any]:
     return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
-def test_nonfinite_steps_are_skipped_counted_and_warned_once(precision: str) -> None:
-    """NaN images in batches 1 and 3: those steps change neither the weights nor the optimizer state; the others do."""
-    module = pretrain_module()
+@pytest.mark.parametrize(
+    ("precision", "fused"), [("32-true", True), ("32-true", False), ("bf16-mixed", True), ("16-mixed", True)]
+)
+def test_nonfinite_steps_are_skipped_counted_and_warned_once(precision: str, fused: bool) -> None:
+    """NaN images in batches 1 and 3: those steps change neither the weights nor the optimizer state; the others do.
+
+    Skipped on the device by the fused AdamW (no host sync), or on the host (foreach AdamW, and 16-mixed's scaler)."""
+    module = pretrain_module(fused_optimizer=fused)
     watcher = StepWatcher()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -335,8 +339,11 @@ def test_nonfinite_micro_batch_skips_its_accumulation_group() -> None:
     assert module.guard.total == 1 and trainer.global_step == 2
 
 
-def test_consecutive_nonfinite_steps_stop_the_run() -> None:
-    module = pretrain_module(max_nonfinite_steps=2)
+@pytest.mark.parametrize("fused", [True, False])
+def test_consecutive_nonfinite_steps_stop_the_run(fused: bool) -> None:
+    """On the host (foreach AdamW) the run stops inside step 2; on the device (fused) the counts are read a step late:
+    inside step 3, before its weights change."""
+    module = pretrain_module(max_nonfinite_steps=2, fused_optimizer=fused)
     watcher = StepWatcher()
     with pytest.raises(NonFiniteStepError) as error, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -347,7 +354,7 @@ def test_consecutive_nonfinite_steps_stop_the_run() -> None:
         "bf16-mixed rather than 16-mixed, clip gradients (trainer.gradient_clip_val=1.0), or check the data for NaN / "
         "inf values"
     )
-    assert watcher.weights_changed == [True, False]  # stopped inside step 2, before its weights could change
+    assert watcher.weights_changed == ([True, False, False] if fused else [True, False])
     assert isinstance(error.value, RuntimeError)
 
 
@@ -357,6 +364,37 @@ def test_raise_mode_stops_at_the_first_nonfinite_step_and_off_mode_lets_it_throu
     module = pretrain_module(nonfinite="off")
     _fit(module, TensorImages(nan_at=[2]), max_steps=2)
     assert torch.isnan(module.encoder.vit.cls_token).all()  # unguarded: the NaN reached the weights
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_skipped_steps_leave_ema_targets_unchanged(fused: bool) -> None:
+    """I-JEPA's EMA target encoder: no EMA update after a skipped step, also when the skip is decided on the device."""
+    encoder = tiny_encoder(model_kwargs={**TINY_VIT, "class_token": False, "global_pool": "avg"})
+    target = LatentTarget(predictor_dim=16, predictor_depth=1, monitor_every=100)
+    module = PretrainModule(
+        encoder=encoder,
+        masking=RandomMasking(mask_ratio=0.75),
+        targets=[target],
+        lr=1e-3,
+        warmup_steps=0,
+        fused_optimizer=fused,
+    )
+    watcher = StepWatcher()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(module, TensorImages(nan_at=[2]), max_steps=3, callbacks=[watcher])
+    assert watcher.weights_changed == [True, False, True]  # the EMA copy's parameters included
+    assert module.guard.total == 1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_finetune_ema_skips_with_the_step(fused: bool) -> None:
+    module = finetune_module(ema_decay=0.5, fused_optimizer=fused)
+    watcher = StepWatcher()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(module, TensorImages(nan_at=[5]), max_steps=4, callbacks=[watcher])
+    assert watcher.weights_changed == [True, True, False, True]
 
 
 def test_finetune_skips_nonfinite_steps() -> None:

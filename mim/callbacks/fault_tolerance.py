@@ -5,7 +5,8 @@
 
 * **Atomic checkpoints**: at setup it installs :func:`mim.distributed.use_atomic_checkpoints` (a file is written under a
   temporary name with a SHA-256 sidecar and renamed when complete; a full disk leaves the previous checkpoint intact).
-* **SIGTERM: save, then stop.** At the end of the step the signal arrives in (agreed over the ranks), every rank saves
+* **SIGTERM: save, then stop.** At the end of the step the signal arrives in (with several ranks: the step after it,
+  where every rank has read the flag agreed over the ranks without a host sync), every rank saves
   ``preempted-step=<N>.ckpt`` next to the run's other checkpoints and training stops (``mim fit`` then exits with 143),
   so ``--ckpt_path last`` (or ``--resume auto``) continues from that step instead of the last periodic checkpoint.
 * **Resume settings**: every checkpoint records the settings an exact resume depends on (the seeds, the world size,
@@ -29,11 +30,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mim.distributed import use_atomic_checkpoints
+from mim.optim import LaggedRead
 
 __all__ = ["FaultTolerance", "compare_run_settings", "run_settings"]
 
 # Settings whose change leaves the data order, augmentation, masks and step counts of a resumed run unchanged.
 _HARMLESS = {"num_workers", "decode_threads", "pin_memory", "persistent_workers", "prefetch_factor"}
+
+
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while FaultTolerance handles SIGTERM."""
 
 
 def _plain(value: Any) -> Any:
@@ -134,6 +140,7 @@ class FaultTolerance(L.Callback):
         self._trainer: L.Trainer | None = None
         self._stop_requested = False
         self._previous_handler: Any = None
+        self._agreed = LaggedRead()
 
     @property
     def state_key(self) -> str:
@@ -142,6 +149,7 @@ class FaultTolerance(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self._stop_requested = False
+        self._agreed = LaggedRead()
         self.preempted_checkpoint = None
         FaultTolerance.sigterm_received = False
         if self.atomic:
@@ -177,11 +185,17 @@ class FaultTolerance(L.Callback):
         at its next step end, while the other ranks wait in the next step's broadcast: under DDP a checkpoint saved
         then can hang (measured: 1 run in 2 on 2 CPU processes). This one only sets a flag (and forwards the signal to
         the processes Lightning's launcher started); the ranks agree on it at a step end and all save there.
+
+        Lightning's per-step broadcast of its own flag (``_broadcast_sigterm_tensor``, with several ranks: a collective
+        and a host sync at every step) then has nothing to carry: it is switched off for this run.
         """
         if not self.save_on_sigterm or threading.current_thread() is not threading.main_thread():
             return
         self._previous_handler = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = _no_broadcast  # type: ignore[method-assign]
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if not self._stop_requested and self._trainer is not None:
@@ -194,15 +208,18 @@ class FaultTolerance(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         """At a step end after SIGTERM (on any rank): every rank saves ``preempted-step=<N>.ckpt`` and training stops.
 
-        With several ranks the flag is summed over them at every step end (one all-reduce of a scalar and a host sync
-        per step, as Lightning's own per-step SIGTERM broadcast costs), so that all ranks save at the same step.
+        With several ranks the flag is summed over them at every step end (an all-reduce of a scalar, queued on the
+        device) and every rank reads the sum one step later (:class:`mim.optim.LaggedRead`: no host sync, the queue
+        stays full), so that all ranks save at the same step, the one after the signal.
         """
         if not self.save_on_sigterm or self.preempted_checkpoint is not None:
             return
         stop = self._stop_requested
         if trainer.world_size > 1:
-            flag = torch.tensor(float(stop), device=pl_module.device)
-            stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+            flag = torch.full((1,), float(stop), device=pl_module.device)  # a fill kernel: no host-to-device copy
+            previous = self._agreed.pop()  # the previous step end's sum: the same on every rank
+            self._agreed.push(trainer.strategy.reduce(flag, reduce_op="sum"))
+            stop = previous is not None and previous[0][0] > 0
         if not stop:
             return
         FaultTolerance.sigterm_received = True
@@ -219,6 +236,7 @@ class FaultTolerance(L.Callback):
         if self._previous_handler is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
             signal.signal(signal.SIGTERM, self._previous_handler)
         self._previous_handler = None
+        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)  # Lightning's own again
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):  # Lightning's handler, outside the training loop (sanity check)

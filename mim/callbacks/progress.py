@@ -5,6 +5,10 @@ never finishes: no useful ETA for a pretraining run of days. This bar counts the
 (``trainer.estimated_stepping_batches`` optimizer steps x gradient accumulation, less when ``max_steps`` ends it
 first), starts where a resumed run stands, shows samples (batches x per-device batch x world size), so tqdm's rate is
 samples/s, and keeps the epoch in its description. ``mim fit`` uses it in place of Lightning's default bar.
+
+The training loss is shown as of the last logging step (``trainer.log_every_n_steps``): the modules do not log it with
+``prog_bar=True``, because Lightning converts progress-bar values to Python numbers at every step, a host sync that
+keeps a GPU's queue from running ahead; at a logging step the logger reads the values anyway.
 """
 
 from __future__ import annotations
@@ -26,9 +30,29 @@ class RunProgressBar(TQDMProgressBar):
         leave: keep finished validation bars (Lightning's meaning).
     """
 
+    SHOWN = ("train/loss",)  # read at logging steps only
+
     def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave)
         self._batches_done = 0
+        self._shown: dict[str, float] = {}
+        self._shown_step = -1
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
+        return {**super().get_metrics(trainer, pl_module), **self._shown}
+
+    def _read_shown(self, trainer: L.Trainer, *, now: bool = False) -> None:
+        """Read the shown values after the first step, at logging steps and at the end (``now``): one host sync per
+        ``log_every_n_steps`` steps."""
+        step = trainer.global_step
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+        if step == self._shown_step or not (now or step == 1 or step % every == 0 or trainer.should_stop):
+            return
+        self._shown_step = step
+        for key in self.SHOWN:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                self._shown[key] = round(float(value), 4)
 
     def _samples_per_batch(self, trainer: L.Trainer) -> int:
         per_device = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
@@ -64,6 +88,7 @@ class RunProgressBar(TQDMProgressBar):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batches_done += 1
+        self._read_shown(trainer)
         bar = self.train_progress_bar
         if self.refresh_rate and (self._batches_done % self.refresh_rate == 0 or trainer.should_stop):
             bar.n = self._batches_done * self._samples_per_batch(trainer)
@@ -71,5 +96,6 @@ class RunProgressBar(TQDMProgressBar):
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read_shown(trainer, now=True)
         if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -15,24 +15,60 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.models.vision_transformer import Block
+import torch.utils.checkpoint
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from mim.models.embed import sincos_for_grid
 from mim.tokens import gather_tokens, scatter_tokens
 from mim.types import TokenGrid
 
-__all__ = ["MAEDecoder", "transformer_blocks"]
+__all__ = ["BlockStack", "MAEDecoder", "set_activation_checkpointing", "transformer_blocks"]
 
 
-def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
+class BlockStack(nn.ModuleList):
+    """Transformer blocks run in sequence; with ``grad_checkpointing`` each block's activations are recomputed in the
+    backward pass instead of kept (``torch.utils.checkpoint``, non-reentrant; the RNG state is replayed, so drop path
+    and dropout recompute the same draws). The state-dict keys are a ``ModuleList``'s (``<name>.<i>.``)."""
+
+    grad_checkpointing: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+        return x
+
+
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> BlockStack:
     """``depth`` timm ViT blocks of width ``dim`` (qkv bias, LayerNorm eps 1e-6): the stack of MAE's decoder,
     HPM's loss predictor and the JEPA predictor."""
     norm = partial(nn.LayerNorm, eps=1e-6)
-    return nn.ModuleList(
+    return BlockStack(
         Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
         for _ in range(depth)
     )
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
+    """Recompute block activations in the backward pass (``enabled``) in every block stack inside ``module``: timm
+    ViTs (encoders, teachers: ``set_grad_checkpointing``) and :class:`BlockStack` (decoders, predictors).
+
+    Saves the activations of all but one block at a time, for about one more forward pass of compute (a switch of
+    issue 13: memory against speed). Frozen parts run without autograd and are unaffected.
+
+    Returns:
+        The number of block stacks switched.
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, BlockStack):
+            m.grad_checkpointing = enabled
+            count += 1
+        elif isinstance(m, VisionTransformer):
+            m.set_grad_checkpointing(enabled)
+            count += 1
+    return count
 
 
 class MAEDecoder(nn.Module):
@@ -131,8 +167,7 @@ class MAEDecoder(nn.Module):
         Returns:
             (B, T or N, out_dim).
         """
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = self.decoder_blocks(x)
         x = x[:, self.num_prefix_tokens :]  # (B, N, Dd)
         if outputs is not None:
             x = gather_tokens(x, outputs)  # (B, T, Dd)
@@ -165,7 +200,6 @@ class MAEDecoder(nn.Module):
         vis = x[:, c:] + gather_tokens(grid_pos, visible)  # (B, K, Dd)
         queries = self.mask_token.to(x.dtype) + gather_tokens(grid_pos, keep)  # (B, Kd, Dd)
         x = torch.cat([prefix, vis, queries], dim=1)  # (B, prefix+K+Kd, Dd)
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = self.decoder_blocks(x)
         x = x[:, x.shape[1] - kd :]  # (B, Kd, Dd): the query rows
         return self.decoder_pred(self.decoder_norm(x))  # (B, Kd, out_dim)

@@ -124,8 +124,7 @@ class JEPAPredictor(nn.Module):
         else:
             ctx = context.unsqueeze(1).expand(-1, m, -1, -1).reshape(b * m, context.shape[1], -1)  # (B*M, prefix+K, P)
             seq = torch.cat([ctx, queries.reshape(b * m, t, -1)], dim=1)  # (B*M, prefix+K+T, P) sample-major
-        for block in self.predictor_blocks:
-            seq = block(seq)
+        seq = self.predictor_blocks(seq)
         num_queries = m * t if self.groups == "joint" else t
         out = seq[:, seq.shape[1] - num_queries :]  # (B, M*T, P) joint, (B*M, T, P) separate
         out = self.predictor_proj(self.predictor_norm(out))  # (B, M*T, D) or (B*M, T, D)

@@ -145,7 +145,12 @@ class MaskedTableEncoder(Encoder):
         parts = [t.expand(tokens.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         x = torch.cat([*parts, tokens], dim=1)  # (B, prefix+K, D)
         x = vit.norm_pre(x)
-        x = vit.blocks(x)
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(vit.blocks, x)
+        else:
+            x = vit.blocks(x)
         return vit.norm(x)
 
     def forward(self, tokens: Tensor, visible: Tensor | None = None) -> Tensor:

@@ -51,8 +51,15 @@ class Target(nn.Module, ABC):
         """(B, N) per-token scores for score-driven masking (hard-patch mining); None by default."""
         return None
 
-    def after_step(self, encoder: Encoder, progress: float) -> None:  # noqa: B027 - optional hook
-        """Called after each optimizer step (EMA updates and the like); no-op by default."""
+    def after_step(  # noqa: B027 - optional hook
+        self, encoder: Encoder, progress: float, *, applied: Tensor | None = None
+    ) -> None:
+        """Called after each optimizer step (EMA updates and the like); no-op by default.
+
+        ``applied`` is None after a step that was applied; a () float tensor on the device (1.0: applied, 0.0:
+        skipped for a non-finite loss) when that was decided on the device without a host sync (a fused optimizer):
+        an EMA update then passes it on (:meth:`mim.ema.EMA.update`), so a skipped step leaves the EMA unchanged.
+        """
 
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of special tokens: decayed only with ``decay_special_tokens``."""

@@ -141,9 +141,10 @@ class HardPatchTarget(PixelTarget):
         x = parts["decoder_embed"](latent) + self._decoder().decoder_pos_embed.to(latent.dtype)  # (B, prefix+N, Dd)
         return parts["loss_predictor"](x).float()  # (B, N)
 
-    def after_step(self, encoder: Encoder, progress: float) -> None:
-        """EMA update of the teacher, ``m`` moving from ``ema_momentum[0]`` to ``[1]`` over ``ema_ramp``."""
+    def after_step(self, encoder: Encoder, progress: float, *, applied: Tensor | None = None) -> None:
+        """EMA update of the teacher, ``m`` moving from ``ema_momentum[0]`` to ``[1]`` over ``ema_ramp`` (none where
+        ``applied`` is 0)."""
         start, end = self.ema_momentum
         self._parts()[1].update(
-            self._student(encoder), ema_momentum(progress, start=start, end=end, ramp=self.ema_ramp)
+            self._student(encoder), ema_momentum(progress, start=start, end=end, ramp=self.ema_ramp), applied=applied
         )

@@ -192,9 +192,9 @@ class LatentTarget(Target):
             "rankme_pred": rankme(pred),
         }
 
-    def after_step(self, encoder: Encoder, progress: float) -> None:
-        """EMA update of the target encoder with the scheduled momentum."""
-        self._parts()[1].update(encoder, self.momentum_at(progress))
+    def after_step(self, encoder: Encoder, progress: float, *, applied: Tensor | None = None) -> None:
+        """EMA update of the target encoder with the scheduled momentum (none where ``applied`` is 0)."""
+        self._parts()[1].update(encoder, self.momentum_at(progress), applied=applied)
 
     def momentum_at(self, progress: float) -> float:
         """The EMA momentum at ``progress`` (fraction of training done)."""

@@ -90,7 +90,6 @@ class LossPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, prefix + N, Dd) decoder input -> (B, N) predicted loss per token."""
-        for block in self.blocks:
-            x = block(x)
+        x = self.blocks(x)
         x = x[:, self.num_prefix_tokens :]  # (B, N, Dd)
         return self.pred(self.norm(x)).mean(dim=-1)  # (B, N)

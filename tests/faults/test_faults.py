@@ -333,13 +333,15 @@ def test_sigterm_in_a_two_process_run_saves_once_and_resumes_bit_identically(tmp
     proc.send_signal(signal.SIGTERM)  # to the launching process (rank 0); Lightning forwards it to rank 1
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
-    saved = tmp_path / "ckpt" / "preempted-step=5.ckpt"
+    # the ranks read the flag they agreed on one step late (no host sync per step): both save after step 6
+    saved = tmp_path / "ckpt" / "preempted-step=6.ckpt"
     verify_checkpoint(saved)
+    assert not (tmp_path / "ckpt" / "preempted-step=5.ckpt").exists()
     assert "another process of this run died" not in stderr  # rank 1 reports the preemption, not a crash
 
     done = _run(ddp(tmp_path, tmp_path / "b.jsonl", "--resume=auto"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {saved}" in done.stderr
     resumed = _steps(tmp_path / "b.jsonl")
-    assert sorted(resumed) == list(range(6, STEPS + 1))
+    assert sorted(resumed) == list(range(7, STEPS + 1))
     assert resumed == {s: expected[s] for s in resumed}
