@@ -211,6 +211,9 @@ class PretrainModule(L.LightningModule):
         activation_checkpointing: recompute each transformer block's activations in the backward pass instead of
             keeping them (encoder, decoder, predictor: :func:`mim.models.decoder.set_activation_checkpointing`): less
             memory for about one more forward pass of compute.
+        compile: run the training step's model work (:meth:`compute_losses`: encoder, targets, losses) through
+            ``torch.compile``; the masks are drawn outside the compiled graph. The first steps pay the compilation
+            (minutes for large models); validation stays eager.
 
     A warmup that does not end before the run does is clipped to the run (with a warning), so the lr reaches its
     target; LightningCLI's ``--optimizer`` / ``--lr_scheduler`` are refused (use the arguments above).
@@ -238,6 +241,7 @@ class PretrainModule(L.LightningModule):
         max_nonfinite_steps: int = 5,
         fused_optimizer: bool = True,
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not targets:
@@ -276,6 +280,7 @@ class PretrainModule(L.LightningModule):
             self._bind_targets()
         self._generator: torch.Generator | None = None
         self._total_steps = 1
+        self._compiled_losses: Callable[..., dict[str, Tensor]] | None = None
 
     def _bind_targets(self) -> None:
         for target in self.target_list:
@@ -354,13 +359,25 @@ class PretrainModule(L.LightningModule):
         inputs = self.inputs(batch) if inputs is None else inputs
         latent = self.encoder(inputs, masks.visible)  # (B, prefix+K, D)
         out: dict[str, Tensor] = {}
-        total = latent.new_zeros((), dtype=torch.float32)
+        total: Tensor | None = None
         for name, target in zip(self.target_names, self.target_list):
             result = target(batch, masks, latent, self.encoder)
-            total = total + target.weight * result["loss"]
+            # No identity arithmetic (0 + 1.0 x loss) on a loss also returned detached: under torch.compile (torch
+            # 2.14) such an output loses its autograd graph (tests/test_compile.py).
+            term = result["loss"].float() if target.weight == 1.0 else target.weight * result["loss"].float()
+            total = term if total is None else total + term
             out.update({f"{name}/{k}": v.detach() for k, v in result.items()})
+        assert total is not None  # at least one target (checked at construction)
         out["loss"] = total
         return out
+
+    def training_losses(self, batch: Batch, masks: Masks, inputs: Tensor) -> dict[str, Tensor]:
+        """:meth:`compute_losses`, compiled with ``torch.compile`` when the module was built with ``compile=True``."""
+        if not self.hparams.get("compile", False):
+            return self.compute_losses(batch, masks, inputs)
+        if self._compiled_losses is None:
+            self._compiled_losses = torch.compile(self.compute_losses)
+        return self._compiled_losses(batch, masks, inputs)
 
     def setup(self, stage: str) -> None:
         """Lightning hook: refuse LightningCLI's ``--optimizer`` / ``--lr_scheduler`` before anything runs."""
@@ -377,7 +394,7 @@ class PretrainModule(L.LightningModule):
         inputs = self.inputs(batch)
         gen = self.generator(inputs.device, self.trainer.global_step, self.global_rank, micro)
         masks = self.draw_masks(batch, gen, inputs)
-        out = self.compute_losses(batch, masks, inputs)
+        out = self.training_losses(batch, masks, inputs)
         self.guard.observe_loss(out["loss"])  # a device op: the optimizer step reads it
         bs = inputs.shape[0]
         # not prog_bar: Lightning reads progress-bar values every step (a host sync); RunProgressBar shows the loss
