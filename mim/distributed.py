@@ -12,7 +12,7 @@ passes per step, which EMA teachers need). This module holds what those strategi
   ``PretrainModule`` as the root unit, whose ``training_step`` / ``validation_step`` count as forward passes.
 * :class:`AtomicCheckpointIO` and :func:`use_atomic_checkpoints`: single-file checkpoints written under a temporary
   name, renamed when complete, with a SHA-256 sidecar verified on load. Both strategies above write their checkpoint
-  folders the same way (``<name>.tmp``, then ``mim-manifest.json`` and a rename; verified on load).
+  folders the same way (``<name>.tmp``, then ``mim-info.json``, ``mim-manifest.json`` and a rename; verified on load).
 
 EMA teachers and target encoders update on the local shards (:mod:`mim.ema`); frozen teachers are not registered
 submodules, so no strategy partitions them or puts them in the optimizer or the checkpoint.
@@ -21,7 +21,9 @@ submodules, so no strategy partitions them or puts them in the optimizer or the 
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,13 +53,16 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
+    "INFO_NAME",
     "AtomicCheckpointIO",
     "DeepSpeedStrategy",
     "FSDP2Strategy",
     "apply_fsdp2",
     "data_parallel_mesh",
+    "read_checkpoint_info",
     "shard_if_fsdp2",
     "use_atomic_checkpoints",
+    "write_checkpoint_info",
 ]
 
 
@@ -150,18 +155,49 @@ def use_atomic_checkpoints(trainer: Any) -> bool:
     return False
 
 
+INFO_NAME = "mim-info.json"
+"""Inside a sharded checkpoint folder: the checkpoint's plain top-level entries (:func:`write_checkpoint_info`)."""
+
+
+def write_checkpoint_info(folder: str | os.PathLike, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Write :data:`INFO_NAME` into a sharded checkpoint folder: every top-level entry of ``checkpoint`` that is a
+    string, number or boolean (``epoch``, ``global_step``, ``wandb_run_id`` ...), as JSON.
+
+    A single ``.ckpt`` file holds these entries itself; a DeepSpeed or FSDP2 folder buries them in a rank's pickle, so
+    a reader that wants one of them (the wandb run id on resume, :func:`mim.run_logging.checkpoint_run_id`) reads this
+    small file instead. Written by rank 0 before the folder is sealed, so the manifest covers it.
+
+    Returns:
+        What was written.
+    """
+    info = {k: v for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, str | int | float | bool)}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / INFO_NAME).write_text(json.dumps(info, indent=1, sort_keys=True))
+    return info
+
+
+def read_checkpoint_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`INFO_NAME` entries of a sharded checkpoint folder; ``{}`` when it has none or it cannot be read."""
+    try:
+        info = json.loads((Path(folder) / INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 class _AtomicFolders:
     """Mixin for the sharded strategies: checkpoint folders written into ``<name>.tmp`` and sealed by rank 0.
 
     ``save_checkpoint``: rank 0 clears a stale ``<name>.tmp``; every rank writes into it (the strategy's own save);
-    barrier; rank 0 writes ``mim-manifest.json`` (each file's relative path, size and SHA-256) and renames the folder to
-    ``<name>``, replacing an older one only now (:func:`mim.checkpoint.finalize_checkpoint_folder`); its outcome is
-    broadcast, so every rank returns or raises the same one-line error together. ``load_checkpoint`` verifies the
+    barrier; rank 0 writes :data:`INFO_NAME` (:func:`write_checkpoint_info`: step, wandb run id ...) and
+    ``mim-manifest.json`` (each file's relative path, size and SHA-256) and renames the folder to ``<name>``,
+    replacing an older one only now (:func:`mim.checkpoint.finalize_checkpoint_folder`); its outcome is broadcast, so
+    every rank returns or raises the same one-line error together. ``load_checkpoint`` verifies the
     manifest on rank 0 and broadcasts the verdict before any rank loads. Assumes a file system every rank sees (as
     resuming sharded checkpoints does).
     """
 
-    def _save_atomically(self, save: Callable[[Any], None], filepath: Any) -> None:
+    def _save_atomically(self, save: Callable[[Any], None], filepath: Any, checkpoint: dict[str, Any]) -> None:
         strategy: Any = self
         final = Path(strategy.broadcast(str(_local(filepath))))
         tmp = final.with_name(final.name + ".tmp")
@@ -188,9 +224,15 @@ class _AtomicFolders:
         strategy.barrier("mim.save_checkpoint")
         if strategy.is_global_zero:
             try:
+                write_checkpoint_info(tmp, checkpoint)
                 finalize_checkpoint_folder(tmp, final)
             except CheckpointWriteError as e:
                 error = str(e)
+            except OSError as e:
+                error = (
+                    f"{final}: could not write {INFO_NAME} into {tmp} ({e.strerror or e}); the previous checkpoints "
+                    "are intact: free space (or fix the folder's permissions), then resume with --ckpt_path last"
+                )
         error = strategy.broadcast(error)
         if error is not None:
             raise CheckpointWriteError(error)
@@ -291,7 +333,8 @@ class DeepSpeedStrategy(_AtomicFolders, _LightningDeepSpeedStrategy):
         """DeepSpeed's checkpoint folder, written into ``<filepath>.tmp`` and renamed with a manifest when complete."""
         if storage_options is not None:
             super().save_checkpoint(checkpoint, filepath, storage_options)  # Lightning's TypeError
-        self._save_atomically(lambda tmp: super(DeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp), filepath)
+        save = lambda tmp: super(DeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp)  # noqa: E731
+        self._save_atomically(save, filepath, checkpoint)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Refuse another world size (:func:`mim.checkpoint.check_resume`), verify the manifest, then load."""
@@ -335,7 +378,9 @@ class FSDP2Strategy(_AtomicFolders, ModelParallelStrategy):
         if storage_options is not None or not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        self._save_atomically(lambda tmp: super(FSDP2Strategy, self).save_checkpoint(checkpoint, tmp), filepath)
+        self._save_atomically(
+            lambda tmp: super(FSDP2Strategy, self).save_checkpoint(checkpoint, tmp), filepath, checkpoint
+        )
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Verify the checkpoint (the manifest of a folder, the checksum of a file) on rank 0, then load it."""

@@ -9,6 +9,7 @@ train, so ``mim masks``, ``mim export`` and ``mim --help`` start fast.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -18,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from mim.callbacks import FaultTolerance, RunMetrics, RunPictures, RunProgressBar
 from mim.checkpoint import CheckpointError, check_resume, newest_checkpoint
@@ -31,6 +33,7 @@ from mim.run_logging import (
     WandbRunId,
     checkpoint_run_id,
     default_logger,
+    finetune_command,
     finish_wandb,
     log_location,
     summary,
@@ -43,7 +46,8 @@ class MimCLI(LightningCLI):
     """LightningCLI with mim's defaults: any LightningModule / LightningDataModule by ``class_path``, the
     :class:`~mim.callbacks.FaultTolerance` callback on every trainer, ``--ckpt_path last|auto``, wandb as the default
     logger of ``fit`` (CSV under ``WANDB_MODE=disabled`` or when wandb cannot start; :mod:`mim.run_logging`) continuing
-    the checkpoint's wandb run on resume, the resolved config logged, and a summary at the end of ``fit``."""
+    the checkpoint's wandb run on resume, the resolved config logged, start-up checks (:class:`_StartChecks`), and a
+    summary at the end of ``fit`` (with the exact fine-tune command, :func:`~mim.run_logging.finetune_command`)."""
 
     _args: list[str]
     _newest: dict[Path, Path | None]
@@ -98,6 +102,7 @@ class MimCLI(LightningCLI):
         for default in (FaultTolerance, WandbRunId, RunMetrics, RunPictures):  # unless the recipe configures its own
             if not any(isinstance(c, default) for c in callbacks):
                 callbacks.append(default())
+        callbacks.append(_StartChecks())
         for i, c in enumerate(callbacks):  # Lightning's default bar restarts every epoch: one bar over the run instead
             if type(c) is TQDMProgressBar:
                 callbacks[i] = RunProgressBar(refresh_rate=c.refresh_rate)
@@ -133,7 +138,11 @@ class MimCLI(LightningCLI):
         if last is None and ckpt is not None:
             last = getattr(ckpt, "_last_checkpoint_saved", None) or None
         args = _without_ckpt_path(self._args[1:] if self._args[:1] == ["fit"] else self._args)
-        finetune = "finetune" not in type(self.model).__module__
+        ckpt_path = best or last
+        finetune = None
+        if ckpt_path and "finetune" not in type(self.model).__module__:
+            config = json.loads(json.dumps(self._run_config().as_dict(), default=str))
+            finetune = finetune_command(ckpt_path, config, recipes=self._recipes())
         rank_zero_info(
             summary(
                 best=best,
@@ -201,10 +210,50 @@ def _without_ckpt_path(args: list[str]) -> list[str]:
 # Start-up noise that says nothing about a mim run, dropped by message (and only inside `mim fit|validate|...`).
 _QUIET_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree helper on newer torch
-    r"Total length of `list` across ranks is zero",  # a datamodule without validation data returns []
-    r"Found \d+ module\(s\) in eval mode at the start of training",  # frozen teachers are in eval mode by design
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",
 )
+_EVAL_MODE_WARNING = (  # Lightning's, word for word: EMA copies are in eval mode by design; _StartChecks says which
+    r"Found \d+ module\(s\) in eval mode at the start of training\. This may lead to unexpected behavior during "
+    r"training\. If this is intentional, you can ignore this warning\.\Z"
+)
+
+
+class _StartChecks(Callback):
+    """Start-up checks of ``mim fit`` that replace two of Lightning's generic warnings with mim's own facts.
+
+    * A datamodule without validation data (its ``val_dataloader()`` is ``[]``, e.g. an image folder without
+      ``val_root``): ``trainer.limit_val_batches`` is set to 0, so Lightning runs no validation instead of asking for
+      the empty loader and warning that its length is zero across ranks.
+    * Modules in eval mode at the start of training: EMA copies (:class:`mim.ema.EMA`, teachers and target encoders)
+      are by design, and Lightning's warning about them is dropped (:data:`_EVAL_MODE_WARNING`); any other module in
+      eval mode is named in a warning.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector
+        if stage != "fit" or trainer.limit_val_batches == 0 or data is None:
+            return
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if is_overridden("val_dataloader", data) and data.val_dataloader() in ([], ()):
+            trainer.limit_val_batches = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from mim.ema import EMA
+
+        copies = [name for name, m in pl_module.named_modules() if isinstance(m, EMA)]
+        inside = tuple(f"{name}.module" for name in copies)
+        stray = [
+            name or type(pl_module).__name__
+            for name, m in pl_module.named_modules()
+            if not m.training and not any(name == c or name.startswith(c + ".") for c in inside)
+        ]
+        if stray:
+            shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+            rank_zero_warn(
+                f"mim: {len(stray)} module(s) are in eval mode at the start of training ({shown}): dropout, drop path "
+                "and batch-norm statistics behave as at inference there; call .train() on them if that is a mistake"
+            )
 
 
 class _DropTips(logging.Filter):
@@ -216,12 +265,14 @@ class _DropTips(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Within: the warnings of :data:`_QUIET_WARNINGS` and Lightning's product tips are not shown."""
+    """Within: the warnings of :data:`_QUIET_WARNINGS`, Lightning's eval-mode warning (:data:`_EVAL_MODE_WARNING`,
+    replaced by :class:`_StartChecks`) and Lightning's product tips are not shown."""
     tips = _DropTips()
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch")]
     with warnings.catch_warnings():
         for pattern in _QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
+        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING, category=PossibleUserWarning)
         for lg in loggers:
             lg.addFilter(tips)
         try:

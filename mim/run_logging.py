@@ -3,10 +3,11 @@
 * :func:`default_logger`: a wandb logger (offline unless an API key is set up or ``WANDB_MODE`` says otherwise) when the
   recipe sets no ``trainer.logger``; Lightning's ``CSVLogger`` under ``WANDB_MODE=disabled`` or when wandb cannot start
   (one warning line says why).
-* :class:`WandbRunId`: writes the wandb run id into every checkpoint (``checkpoint["wandb_run_id"]``), so that a resumed
-  run (:func:`checkpoint_run_id`) continues the same wandb run.
+* :class:`WandbRunId`: writes the wandb run id into every checkpoint (``checkpoint["wandb_run_id"]``; a sharded folder
+  also has it in its ``mim-info.json``), so that a resumed run (:func:`checkpoint_run_id`) continues the same wandb run.
 * :func:`run_info`: the ``mim`` block of the logged config: recipe files and their text, git commit, package versions.
-* :func:`summary`: the lines printed at the end of a run: checkpoints, the log folder, how to resume, export, fine-tune.
+* :func:`summary`: the lines printed at the end of a run: checkpoints, the log folder, how to resume, export, fine-tune
+  (:func:`finetune_command`: the fine-tuning recipe that fits the run, with the checkpoint filled in).
 
 Importing this module imports Lightning but not wandb; wandb starts only when :func:`default_logger` builds its logger.
 """
@@ -36,6 +37,8 @@ __all__ = [
     "WandbRunId",
     "checkpoint_run_id",
     "default_logger",
+    "finetune_command",
+    "finetune_recipes",
     "finish_wandb",
     "read_offline_run",
     "run_info",
@@ -173,9 +176,19 @@ def _wandb_run_id(trainer: Trainer) -> str | None:
 
 
 def checkpoint_run_id(path: str | os.PathLike | None) -> str | None:
-    """The wandb run id stored in a ``.ckpt`` file by :class:`WandbRunId`; None when there is none or the file cannot be
-    read (memory-mapped: only the small entries are read). Checkpoint folders (DeepSpeed, FSDP2) are not read."""
-    if path is None or not Path(path).is_file():
+    """The wandb run id stored in a checkpoint by :class:`WandbRunId`; None when there is none or it cannot be read.
+
+    A ``.ckpt`` file is memory-mapped (only the small entries are read); a sharded checkpoint folder (DeepSpeed, FSDP2)
+    carries it in its ``mim-info.json`` (:func:`mim.distributed.write_checkpoint_info`).
+    """
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        from mim.distributed import read_checkpoint_info
+
+        run_id = read_checkpoint_info(path).get(RUN_ID_KEY)
+        return run_id if isinstance(run_id, str) and run_id else None
+    if not Path(path).is_file():
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -286,8 +299,126 @@ def log_location(trainer: Trainer) -> str | None:
     return None
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+"""The shipped recipes (a source checkout's ``recipes/``)."""
+_DATA_PATHS = ("root", "val_root", "train_path", "val_path")  # data arguments a fine-tune takes from its pretraining
+_DATA_SHAPE = ("image_size", "num_frames")  # ... and, when the encoder is rebuilt from the checkpoint, these
+_ARCH_TAGS = {"tiny": "ti", "small": "s", "base": "b", "large": "l", "huge": "h", "giant": "g"}  # timm -> recipe names
+_TRAINING_ONLY = ("drop_path_rate",)  # encoder arguments that do not change the weights' layout
+
+
+def finetune_recipes(folder: str | os.PathLike = RECIPES) -> list[Path]:
+    """The fine-tuning recipes under ``folder``: ``finetune/*.yaml``, ``debug/finetune_*.yaml``, ``*_finetune.yaml``."""
+    root = Path(folder)
+    found = [*root.glob("finetune/*.yaml"), *root.glob("debug/finetune_*.yaml"), *root.glob("*_finetune.yaml")]
+    return sorted(found)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return text if isinstance(text, dict) else {}
+
+
+def _section(config: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        config = config.get(key) if isinstance(config, dict) else None  # type: ignore[assignment]
+    return config
+
+
+def _same_encoder(recipe: dict[str, Any], run: dict[str, Any] | None) -> bool:
+    """Whether the fine-tune recipe's encoder (``class_path`` / ``init_args`` as written) is the run's encoder: same
+    class and every argument the recipe sets equal in the run's resolved one (``drop_path_rate`` aside)."""
+    if not isinstance(run, dict) or recipe.get("class_path") != run.get("class_path"):
+        return False
+    ours, theirs = recipe.get("init_args") or {}, run.get("init_args") or {}
+    return all(theirs.get(k) == v for k, v in ours.items() if k not in _TRAINING_ONLY)
+
+
+def _arch_tag(encoder: dict[str, Any] | None) -> str | None:
+    """``vit_base_patch16_224`` -> ``vit_b16`` (how recipe files name an architecture)."""
+    arch = str(_section(encoder or {}, "init_args", "arch") or "")
+    parts = arch.split("_")
+    if len(parts) < 3 or parts[0] != "vit" or parts[1] not in _ARCH_TAGS or not parts[2].startswith("patch"):
+        return None
+    return f"vit_{_ARCH_TAGS[parts[1]]}{parts[2].removeprefix('patch')}"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def finetune_command(
+    checkpoint: str | os.PathLike,
+    config: dict[str, Any],
+    *,
+    recipes: Sequence[str | os.PathLike] = (),
+    folder: str | os.PathLike = RECIPES,
+) -> str:
+    """The ``mim finetune`` command line that fine-tunes a pretraining run's checkpoint.
+
+    The recipe is a fine-tuning recipe (:func:`finetune_recipes`) with the run's datamodule class, preferring, in
+    order: one whose encoder is the run's (the debug and quickstart recipes spell theirs out); one in the folder of
+    the run's first recipe (``recipes/debug/`` for a debug run); one that rebuilds the encoder from the checkpoint (no
+    ``encoder``), named after the run's architecture (``vit_b16``) if one is; any other, with
+    ``--model.init_args.encoder=null`` so that the encoder is rebuilt from the checkpoint. The run's data paths
+    (``root``, ``val_root``, ``train_path``, ``val_path``) that differ from the recipe's are passed on, and with an
+    encoder rebuilt from the checkpoint its ``image_size`` / ``num_frames`` too. Without a
+    fine-tuning recipe for the run's data: a FinetuneModule with the run's own datamodule (``--data`` as JSON).
+
+    Args:
+        checkpoint: the pretraining checkpoint (file or sharded folder).
+        config: the run's resolved config (``model`` and ``data`` with ``class_path`` / ``init_args``).
+        recipes: the run's ``-c`` files.
+        folder: where the fine-tuning recipes are.
+
+    Returns:
+        ``mim finetune ...``, quoted for a shell.
+    """
+    import shlex
+
+    data = _section(config, "data") or {}
+    encoder = _section(config, "model", "init_args", "encoder")
+    home = Path(recipes[0]).resolve().parent if recipes else None
+    tag = _arch_tag(encoder)
+    best: tuple[tuple[int, int, int], Path, dict[str, Any]] | None = None
+    for path in finetune_recipes(folder):
+        recipe = _load_yaml(path)
+        if _section(recipe, "data", "class_path") != data.get("class_path"):
+            continue
+        own = _section(recipe, "model", "init_args", "encoder")
+        if own is not None:
+            fit = 3 if _same_encoder(own, encoder) else 0
+        else:
+            fit = 2 if tag and tag in path.stem else 1
+        rank = (int(fit == 3), int(path.resolve().parent == home), fit)
+        if best is None or rank > best[0]:
+            best = (rank, path, recipe)
+    if best is None:
+        args = ["--model=mim.finetune.FinetuneModule", f"--model.init_args.checkpoint={checkpoint}"]
+        args.append(f"--data={json.dumps(data, separators=(',', ':'))}")
+        return "mim finetune " + " ".join(shlex.quote(a) for a in args)
+    (_, _, fit), path, recipe = best
+    args = ["-c", _shown(path), f"--model.init_args.checkpoint={checkpoint}"]
+    if fit == 0:
+        args.append("--model.init_args.encoder=null")
+    ours, theirs = data.get("init_args") or {}, _section(recipe, "data", "init_args") or {}
+    for key in _DATA_PATHS + (_DATA_SHAPE if fit < 3 else ()):  # a rebuilt encoder has the pretraining data's shape
+        if ours.get(key) not in (None, "", "???") and ours.get(key) != theirs.get(key):
+            args.append(f"--data.init_args.{key}={ours[key]}")
+    return "mim finetune " + " ".join(shlex.quote(str(a)) for a in args)
+
+
 def summary(
-    *, best: str | None, last: str | None, logs: str | None, resume: Sequence[str], finetune: bool = True
+    *, best: str | None, last: str | None, logs: str | None, resume: Sequence[str], finetune: str | None = None
 ) -> str:
     """The block printed at the end of ``mim fit``.
 
@@ -296,7 +427,7 @@ def summary(
         last: the last checkpoint written, if any.
         logs: :func:`log_location`.
         resume: the arguments of ``mim fit`` that resume this run (without ``mim fit``).
-        finetune: show the fine-tuning command (a pretraining run).
+        finetune: the command that fine-tunes the checkpoint (:func:`finetune_command`; a pretraining run), if any.
     """
     ckpt = best or last
     lines = ["mim: run finished"]
@@ -312,9 +443,7 @@ def summary(
     if ckpt:
         lines.append(f"  export:    mim export {ckpt} {Path(ckpt).parent / 'export'}/")
         if finetune:
-            lines.append(
-                f"  fine-tune: mim finetune -c recipes/finetune/<recipe>.yaml --model.init_args.checkpoint={ckpt}"
-            )
+            lines.append(f"  fine-tune: {finetune}")
     return "\n".join(lines)
 
 

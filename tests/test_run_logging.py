@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -15,7 +16,15 @@ import pytest
 import torch
 
 from mim.cli import main
-from mim.run_logging import RUN_ID_KEY, OfflineRun, checkpoint_run_id, read_offline_run, summary
+from mim.run_logging import (
+    RUN_ID_KEY,
+    OfflineRun,
+    checkpoint_run_id,
+    finetune_command,
+    finetune_recipes,
+    read_offline_run,
+    summary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "debug" / "mae_fashion_mnist.yaml"
@@ -62,9 +71,11 @@ def _read_when_written(folder: Path) -> OfflineRun:
 
 
 @needs_data
-def test_wandb_offline_by_default_logs_the_resolved_config_recipe_and_history(offline: Path, caplog):
+def test_wandb_offline_by_default_logs_the_resolved_config_recipe_and_history(offline: Path, caplog, monkeypatch):
     """The offline run's log (``<default_root_dir>/wandb/offline-run-*/run-<id>.wandb``) holds the resolved config,
-    the ``mim`` block and ``train/loss``; the recipe is a file of the run; the summary names the checkpoint."""
+    the ``mim`` block and ``train/loss``; the recipe is a file of the run; the summary names the checkpoint and the
+    exact fine-tune command (run here for a step)."""
+    monkeypatch.chdir(ROOT)  # the fine-tune recipe is shown relative to the working directory
     pictures = {"class_path": "mim.callbacks.RunPictures", "init_args": {"every_n_steps": 2}}
     with caplog.at_level(logging.INFO):
         assert main([*_args(offline), f"--trainer.callbacks+={json.dumps(pictures)}"]) == 0
@@ -92,8 +103,16 @@ def test_wandb_offline_by_default_logs_the_resolved_config_recipe_and_history(of
     assert checkpoint_run_id(ckpt) == run_id
     text = caplog.text
     assert f"best checkpoint:  {ckpt}" in text and f"logs:             {folder}" in text
-    assert f"mim export {ckpt}" in text and f"--model.init_args.checkpoint={ckpt}" in text
-    assert f"--trainer.default_root_dir={offline}" in text and "--resume auto" in text
+    assert f"mim export {ckpt}" in text and f"--trainer.default_root_dir={offline}" in text and "--resume auto" in text
+    (command,) = [line.split("fine-tune: ", 1)[1] for line in text.splitlines() if "fine-tune: " in line]
+    recipe = "recipes/debug/finetune_fashion_mnist.yaml"
+    assert command == f"mim finetune -c {recipe} --model.init_args.checkpoint={shlex.quote(str(ckpt))}"
+    # the printed command runs as printed (a step here), and so does its variant that rebuilds the encoder
+    for extra in ([], ["--model.init_args.encoder=null"]):
+        tuned = offline.parent / f"finetune{len(extra)}"
+        one_step = ["--trainer.max_steps=1", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tuned}"]
+        assert main([*shlex.split(command)[1:], *extra, *one_step, "--trainer.enable_progress_bar=false"]) == 0
+        assert list(tuned.rglob("*.ckpt"))
 
 
 @needs_data
@@ -162,12 +181,77 @@ def test_terminal_is_quiet_and_ends_with_the_summary(tmp_path: Path):
 
 
 def test_summary_lists_checkpoints_logs_and_commands():
-    text = summary(best="/r/a.ckpt", last="/r/last.ckpt", logs="/r/wandb/offline-run-x", resume=["-c", "r.yaml"])
+    command = "mim finetune -c recipes/debug/finetune_fashion_mnist.yaml --model.init_args.checkpoint=/r/a.ckpt"
+    text = summary(
+        best="/r/a.ckpt", last="/r/last.ckpt", logs="/r/wandb/offline-run-x", resume=["-c", "r.yaml"], finetune=command
+    )
     assert "best checkpoint:  /r/a.ckpt" in text and "last checkpoint:  /r/last.ckpt" in text
     assert "mim fit -c r.yaml" in text and "mim export /r/a.ckpt /r/export/" in text
-    assert "--model.init_args.checkpoint=/r/a.ckpt" in text
-    assert "fine-tune" not in summary(best=None, last="/r/l.ckpt", logs=None, resume=[], finetune=False)
-    assert "no checkpoint written" in summary(best=None, last=None, logs=None, resume=[])
+    assert f"fine-tune: {command}" in text
+    assert "fine-tune" not in summary(best=None, last="/r/l.ckpt", logs=None, resume=[])
+    assert "no checkpoint written" in summary(best=None, last=None, logs=None, resume=[], finetune=command)
+
+
+def _pretraining_recipes() -> list[Path]:
+    recipes = ROOT / "recipes"
+    return [p for p in sorted(recipes.rglob("*.yaml")) if p not in finetune_recipes() and "_base" not in p.parts]
+
+
+# What each shipped pretraining recipe is fine-tuned with: its own matching recipe where one exists (the same encoder,
+# or the folder's, or one that rebuilds the encoder from the checkpoint, named after the architecture).
+EXPECTED_FINETUNE = {
+    "quickstart.yaml": "quickstart_finetune.yaml",
+    "mae/vit_b16_in1k.yaml": "finetune/mae_vit_b16_in1k.yaml",
+    "hpm/vit_b16_in1k.yaml": "finetune/mae_vit_b16_in1k.yaml",
+    "videomae_v2/vit_b16_k400.yaml": "finetune/videomae_vit_b16_k400.yaml",
+    "debug/mae_fashion_mnist.yaml": "debug/finetune_fashion_mnist.yaml",
+    "debug/ijepa_fashion_mnist.yaml": "debug/finetune_fashion_mnist.yaml",  # + encoder=null (another encoder)
+    "debug/mae_video.yaml": "debug/finetune_video.yaml",
+    "debug/vjepa_video.yaml": "debug/finetune_video.yaml",
+    "debug/tjepa_table.yaml": "debug/finetune_table.yaml",
+}
+
+
+def test_finetune_command_of_every_shipped_recipe_parses(monkeypatch: pytest.MonkeyPatch, capsys):
+    """The fine-tune command printed for each shipped pretraining recipe names an existing recipe (the expected one for
+    those above) and the checkpoint, and `mim finetune` parses it (``--print_config``)."""
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    commands = {}
+    for recipe in _pretraining_recipes():
+        config = yaml.safe_load(recipe.read_text())
+        commands[recipe.relative_to(ROOT / "recipes").as_posix()] = finetune_command(
+            "/r/last.ckpt", config, recipes=[recipe]
+        )
+    assert len(commands) >= 20
+    for name, tuned in EXPECTED_FINETUNE.items():
+        assert f" -c recipes/{tuned} " in commands[name], (name, commands[name])
+    assert "--model.init_args.encoder=null" in commands["debug/ijepa_fashion_mnist.yaml"]
+    assert "--model.init_args.encoder=null" not in commands["debug/mae_fashion_mnist.yaml"]
+    for command in sorted(set(commands.values())):
+        args = shlex.split(command)
+        assert args[:2] == ["mim", "finetune"] and "--model.init_args.checkpoint=/r/last.ckpt" in args
+        with pytest.raises(SystemExit) as stop:
+            main([*args[1:], "--print_config"])
+        assert stop.value.code in (0, None), command
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["class_path"] == "mim.finetune.FinetuneModule", command
+        assert printed["model"]["init_args"]["checkpoint"] == "/r/last.ckpt", command
+
+
+def test_finetune_command_without_a_recipe_for_the_data_uses_the_runs_datamodule(capsys):
+    config = {"model": {"init_args": {}}, "data": {"class_path": "tests.dist_helpers.RandomLabelledImageData",
+                                                   "init_args": {"num_samples": 8, "num_classes": 3}}}  # fmt: skip
+    command = finetune_command("/r/a b.ckpt", config)
+    assert command.startswith("mim finetune --model=mim.finetune.FinetuneModule '--model.init_args.checkpoint=/r/a b")
+    with pytest.raises(SystemExit):
+        main([*shlex.split(command)[1:], "--print_config"])
+    printed = __import__("yaml").safe_load(capsys.readouterr().out)
+    assert (
+        printed["data"]["init_args"]["num_classes"] == 3
+        and printed["model"]["init_args"]["checkpoint"] == "/r/a b.ckpt"
+    )
 
 
 def test_checkpoint_run_id_tolerates_missing_and_foreign_files(tmp_path: Path):

@@ -8,12 +8,15 @@ taken from the input, predictions de-normalised per patch with the true patch's 
 Everything is drawn from a fixed batch (the first ``num_samples`` samples of the first training batch seen, kept on
 the device) with masks from the module's own generator path seeded with the tag ``-3`` (validation uses ``-1``,
 test ``-2``), in eval mode under ``torch.no_grad()``; only explicit generators are used, so a run with the callback
-trains exactly as one without it.
+trains exactly as one without it. Under FSDP2 and DeepSpeed ZeRO-3 every rank runs the same picture forward on its own
+fixed batch (the parameters are gathered by collectives that every rank must join); rank 0 alone saves and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +48,6 @@ MAX_FRAMES = 4
 """Time steps of a video drawn in a strip."""
 HIST_BINS, HIST_BAR, HIST_HEIGHT = 32, 8, 128
 """Histogram picture: bins, pixels per bin, pixels of the bar area."""
-
-_SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
 
 
 def picture_size(rows: int, cols: int, panel_h: int, panel_w: int, *, scale: int, gap: int) -> tuple[int, int]:
@@ -151,8 +152,48 @@ def _save_png(picture: Image.Image, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_HOLD = -7  # a submodule id no DeepSpeed module has: marks parameters held whole for the pictures
+
+
+@contextlib.contextmanager
+def _gathered(trainer: L.Trainer, module: Any) -> Iterator[None]:
+    """Within: the parameters of a sharded module whole on every rank (a collective: every rank enters together).
+
+    FSDP2: the root unit is unsharded (the blocks gather in their own forward hooks), every unit resharded after.
+    DeepSpeed ZeRO-3: every parameter is gathered (``deepspeed.zero.GatheredParameters``: the picture code also reads
+    parameters outside their module's forward, which ZeRO-3's hooks would not fetch) and held whole until the end
+    (marked as in use by a submodule, in DeepSpeed's ``ds_active_sub_modules``, so that the post-forward hooks of the
+    modules run in between do not release them). Otherwise nothing happens.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the module itself first, if it is one
+    if units and units[0] is module:
+        units[0].unshard()
+        try:
+            yield
+        finally:  # every unit, as after a training step (blocks with reshard_after_forward=False stay gathered)
+            for unit in units:
+                unit.reshard()
+    elif getattr(trainer.strategy, "zero_stage_3", False) is True:
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            held = [p for p in params if isinstance(getattr(p, "ds_active_sub_modules", None), set)]
+            for p in held:  # ZeRO-3's post-forward hooks release a parameter no active submodule holds
+                p.ds_active_sub_modules.add(_HOLD)
+            try:
+                yield
+            finally:
+                for p in held:
+                    p.ds_active_sub_modules.discard(_HOLD)
+    else:
+        yield
+
+
 class RunPictures(L.Callback):
-    """Pictures of the run every ``every_n_steps`` optimizer steps, on global rank 0.
+    """Pictures of the run every ``every_n_steps`` optimizer steps, drawn and logged on global rank 0.
 
     At step N (``trainer.global_step`` after the N-th optimizer step, N a multiple of ``every_n_steps``) it writes
     ``<trainer.log_dir>/pictures/step_<N>_<kind>.png`` (``trainer.log_dir`` is ``default_root_dir`` without a
@@ -177,9 +218,11 @@ class RunPictures(L.Callback):
     The fixed batch is the first ``num_samples`` samples of the first training batch the callback sees (after a
     resume: the first batch of the resumed run), kept on the device. Masks come from
     ``pl_module.draw_masks(batch, pl_module.generator(device, -3, 0, 0))``; the forward runs under
-    ``torch.no_grad()`` with the module in eval mode (each submodule's mode is restored). Sharded strategies
-    (FSDP, ``ModelParallelStrategy``, DeepSpeed ZeRO-3) would need every rank in the forward: there the callback
-    warns once and draws nothing.
+    ``torch.no_grad()`` with the module in eval mode (each submodule's mode is restored). Under strategies that shard
+    the parameters (FSDP2 ``ModelParallelStrategy``, DeepSpeed ZeRO-3) every rank keeps its own fixed batch and runs
+    the same forward at the same steps, so the collectives that gather the parameters line up (FSDP2: the root unit
+    is unsharded around it, the blocks gather in their own hooks); only rank 0 saves and logs. Lightning's older
+    ``FSDPStrategy`` (flat parameters) is not supported: there the callback warns once and draws nothing.
 
     Args:
         every_n_steps: optimizer steps between pictures; 0 or None: off.
@@ -200,27 +243,33 @@ class RunPictures(L.Callback):
         self.token_losses: Tensor | None = None
         self._last_step = -1
         self._disabled = False
+        self._every_rank = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Resolve the picture folder on every rank (``trainer.log_dir`` is a collective call)."""
+        """Resolve the picture folder on every rank (``trainer.log_dir`` is a collective call) and whether every rank
+        joins the picture forward (sharded parameters)."""
         if stage != "fit" or not self.every_n_steps:
             return
         root = trainer.log_dir or trainer.default_root_dir
         self.directory = Path(root) / "pictures"
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
         strategy = trainer.strategy
-        zero3 = getattr(strategy, "zero_stage_3", False) is True
-        if type(strategy).__name__ in _SHARDED or zero3:
+        self._every_rank = (
+            isinstance(strategy, ModelParallelStrategy) or getattr(strategy, "zero_stage_3", False) is True
+        )
+        if isinstance(strategy, FSDPStrategy):
             rank_zero_warn(
-                f"RunPictures: the {type(strategy).__name__} strategy shards the model, so a forward on rank 0 alone "
-                "would hang; no pictures are drawn"
+                f"RunPictures: the {type(strategy).__name__} strategy flattens the model's parameters, so no pictures "
+                "are drawn; use mim.distributed.FSDP2Strategy (recipes/_base/fsdp.yaml), where they are"
             )
             self._disabled = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.every_n_steps or self._disabled or not trainer.is_global_zero:
+        if not self.every_n_steps or self._disabled or not (trainer.is_global_zero or self._every_rank):
             return
         if self.batch is None:
             self.batch = self._first_samples(batch)
@@ -246,17 +295,21 @@ class RunPictures(L.Callback):
 
     @torch.no_grad()
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, Image.Image]:
-        """Render and log every picture of ``step``; returns them by kind."""
+        """Render every picture of ``step`` and, on rank 0, save and log them; returns them by kind.
+
+        With sharded parameters every rank calls this at the same step (see the class docstring)."""
         assert self.batch is not None and self.directory is not None
         batch, module = self.batch, pl_module
         modes = {m: m.training for m in module.modules()}
         module.eval()
         try:
-            with trainer.strategy.precision_plugin.forward_context():
+            with _gathered(trainer, module), trainer.strategy.precision_plugin.forward_context():
                 pictures = self._render(trainer, module, batch, step)
         finally:
             for m, mode in modes.items():
                 m.training = mode
+        if not trainer.is_global_zero:
+            return pictures
         for kind, picture in pictures.items():
             path = self.directory / f"step_{step}_{kind}.png"
             _save_png(picture, path)
