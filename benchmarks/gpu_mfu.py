@@ -710,6 +710,8 @@ def time_plain(
         gen.manual_seed(args.seed + step)  # the same masks for both implementations
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_fn(pool[step % pool.shape[0]], gen)
+        if step == 0 and loss.grad_fn is None:  # a compiled loss without a graph would time a no-op backward
+            raise RuntimeError(f"{impl} ({'compiled' if compiled else 'eager'}): the loss has no autograd graph")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
