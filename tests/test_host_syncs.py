@@ -3,7 +3,8 @@
 A real ``Trainer.fit`` with the callbacks ``mim fit`` adds (RunMetrics, FaultTolerance, RunProgressBar) and the
 modules' defaults (fused AdamW with the non-finite guard on the device); every ``.item()``, ``.tolist()``,
 ``.cpu()``, ``bool(t)``, ``nonzero`` and boolean-mask index (tests/syncs.py) made between the start of step 2 and the
-end of step 9 is counted, for MAE, I-JEPA (multi-block masks, EMA target) and HPM (hard-patch masks, EMA teacher).
+end of step 9 is counted, for MAE, I-JEPA (multi-block masks, EMA target), HPM (hard-patch masks, EMA teacher),
+VideoMAE V2 (tube and running-cell dual masking) and T-JEPA (feature subsets of table rows).
 Steps 2-9 are not logging steps (``log_every_n_steps=50``): a logging step reads the logged values once, by design.
 """
 
@@ -20,11 +21,18 @@ from torch.utils.data import DataLoader, Dataset
 from mim.callbacks.fault_tolerance import FaultTolerance
 from mim.callbacks.progress import RunProgressBar
 from mim.callbacks.run_metrics import RunMetrics
-from mim.masking import HardPatchMasking, MultiBlockMasking, RandomMasking
+from mim.masking import (
+    DualMasking,
+    FeatureSubsetMasking,
+    HardPatchMasking,
+    MultiBlockMasking,
+    RandomMasking,
+    TubeMasking,
+)
 from mim.module import PretrainModule
 from mim.targets import LatentTarget, PixelTarget
 from mim.targets.hard_patch import HardPatchTarget
-from tests.factories import TINY_VIT, cpu_trainer, tiny_encoder
+from tests.factories import TINY_VIT, cpu_trainer, tiny_encoder, tiny_table_encoder, tiny_video_encoder
 from tests.syncs import SyncCounter, count_host_syncs
 
 BATCH, STEPS = 4, 10
@@ -39,6 +47,33 @@ class Images(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"image": self.x[i]}
+
+
+class Clips(Images):
+    """4-frame 16 x 16 clips (the tiny video encoder's input)."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.x = torch.rand(n, 3, 4, size, size, generator=torch.Generator().manual_seed(0))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"video": self.x[i]}
+
+
+class Rows(Dataset):
+    """Table rows: 3 numeric features and two categorical ones (4 and 3 categories)."""
+
+    def __init__(self, n: int, size: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.numeric = torch.randn(n, 3, generator=g)
+        self.categorical = torch.stack(
+            [torch.randint(0, 4, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)], 1
+        )
+
+    def __len__(self) -> int:
+        return len(self.numeric)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"numeric": self.numeric[i], "categorical": self.categorical[i]}
 
 
 class CountSteps(L.Callback):
@@ -79,9 +114,28 @@ def _hpm() -> tuple[PretrainModule, int]:
     return PretrainModule(encoder=tiny_encoder(), masking=HardPatchMasking(), targets=[target], batch_size=BATCH), 16
 
 
-@pytest.mark.parametrize("build", [_mae, _ijepa, _hpm], ids=["mae", "ijepa", "hpm"])
+def _videomae_v2() -> tuple[PretrainModule, int]:
+    masking = DualMasking(encoder=TubeMasking(mask_ratio=0.75), decoder_mask_ratio=0.5)
+    target = PixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)
+    return PretrainModule(encoder=tiny_video_encoder(), masking=masking, targets=[target], batch_size=BATCH), 16
+
+
+def _tjepa() -> tuple[PretrainModule, int]:
+    encoder = tiny_table_encoder(num_numeric=3, category_cardinalities=[4, 3])
+    target = LatentTarget(predictor_dim=16, predictor_depth=1, monitor_every=1000)
+    module = PretrainModule(encoder=encoder, masking=FeatureSubsetMasking(), targets=[target], batch_size=BATCH)
+    return module, 0
+
+
+DATA = {"videomae_v2": Clips, "tjepa": Rows}
+
+
+@pytest.mark.parametrize(
+    "build", [_mae, _ijepa, _hpm, _videomae_v2, _tjepa], ids=["mae", "ijepa", "hpm", "videomae_v2", "tjepa"]
+)
 def test_training_steps_make_no_host_syncs(build) -> None:
     module, size = build()
+    data = DATA.get(build.__name__.lstrip("_"), Images)(BATCH * STEPS, size)
     window = CountSteps(first=2, last=9)
     bar = RunProgressBar()
     trainer = cpu_trainer(
@@ -92,7 +146,7 @@ def test_training_steps_make_no_host_syncs(build) -> None:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(Images(BATCH * STEPS, size), batch_size=BATCH))
+        trainer.fit(module, DataLoader(data, batch_size=BATCH))
     assert window.counter is not None and trainer.global_step == STEPS
     assert window.counter.calls == []
     assert module.trainer.optimizers[0].param_groups[0]["fused"] is True
