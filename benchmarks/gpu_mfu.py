@@ -747,6 +747,12 @@ class FitTimer(SmokeTimer):
         record = json.loads(Path(self.out).read_text())
         record["gflop_per_image"] = counted[0] / G if counted and counted[0] else None
         record["strategy_class"] = type(trainer.strategy).__name__
+        # What RunMetrics logged at its last logging step (issue 11: its MFU and peak memory, checked on a GPU here
+        # against this timer's own images/s and torch.cuda.max_memory_allocated)
+        logged = trainer.callback_metrics
+        for key in ("speed/mfu", "speed/samples_per_s", "speed/tflops_per_s_per_device", "memory/peak_gb"):
+            if key in logged:
+                record["runmetrics_" + key.split("/")[1]] = float(logged[key])
         Path(self.out).write_text(json.dumps(record))
 
 
@@ -765,7 +771,10 @@ def fit_command(
         "init_args": {"batch_size": batch, "image_size": 32 if cpu else 224},
     }
     callbacks = [
-        {"class_path": "mim.callbacks.RunMetrics", "init_args": {"count_flops": True}},
+        {  # with the spec peak on a GPU, so its speed/mfu can be checked against this script's
+            "class_path": "mim.callbacks.RunMetrics",
+            "init_args": {"count_flops": True, **({} if cpu else {"peak_tflops": PEAK_BF16_TFLOPS})},
+        },
         {
             "class_path": "gpu_mfu.FitTimer",
             "init_args": {"warmup": args.fit_warmup, "out": str(result), "label": strategy},
@@ -789,7 +798,8 @@ def fit_command(
         "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0",
         "--trainer.num_sanity_val_steps=0",
-        f"--trainer.log_every_n_steps={args.fit_warmup + args.fit_steps + 1}",  # RunMetrics counts, never logs
+        # RunMetrics logs once, at the last step (one host sync in the run): its numbers go into the record
+        f"--trainer.log_every_n_steps={args.fit_warmup + args.fit_steps}",
         f"--trainer.default_root_dir={result.parent / result.stem}",
         "--model.init_args.warmup_steps=5",  # the recipes' 40-epoch warmups would keep the lr near 0
     ]
@@ -903,6 +913,8 @@ TABLES: list[tuple[tuple[str, ...], str, list[Column]]] = [
             _col("switch", "switch"),
             _col("batch", "batch_per_device"),
             *_SPEED,
+            _col("RunMetrics MFU", "runmetrics_mfu", _PCT),
+            _col("RunMetrics peak GB", "runmetrics_peak_gb", _num(".2f")),
             _col("wall s", "wall_s", _F1),
         ],
     ),

@@ -110,8 +110,12 @@ def test_cpu_dry_run_records(mfu: ModuleType, tmp_path: Path, capsys):
     assert [r["switch"] for r in fits] == [None] + [
         f"{s.name}={str(v).lower()}" for s in switches.values() for v in s.values()
     ]
-    for r in fits[1:]:  # a switch row runs and counts the same FLOPs
-        assert r["status"] == "ok" and r["images_per_s"] > 0 and r["gflop_per_image"] == fits[0]["gflop_per_image"], r
+    for r in fits[1:]:  # a switch row runs and counts the same FLOPs (activation checkpointing: plus the recompute)
+        assert r["status"] == "ok" and r["images_per_s"] > 0, r
+        if r["switch"].startswith("activation_checkpointing"):
+            assert fits[0]["gflop_per_image"] < r["gflop_per_image"] < 4 / 3 * fits[0]["gflop_per_image"], r
+        else:
+            assert r["gflop_per_image"] == fits[0]["gflop_per_image"], r
     fit = fits[0]
     assert fit["status"] == "ok" and fit["model"] == "mae_vit_b16" and fit["strategy"] == "ddp", fit
     assert fit["strategy_class"] == "DDPStrategy" and fit["precision"] == "bf16-mixed"

@@ -45,6 +45,9 @@ PyTorch's (a multiply-add is 2 FLOPs; only matrix products, convolutions and att
 PyTorch's counter does not know the fused attention op ``aten._scaled_dot_product_flash_attention_for_cpu``; it is
 mapped here too, so the count is the same on CPU and GPU, fused or not, and equals the analytic ViT count of
 ``benchmarks/flops.py`` (checked exactly in tests/test_run_metrics.py). A ratio scheduled by the masking makes later steps differ from the first.
+With ``activation_checkpointing`` the count includes the forward work recomputed in the backward pass (hardware
+FLOPs, not model FLOPs: torch's non-reentrant checkpoint recomputes only what the backward needs, so the share is
+not a fixed fraction; measured: +26 % on a 4-block MAE), so ``speed/mfu`` then reads high by that share.
 
 **Peaks** (bf16 dense tensor-core TFLOP/s, vendor datasheets; the sparsity figures are twice these):
 A100 SXM/PCIe 312 (NVIDIA A100 Tensor Core GPU datasheet), H100 SXM 989.4 (NVIDIA H100 Tensor Core GPU datasheet:
