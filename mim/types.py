@@ -20,7 +20,8 @@ Mask convention: a mask is **index tensors with a fixed count per batch**:
 
 Indices address patch tokens only; prefix tokens (cls, registers) are the encoder's business.
 The boolean view :attr:`Masks.hidden` (B, N) has **True = hidden** (not seen by the encoder).
-The visible count is ``K = int(N * (1 - mask_ratio))``, the form every reference implementation uses.
+The visible count is ``K = int(N * (1 - mask_ratio))``, the form of MAE and the image references
+(:func:`num_visible`); VideoMAE's tube mask floors the hidden count instead (``TubeMasking(count="videomae")``).
 
 Batches are dicts (:class:`Batch`): the data loaders yield ``uint8`` images and the datamodule
 normalises them on the device (``on_after_batch_transfer``), so a model always receives

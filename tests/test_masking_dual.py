@@ -34,7 +34,33 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _tube_k(grid: TokenGrid, ratio: float) -> int:
-    return grid.t * int(grid.h * grid.w * (1 - ratio))
+    """VideoMAE's TubeMaskingGenerator: ``num_masks_per_frame = int(mask_ratio * num_patches_per_frame)``."""
+    return grid.t * (grid.h * grid.w - int(ratio * grid.h * grid.w))
+
+
+def _official_loss_tokens(grid: TokenGrid, tube_ratio: float, cell_ratio: float, rng: np.random.Generator) -> int:
+    """Loss tokens of one clip as OpenGVLab/VideoMAEv2: tube mask (dataset/masking_generator.py
+    ``TubeMaskingGenerator``), running-cell decoder mask (``Cell`` / ``RunningCellMaskingGenerator``, 1 = dropped
+    from the decoder) and engine_for_pretraining.py's ``cal_loss_mask = bool_masked_pos[~decode_masked_pos]``,
+    whose sum is the loss's denominator."""
+    hw = grid.h * grid.w
+    num_masks_per_frame = int(tube_ratio * hw)
+    mask_per_frame = np.hstack([np.zeros(hw - num_masks_per_frame), np.ones(num_masks_per_frame)])
+    rng.shuffle(mask_per_frame)
+    bool_masked_pos = np.tile(mask_per_frame, (grid.t, 1)).flatten().astype(bool)  # (N,)
+    num_masks_per_cell = int(4 * cell_ratio)
+    queue = np.hstack([np.ones(num_masks_per_cell), np.zeros(4 - num_masks_per_cell)])
+    maps = []
+    for ptr_pos in range(4):
+        queue_ptr, frames = ptr_pos, []
+        for _ in range(grid.t):
+            queue_ptr += 1  # run_cell
+            cell = queue[(np.arange(4) + queue_ptr) % 4].reshape(2, 2)  # get_cell
+            frames.append(np.tile(cell, [grid.h // 2, grid.w // 2]).flatten())
+        maps.append(np.stack(frames, axis=0))
+    decode_masked_pos = maps[rng.integers(4)].flatten().astype(bool)  # (N,) True = dropped from the decoder
+    cal_loss_mask = bool_masked_pos[~decode_masked_pos]
+    return int(cal_loss_mask.sum())
 
 
 # ---------------------------------------------------------------------------------------------- contracts
@@ -148,20 +174,54 @@ def test_running_cell_mask_standalone() -> None:
     assert repr(cell) == "RunningCellMasking(mask_ratio=0.5)"
 
 
-def test_loss_token_count_on_the_videomae_grid() -> None:
-    """Tube 0.9 + running cell 0.5 on 8x14x14: exactly 4 x (hidden spatial positions) loss tokens per clip.
+@pytest.mark.parametrize(
+    ("grid", "visible", "decoder_kept", "loss"),
+    [
+        (TokenGrid(16 // 2, 224 // 16, 224 // 16), 160, 784, 704),  # ViT-B/16, VideoMAE (V1 ViT-B settings)
+        (TokenGrid(16 // 2, 224 // 14, 224 // 14), 208, 1024, 920),  # ViT-g/14, VideoMAE V2
+    ],
+)
+def test_loss_token_count_on_the_reference_grids(grid: TokenGrid, visible: int, decoder_kept: int, loss: int) -> None:
+    """Tube 0.9 + running cell 0.5: the official code's visible, decoder-kept and loss-token counts per clip.
 
-    mim keeps K_s = int(196 * (1 - 0.9)) = 19 positions per slot (mim/masking/tube.py), so 177 are hidden and the
-    count is 4 * 177 = 708 (VideoMAE keeps 20: 4 * 176 = 704).
+    The tube hides int(0.9 * H*W) positions in every slot; each position is decoder-kept in exactly 4 of the 8
+    slots, so the loss (encoder-hidden and decoder-kept) covers 4 x int(0.9 * H*W) tokens, every clip.
     """
-    grid = TokenGrid(8, 14, 14)
+    hw = grid.h * grid.w
+    assert (grid.t * (hw - int(0.9 * hw)), grid.num_tokens // 2, 4 * int(0.9 * hw)) == (visible, decoder_kept, loss)
+    rng = np.random.default_rng(0)
+    assert {_official_loss_tokens(grid, 0.9, 0.5, rng) for _ in range(8)} == {loss}
     masks = DualMasking()(32, grid, generator=_gen(11), device=CPU)
-    k_s = TubeMasking().num_visible_spatial(grid)
-    assert k_s == 19 and masks.visible.shape == (32, 8 * 19)
+    assert masks.visible.shape == (32, visible) and masks.decoder.shape == (32, decoder_kept)
     loss_tokens = masks.hidden.gather(1, masks.decoder).sum(1)  # (B,)
-    assert loss_tokens.tolist() == [4 * (196 - k_s)] * 32 == [708] * 32
-    # decoder input: K visible + Kd mask tokens instead of N
-    assert masks.visible.shape[1] + masks.decoder.shape[1] == 152 + 784
+    assert loss_tokens.tolist() == [loss] * 32
+    # decoder input: K visible + Kd mask tokens instead of N (944 on the ViT-B grid, V1: 1568)
+    assert masks.visible.shape[1] + masks.decoder.shape[1] == visible + decoder_kept
+
+
+@pytest.mark.parametrize(
+    ("grid", "visible", "loss"), [(TokenGrid(8, 14, 14), 152, 708), (TokenGrid(8, 16, 16), 200, 924)]
+)
+def test_mae_count_tube_keeps_the_old_counts(grid: TokenGrid, visible: int, loss: int) -> None:
+    """TubeMasking(count="mae"): int(H*W * (1 - 0.9)) visible per slot (19 on 14x14, 25 on 16x16)."""
+    masks = DualMasking(encoder=TubeMasking(count="mae"))(8, grid, generator=_gen(4), device=CPU)
+    assert grid.t * int(grid.h * grid.w * (1 - 0.9)) == visible
+    assert masks.visible.shape == (8, visible)
+    assert masks.hidden.gather(1, masks.decoder).sum(1).tolist() == [loss] * 8
+
+
+@pytest.mark.parametrize(("tube_ratio", "cell_ratio"), [(0.9, 0.25), (0.75, 0.5), (0.6, 0.75), (0.5, 0.5)])
+def test_loss_token_count_matches_the_official_code(tube_ratio: float, cell_ratio: float) -> None:
+    """Other ratios on a small even grid: mim's loss-token count equals the official code's (a fixed count when T is a
+    multiple of 4, because every position is then kept in the same number of slots)."""
+    grid = TokenGrid(4, 6, 4)
+    rng = np.random.default_rng(1)
+    expected = {_official_loss_tokens(grid, tube_ratio, cell_ratio, rng) for _ in range(16)}
+    assert len(expected) == 1
+    masks = DualMasking(encoder=TubeMasking(mask_ratio=tube_ratio), decoder_mask_ratio=cell_ratio)(
+        16, grid, generator=_gen(2), device=CPU
+    )
+    assert set(masks.hidden.gather(1, masks.decoder).sum(1).tolist()) == expected
 
 
 def test_zero_decoder_ratio_is_videomae_v1() -> None:
@@ -264,7 +324,8 @@ def test_lightning_cli_configures_the_nested_strategy() -> None:
     )
     default = parser.instantiate_classes(parser.parse_string("masking: {class_path: mim.masking.DualMasking}")).masking
     assert repr(default) == (
-        "DualMasking(encoder=TubeMasking(mask_ratio=0.9), decoder_mask_ratio=0.5, decoder_mask='running_cell')"
+        "DualMasking(encoder=TubeMasking(mask_ratio=0.9, count='videomae'), decoder_mask_ratio=0.5, "
+        "decoder_mask='running_cell')"
     )
 
 
@@ -573,6 +634,9 @@ def test_videomae_v2_recipe_matches_the_paper(tmp_path, real_clips) -> None:
     header = recipe.read_text().split("seed_everything")[0]
     for text in ("VideoMAE V2", "Dual Masking", "CVPR 2023", "Expected", "80.0", "87.2", "GFLOP"):
         assert text in header, text
+    for text in ("8 x 20 = 160 visible", "4 x 176 = 704 loss tokens"):  # the official code's counts
+        assert text in header, text
+    assert "152" not in header and "708" not in header
     cli = build(
         ["--config", str(recipe), f"--data.init_args.root={real_clips}", f"--trainer.default_root_dir={tmp_path}"],
         save_config_callback=None,
@@ -590,6 +654,7 @@ def test_videomae_v2_recipe_matches_the_paper(tmp_path, real_clips) -> None:
     masking = m.masking
     assert isinstance(masking, DualMasking) and isinstance(masking.encoder, TubeMasking)
     assert (masking.encoder.mask_ratio, masking.decoder_mask, masking.decoder_mask_ratio) == (0.9, "running_cell", 0.5)
+    assert masking.encoder.count == "videomae"
     t = m.targets[0]
     assert (t.decoder_dim, t.decoder_depth, t.decoder_num_heads, t.norm_pix, t.norm_pix_mode) == (
         384,

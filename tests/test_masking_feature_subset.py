@@ -84,7 +84,8 @@ def test_counts_uniform_over_their_ranges() -> None:
 
 
 def test_binding_constraint_gives_uniform_feasible_pairs() -> None:
-    """F = 10, both shares (0.3, 0.7): the redraw-until-fit distribution is uniform over the 15 pairs with c + t <= 10."""
+    """F = 10, both shares (0.3, 0.7): mim's draw is uniform over the 15 pairs with c + t <= 10 (the release's rounded
+    counts are not: test_official_counts_follow_the_released_redraw_loop)."""
     s, draws, n = FeatureSubsetMasking(context_share=(0.3, 0.7), target_share=(0.3, 0.7)), 4500, 10
     pairs = [s.sample_counts(n, _gen(i)) for i in range(draws)]
     feasible = [(c, t) for c in range(3, 8) for t in range(3, 8) if c + t <= n]
@@ -315,3 +316,81 @@ def test_debug_recipe_trains_on_a_real_table(tmp_path: Path, monkeypatch: pytest
     for masks in drawn:
         assert c_lo <= masks.visible.shape[1] <= c_hi and masks.targets.shape[1:] == (4, masks.targets.shape[2])
         assert t_lo <= masks.targets.shape[2] <= t_hi and int(masks.targets.max()) < 30
+
+
+# ---------------------------------------------------------------------- sampler="official" (the released collator)
+class TestFeatureSubsetMaskingOfficialContract(MaskingStrategyContract):
+    strategy_cls = FeatureSubsetMasking
+    grids = [TokenGrid(1, 1, 54), TokenGrid(1, 1, 8), TokenGrid(1, 1, 3)]
+    targets_cover_hidden = False
+
+    def make_strategy(self) -> FeatureSubsetMasking:
+        return FeatureSubsetMasking(sampler="official")
+
+
+def _official_count_probabilities(lo: int, hi: int) -> dict[int, float]:
+    """P(lo + round((hi - lo) u) = c), u ~ U(0, 1) (jose-melo/t-jepa src/mask.py ``_sample_num_mask``): the length
+    of the u-interval that rounds to c - lo, so each end of the range gets half the weight of an inner count."""
+    r = hi - lo
+    if r == 0:
+        return {lo: 1.0}
+    return {lo + j: min(1.0, (j + 0.5) / r) - max(0.0, (j - 0.5) / r) for j in range(r + 1)}
+
+
+def _official_pair_probabilities(n: int, context: tuple[int, int], target: tuple[int, int]) -> dict:
+    """The redraw loop's distribution: independent rounded counts, conditioned on n_ctx + n_tgt <= N."""
+    pc, pt = _official_count_probabilities(*context), _official_count_probabilities(*target)
+    joint = {(c, t): pc[c] * pt[t] for c in pc for t in pt if c + t <= n}
+    total = sum(joint.values())
+    return {k: v / total for k, v in joint.items()}
+
+
+@pytest.mark.parametrize(
+    ("n", "shares"),
+    [(54, {}), (10, {"context_share": (0.3, 0.7), "target_share": (0.3, 0.7)})],  # the constraint binds at F = 10
+)
+def test_official_counts_follow_the_released_redraw_loop(n: int, shares: dict) -> None:
+    s, draws = FeatureSubsetMasking(sampler="official", **shares), 8000
+    context, target = s.count_ranges(n)
+    reference = _official_pair_probabilities(n, context, target)
+    pairs = [s.sample_counts(n, _gen(i)) for i in range(draws)]
+    observed = {k: pairs.count(k) for k in reference}
+    assert set(pairs) <= set(reference)
+    stat = sum((observed[k] - draws * p) ** 2 / (draws * p) for k, p in reference.items())
+    assert _chi2_ok(stat, len(reference) - 1), f"chi-square {stat:.1f} for {len(reference) - 1} dof"
+    # the ends of each range are half as likely as an inner count (mim's default mode: equally likely)
+    c = np.array([p[0] for p in pairs])
+    lo_share, inner_share = float((c == context[0]).mean()), float((c == context[0] + 1).mean())
+    print(f"official n_ctx on F={n}: P(lo) {lo_share:.3f}, P(lo + 1) {inner_share:.3f}")
+    if n == 54:
+        assert lo_share < 0.7 * inner_share
+
+
+def test_official_targets_are_identical_uniform_subsets_of_the_rest() -> None:
+    """The release stores views of one shuffled array, so its M targets are one subset; the subset is uniform over the
+    features outside the context, and the context and the counts are as in the default mode."""
+    s, grid = FeatureSubsetMasking(sampler="official"), TokenGrid(1, 1, 54)
+    batches = [s(100, grid, generator=_gen(7000 + i), device=CPU) for i in range(60)]
+    for masks in batches:
+        assert torch.equal(masks.targets, masks.targets[:, :1].expand_as(masks.targets)), "targets differ"
+        in_context = _membership(masks.visible, 54)
+        assert not bool(torch.gather(in_context, 1, masks.targets.flatten(1)).any())
+        t = masks.targets[:, 0]
+        assert bool((t[:, 1:] > t[:, :-1]).all())
+    tgt = torch.cat([_membership(m.targets[:, 0], 54) for m in batches])  # (S, N)
+    p = torch.cat([torch.full((m.batch_size,), m.targets.shape[2] / 54, dtype=torch.float64) for m in batches])
+    zmax, stat = _uniformity(tgt, p)
+    assert zmax < 5 and _chi2_ok(stat, 53), f"official target: max |z| {zmax:.1f}, chi-square {stat:.1f}"
+
+
+def test_official_mode_draws_without_host_syncs() -> None:
+    syncs = pytest.importorskip("tests.syncs")
+    s = FeatureSubsetMasking(sampler="official")
+    with syncs.count_host_syncs() as counter:
+        s(256, TokenGrid(1, 1, 54), generator=_gen(0), device=CPU)
+    assert counter.calls == []
+
+
+def test_bad_sampler_raises() -> None:
+    with pytest.raises(ValueError, match="sampler"):
+        FeatureSubsetMasking(sampler="release")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from mim.masking import MultiBlockMasking, RandomMasking
 from mim.masking.base import stream_position
-from mim.masking.multiblock import block_shape
+from mim.masking.multiblock import block_indices, block_shape
 from mim.types import Masks, TokenGrid
 from tests.contracts import MaskingStrategyContract
 from tests.syncs import count_host_syncs
@@ -323,3 +324,197 @@ def test_vectorised_speed_report() -> None:
         results[name] = (time.perf_counter() - start) / reps / b * 1e6
     print(" | ".join(f"{k}: {v:.1f} us/image (B={b}, 14x14)" for k, v in results.items()))
     assert all(v > 0 for v in results.values())
+
+
+# ---------------------------------------------------------------------- sampler="official" (I-JEPA's statistics)
+class TestMultiBlockMaskingOfficialContract(MaskingStrategyContract):
+    strategy_cls = MultiBlockMasking
+    grids = [TokenGrid(1, 14, 14), TokenGrid(1, 16, 16)]  # the context never needs relaxing here (see below)
+
+    def make_strategy(self) -> MultiBlockMasking:
+        return MultiBlockMasking(sampler="official")
+
+
+class TestMultiBlockMaskingOfficialContractNonSquare(MaskingStrategyContract):
+    strategy_cls = MultiBlockMasking
+    grids = [TokenGrid(1, 12, 10), TokenGrid(1, 9, 13)]
+
+    def make_strategy(self) -> MultiBlockMasking:
+        return MultiBlockMasking(num_targets=2, sampler="official")
+
+
+def _official_shape(hw: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float], u: float):
+    """facebookresearch/ijepa src/masks/multiblock.py ``_sample_block_size``, written out independently."""
+    s = scale[0] + u * (scale[1] - scale[0])
+    a = aspect[0] + u * (aspect[1] - aspect[0])  # the same u for scale and aspect
+    n = int(hw[0] * hw[1] * s)
+    h, w = int(round(math.sqrt(n * a))), int(round(math.sqrt(n / a)))
+    while h >= hw[0]:
+        h -= 1
+    while w >= hw[1]:
+        w -= 1
+    return h, w
+
+
+def _official_sample(hw, target, context, num_targets, min_keep, rng):
+    """One sample of the official collator (per-sample loop, exclusive ``randint`` bound, min-keep retry with
+    relaxation after 20 failures). Returns (sorted context cells as raster indices, target cell sets)."""
+    (hh, ww), (h, w), (ch, cw) = hw, target, context
+    blocks = []
+    for _ in range(num_targets):
+        top, left = rng.randrange(0, hh - h), rng.randrange(0, ww - w)
+        blocks.append({r * ww + c for r in range(top, top + h) for c in range(left, left + w)})
+    tries, timeout = 0, 20
+    while True:
+        top, left = rng.randrange(0, hh - ch), rng.randrange(0, ww - cw)
+        ctx = {r * ww + c for r in range(top, top + ch) for c in range(left, left + cw)}
+        for k in range(max(num_targets - tries, 0)):
+            ctx -= blocks[k]
+        if len(ctx) > min_keep:
+            return sorted(ctx), blocks
+        timeout -= 1
+        if timeout == 0:
+            tries, timeout = tries + 1, 20
+
+
+def test_official_block_shape_distribution_matches_the_official_formulas() -> None:
+    """One u for scale and aspect: a handful of shapes, with the frequencies of the official formulas (chi-square)."""
+    for grid in (TokenGrid(1, 14, 14), TokenGrid(1, 16, 16)):
+        strategy, draws = MultiBlockMasking(sampler="official"), 3000
+        hw = (grid.h, grid.w)
+        # reference: the shape is a step function of u; 200 000 equally spaced u give its probabilities to 1e-5
+        reference: dict[tuple[int, int], float] = {}
+        for i in range(200_000):
+            shape = _official_shape(hw, strategy.target_scale, strategy.target_aspect, (i + 0.5) / 200_000)
+            reference[shape] = reference.get(shape, 0.0) + 1 / 200_000
+        observed: dict[tuple[int, int], int] = {}
+        contexts = set()
+        for i in range(draws):
+            s = strategy.sizes(grid, _gen(i))
+            observed[(s["h"], s["w"])] = observed.get((s["h"], s["w"]), 0) + 1
+            contexts.add((s["ch"], s["cw"]))
+        print(f"official shapes on {hw}: {sorted(reference)} (mim's default mode gives >= 8)")
+        assert set(observed) <= set(reference), set(observed) - set(reference)
+        stat = sum((observed.get(k, 0) - draws * p) ** 2 / (draws * p) for k, p in reference.items())
+        assert _chi2_ok(stat, len(reference) - 1), (stat, observed, reference)
+        assert len(reference) <= 8
+        # context: side round(sqrt(floor(HW s))) clamped to H - 1: always (H - 1) x (W - 1) at these sizes
+        assert contexts == {(grid.h - 1, grid.w - 1)}
+
+
+def _chi2_ok(stat: float, dof: int, sigmas: float = 5.0) -> bool:
+    """Normal approximation of the chi-square tail: stat within dof +- sigmas * sqrt(2 dof)."""
+    return abs(stat - dof) < sigmas * math.sqrt(2 * dof)
+
+
+def test_official_never_covers_last_row_or_column_and_places_uniformly() -> None:
+    """Exclusive upper bound: P(last row or column covered) = 0; a row r is covered by an h-row block with
+    probability #{top in [0, H - h - 1] : top <= r < top + h} / (H - h)."""
+    grid = TokenGrid(1, 14, 14)
+    strategy = MultiBlockMasking(target_scale=(0.1, 0.1), target_aspect=(1.0, 1.0), sampler="official")  # 4 x 4
+    counts = torch.zeros(grid.num_tokens, dtype=torch.float64)
+    context = torch.zeros(grid.num_tokens, dtype=torch.float64)
+    batches, b = 60, 64
+    for masks in _draw_batches(strategy, grid, batches, b, seed=7):
+        assert _block_dims(masks, grid) == (1, 4, 4)
+        counts += torch.bincount(masks.targets.flatten(), minlength=grid.num_tokens).double()
+        context += (~masks.hidden).double().sum(dim=0)
+    c, ctx = counts.view(14, 14), context.view(14, 14)
+    assert float(c[-1].sum()) == 0 and float(c[:, -1].sum()) == 0, "the official sampler never covers row/col H-1"
+    assert float(ctx[-1].sum()) == 0 and float(ctx[:, -1].sum()) == 0
+    h, tops = 4, range(0, 14 - 4)  # randint(0, H - h): tops 0 .. H - h - 1
+    p_axis = torch.tensor([sum(1 for t in tops if t <= r < t + h) / len(tops) for r in range(14)], dtype=torch.float64)
+    p = p_axis[:, None] * p_axis[None, :]  # (H, W) exact coverage probability of one block
+    blocks = batches * b * 4
+    expected, sd = blocks * p, (blocks * p * (1 - p)).sqrt()
+    z = ((c - expected) / sd.clamp(min=1e-9))[:-1, :-1]
+    assert float(z.abs().max()) < 5, float(z.abs().max())
+
+
+def test_official_context_share_after_collation_depends_on_batch_size() -> None:
+    """The batch-minimum cut: mean K / N for B = 1 and B = 64 agrees with a direct simulation of the official
+    collator (Python ``random``), and the larger batch keeps a much smaller context."""
+    grid, rng = TokenGrid(1, 14, 14), random.Random(0)
+    strategy = MultiBlockMasking(sampler="official")
+    hw = (grid.h, grid.w)
+    results = {}
+    for b, batches in ((1, 600), (64, 60)):
+        ours = torch.tensor(
+            [m.visible.shape[1] / 196 for m in _draw_batches(strategy, grid, batches, b, seed=11)], dtype=torch.float64
+        )
+        ref = []
+        for _ in range(batches):
+            u, v = rng.random(), rng.random()
+            target = _official_shape(hw, strategy.target_scale, strategy.target_aspect, u)
+            context = _official_shape(hw, strategy.context_scale, (1.0, 1.0), v)
+            ref.append(min(len(_official_sample(hw, target, context, 4, 10, rng)[0]) for _ in range(b)) / 196)
+        ref_t = torch.tensor(ref, dtype=torch.float64)
+        se = math.sqrt(float(ours.var()) / batches + float(ref_t.var()) / batches)
+        print(f"official context share after collation, B={b}: mim {ours.mean():.3f}, reference {ref_t.mean():.3f}")
+        assert abs(float(ours.mean() - ref_t.mean())) < 5 * se + 1e-3, (float(ours.mean()), float(ref_t.mean()))
+        results[b] = float(ours.mean())
+    assert results[1] > results[64] + 0.08, results
+
+
+def test_official_context_is_the_lowest_raster_indices_of_each_context() -> None:
+    """After the cut each sample keeps a prefix (in raster order) of its own context: its visible tokens hold no gap
+    that the context block minus the targets would fill."""
+    grid = TokenGrid(1, 14, 14)
+    for masks in _draw_batches(MultiBlockMasking(sampler="official"), grid, 10, 32, seed=12):
+        _, h, w = _block_dims(masks, grid)
+        hidden_by_targets = torch.zeros(masks.batch_size, 196, dtype=torch.bool).scatter_(
+            1, masks.targets.flatten(1), 1
+        )
+        last = masks.visible[:, -1:]  # (B, 1)
+        rows, cols = torch.arange(196) // 14, torch.arange(196) % 14
+        block = (rows < 13) & (cols < 13)  # at 14 x 14 the context block is the fixed top-left 13 x 13 square
+        expected = block & ~hidden_by_targets & (torch.arange(196) <= last)  # (B, N)
+        assert torch.equal(~masks.hidden, expected)
+
+
+def test_official_min_keep_retry_and_relaxation_match_the_official_loop() -> None:
+    """A tight configuration (8 x 8, four 3 x 3 targets, 6 x 6 context, min_keep 16): the per-sample context count and
+    the share of contexts that, relaxed, hold target tokens agree with the official loop simulated in Python."""
+    from mim.masking.multiblock import official_context
+
+    grid, b, m, min_keep = TokenGrid(1, 8, 8), 4000, 4, 16
+    gen = _gen(21)
+    top = torch.randint(0, 8 - 3, (b, m), generator=gen)
+    left = torch.randint(0, 8 - 3, (b, m), generator=gen)
+    targets = block_indices(torch.zeros_like(top), top, left, (1, 3, 3), grid)  # (B, M, 9)
+    member = official_context(targets, (6, 6), grid, min_keep=min_keep, generator=gen)  # (B, N)
+    counts = member.sum(dim=1).double()
+    leaked = member.gather(1, targets.flatten(1)).any(dim=1).double()  # relaxed contexts holding target tokens
+    rng = random.Random(1)
+    ref_counts, ref_leaked = [], []
+    for _ in range(b):
+        ctx, blocks = _official_sample((8, 8), (3, 3), (6, 6), m, min_keep, rng)
+        ref_counts.append(len(ctx))
+        ref_leaked.append(float(bool(set(ctx) & set().union(*blocks))))
+    rc, rl = torch.tensor(ref_counts, dtype=torch.float64), torch.tensor(ref_leaked, dtype=torch.float64)
+    print(
+        f"min-keep retry: mean count {counts.mean():.2f} (reference {rc.mean():.2f}), relaxed with leaked target "
+        f"tokens {leaked.mean():.3f} (reference {rl.mean():.3f})"
+    )
+    assert bool((counts > min_keep).all()) or bool((counts[counts <= min_keep] == 36).all())
+    for ours, ref in ((counts, rc), (leaked, rl)):
+        se = math.sqrt(float(ours.var()) / b + float(ref.var()) / b)
+        assert abs(float(ours.mean() - ref.mean())) < 5 * se, (float(ours.mean()), float(ref.mean()))
+    assert 0.05 < float(leaked.mean()) < 0.95  # the relaxation does happen in this configuration
+
+
+def test_official_mode_costs_one_host_sync_and_needs_a_2d_grid() -> None:
+    """K is the batch minimum of per-sample counts drawn on the device: one sync (the default mode has none)."""
+    strategy = MultiBlockMasking(sampler="official")
+    with count_host_syncs() as syncs:
+        strategy(8, TokenGrid(1, 14, 14), generator=_gen(0), device=CPU)
+    assert syncs.count == 1, syncs.calls
+    for grid in (TokenGrid(2, 8, 8), TokenGrid(1, 1, 54)):
+        with pytest.raises(ValueError, match="official"):
+            strategy(2, grid, generator=_gen(0), device=CPU)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"sampler": "ijepa"}, "sampler"), ({"min_keep": -1}, "min_keep")])
+def test_bad_official_config_raises(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        MultiBlockMasking(**kwargs)

@@ -136,9 +136,12 @@ class DualMasking(MaskingStrategy):
       tokens (``decoder`` = the hidden tokens), so the decoder input and the loss are V1's exactly (as in the
       official code). The ``decoder_mask`` kind is then irrelevant.
 
-    Counts for VideoMAE's ViT-B grid 8x14x14 with the defaults: K = 8 * 19 = 152 visible (mim's per-slot
-    ``int(H*W*(1 - r))``, see mim/masking/tube.py), Kd = 784, and exactly 4 * 177 = 708 loss tokens per clip
-    (each position is decoder-kept in 4 of the 8 slots; VideoMAE's 160 visible give 4 * 176 = 704).
+    Counts with the defaults, as the official code (the tube keeps ``H*W - int(0.9 * H*W)`` positions per slot,
+    ``TubeMasking(count="videomae")``; each spatial position is decoder-kept in exactly 4 of 8 slots, so the loss
+    covers 4 x the hidden positions): on VideoMAE's ViT-B grid 8x14x14, K = 8 * 20 = 160 visible, Kd = 784,
+    exactly 4 * 176 = 704 loss tokens per clip, decoder input 160 + 784 = 944 tokens; on VideoMAE V2's ViT-g grid
+    8x16x16, K = 208, Kd = 1024, 4 * 230 = 920 loss tokens. ``TubeMasking(count="mae")`` gives 152 / 708 and
+    200 / 924 instead.
 
     Randomness: the wrapped strategy draws first from the generator, then the decoder mask. ``needs_scores``
     mirrors the wrapped strategy, and ``scores`` / ``progress`` are passed through to it.

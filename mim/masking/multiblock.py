@@ -11,6 +11,13 @@ Differences from the official I-JEPA sampler: every row, column and time slot ca
 count K is fixed per batch from the block shapes alone, so it does not depend on the batch size (the official
 sampler cuts every context to the batch minimum); scale, aspect and temporal extent are independent draws.
 The placement rule, the formula for K and its statistics: docs/design.md, "Multi-block masking".
+
+``sampler="official"`` reproduces the official I-JEPA sampler's statistics instead, for like-with-like comparisons:
+one uniform draw for both the target scale and aspect, sides clamped to H - 1 and W - 1, placement with an exclusive
+upper bound (the last row and column are never covered), the context square resampled until it keeps more than
+``min_keep`` tokens outside the targets (20 tries, then the last target constraint is dropped, then the next one),
+and every context cut to the batch minimum, keeping its lowest raster indices (so K depends on the batch size). It
+costs one host sync per batch (K is the minimum of per-sample counts drawn on the device) and needs T = 1.
 """
 
 from __future__ import annotations
@@ -25,9 +32,20 @@ from mim.checks import check_choice, check_int, check_pair_range
 from mim.masking.base import MaskingStrategy, host_random
 from mim.types import Masks, TokenGrid
 
-__all__ = ["MultiBlockMasking", "block_indices", "block_shape", "place_blocks"]
+__all__ = [
+    "MultiBlockMasking",
+    "block_indices",
+    "block_shape",
+    "official_block_shape",
+    "official_context",
+    "place_blocks",
+]
 
 Placement = Literal["overlap", "inside"]
+Sampler = Literal["mim", "official"]
+
+OFFICIAL_TRIES = 20
+"""Failed context draws after which the official sampler drops one more target constraint (its ``timeout``)."""
 
 
 def block_shape(grid_hw: tuple[int, int], n: int, aspect: float) -> tuple[int, int]:
@@ -39,6 +57,79 @@ def block_shape(grid_hw: tuple[int, int], n: int, aspect: float) -> tuple[int, i
     h = min(max(round(math.sqrt(n * aspect)), 1), h_grid)
     w = min(max(round(math.sqrt(n / aspect)), 1), w_grid)
     return h, w
+
+
+def official_block_shape(grid_hw: tuple[int, int], n: int, aspect: float) -> tuple[int, int]:
+    """The official I-JEPA block shape: ``h = round(sqrt(n a))``, ``w = round(sqrt(n / a))``, then decremented while
+    ``h >= H`` and ``w >= W`` (sides at most H - 1 and W - 1); floored at 1 (the official would loop forever on an
+    empty block).
+    """
+    h_grid, w_grid = grid_hw
+    h, w = round(math.sqrt(n * aspect)), round(math.sqrt(n / aspect))
+    return max(min(h, h_grid - 1), 1), max(min(w, w_grid - 1), 1)
+
+
+def official_context(
+    targets: Tensor,
+    side: tuple[int, int],
+    grid: TokenGrid,
+    *,
+    min_keep: int,
+    generator: torch.Generator,
+    tries: int = OFFICIAL_TRIES,
+) -> Tensor:
+    """The official I-JEPA context of every sample, before the batch-minimum cut (vectorised, no host sync).
+
+    The official loop places the ch x cw context block with ``top ~ U{0, .., H - ch - 1}``, ``left ~ U{0, .., W - cw
+    - 1}``, removes the first ``M - r`` target blocks from it and accepts when more than ``min_keep`` tokens remain;
+    ``r`` (relaxations) starts at 0 and grows by one after every ``tries`` failed draws. Here the M * tries + 1
+    candidate draws are made at once and the first accepted one is kept; the last candidate (no constraint left) is
+    always accepted, where the official would loop forever if ch * cw <= min_keep. A relaxed sample's context may
+    hold tokens of the dropped targets, as in the official sampler.
+
+    Args:
+        targets: (B, M, h*w) target block indices on a T = 1 grid.
+        side: (ch, cw) context block shape, 1 <= ch <= H - 1, 1 <= cw <= W - 1.
+        grid: the token grid (T = 1).
+        min_keep: a context needs more than ``min_keep`` tokens.
+        generator: the source of the positions (on ``targets.device``).
+        tries: failed draws before the next relaxation (the official's 20).
+
+    Returns:
+        (B, N) bool, True where the token is in the sample's context.
+    """
+    b, m, _ = targets.shape
+    h_grid, w_grid, n = grid.h, grid.w, grid.num_tokens
+    ch, cw = side
+    dev = targets.device
+    # cover[:, k]: tokens of the first k targets, k = 0 .. M
+    hit = torch.zeros(b, m, n, dtype=torch.int32, device=dev).scatter_(2, targets, 1)  # (B, M, N)
+    cover = torch.cat([hit.new_zeros(b, 1, n), hit.cumsum(dim=1).clamp_(max=1)], dim=1)  # (B, M+1, N)
+    # integral image: sums over any rectangle in four lookups
+    table = cover.view(b, m + 1, h_grid, w_grid).cumsum(2).cumsum(3)  # (B, M+1, H, W)
+    table = torch.nn.functional.pad(table, (1, 0, 1, 0))  # (B, M+1, H+1, W+1)
+    attempts = m * tries + 1
+    top = torch.randint(0, h_grid - ch, (b, attempts), generator=generator, device=dev)  # (B, A) exclusive bound
+    left = torch.randint(0, w_grid - cw, (b, attempts), generator=generator, device=dev)  # (B, A)
+    relaxed = (torch.arange(attempts, device=dev) // tries).clamp_(max=m)  # (A,) constraints dropped
+    level = (m - relaxed).expand(b, -1)  # (B, A) targets still removed from the context
+    flat = table.flatten(2)  # (B, M+1, (H+1)*(W+1))
+
+    def corner(r: Tensor, c: Tensor) -> Tensor:
+        index = (level * (h_grid + 1) + r) * (w_grid + 1) + c  # (B, A)
+        return flat.flatten(1).gather(1, index)  # (B, A)
+
+    covered = corner(top + ch, left + cw) - corner(top, left + cw) - corner(top + ch, left) + corner(top, left)
+    accept = (ch * cw - covered) > min_keep  # (B, A)
+    accept[:, -1] = True
+    first = accept.int().argmax(dim=1, keepdim=True)  # (B, 1) the first accepted draw
+    top, left, level = top.gather(1, first), left.gather(1, first), level.gather(1, first)  # (B, 1) each
+    rows = torch.arange(h_grid, device=dev).view(1, -1, 1)
+    cols = torch.arange(w_grid, device=dev).view(1, 1, -1)
+    block = (rows >= top.unsqueeze(2)) & (rows < top.unsqueeze(2) + ch)  # (B, H, 1)
+    block = block & (cols >= left.unsqueeze(2)) & (cols < left.unsqueeze(2) + cw)  # (B, H, W)
+    removed = cover.gather(1, level.unsqueeze(2).expand(-1, -1, n)).squeeze(1).bool()  # (B, N)
+    return block.flatten(1) & ~removed  # (B, N)
 
 
 def place_blocks(
@@ -89,7 +180,8 @@ class MultiBlockMasking(MaskingStrategy):
     Targets are ``num_targets`` blocks of the same shape per batch, at independent positions per sample:
     ``targets`` (B, M, t*h*w), each group in raster order. ``visible`` (B, K) is the context (see
     docs/design.md, "Multi-block masking", for how K is fixed per batch without depending on B). Targets may
-    overlap each other; the context never contains a target token.
+    overlap each other; the context never contains a target token (with ``sampler="official"``: unless the
+    official min-keep relaxation dropped that target, which the I-JEPA defaults never need on 14 x 14 or 16 x 16).
 
     Args:
         num_targets: M, target blocks per sample (I-JEPA: 4).
@@ -98,7 +190,13 @@ class MultiBlockMasking(MaskingStrategy):
         context_scale: (lo, hi) frame fraction of the context block, which is square (I-JEPA: (0.85, 1.0)).
         temporal_scale: (lo, hi) fraction of the T time slots a target block spans (V-JEPA: (1.0, 1.0)).
             The context block always spans all time slots.
-        placement: "overlap" (default; no corner deficit) or "inside" (uniform inside the grid).
+        placement: "overlap" (default; no corner deficit) or "inside" (uniform inside the grid). Ignored by the
+            official sampler, which places blocks with its exclusive upper bound.
+        sampler: "mim" (default: the fixes above) or "official": the official I-JEPA sampler's statistics (Assran et
+            al., CVPR 2023, facebookresearch/ijepa src/masks/multiblock.py; see the module docstring). The official
+            mode needs T = 1 and H, W >= 2, ignores ``temporal_scale`` and costs one host sync per batch.
+        min_keep: official sampler only: a context block keeps more than ``min_keep`` tokens outside the targets or
+            is redrawn (I-JEPA configs: 10).
     """
 
     def __init__(
@@ -110,6 +208,8 @@ class MultiBlockMasking(MaskingStrategy):
         context_scale: tuple[float, float] = (0.85, 1.0),
         temporal_scale: tuple[float, float] = (1.0, 1.0),
         placement: Placement = "overlap",
+        sampler: Sampler = "mim",
+        min_keep: int = 10,
     ) -> None:
         owner = "MultiBlockMasking"
         self.num_targets = check_int(owner, "num_targets", num_targets)
@@ -118,6 +218,8 @@ class MultiBlockMasking(MaskingStrategy):
         self.context_scale = check_pair_range(owner, "context_scale", context_scale, 0, 1, low_open=True)
         self.temporal_scale = check_pair_range(owner, "temporal_scale", temporal_scale, 0, 1, low_open=True)
         self.placement: Placement = check_choice(owner, "placement", placement, ("overlap", "inside"))
+        self.sampler: Sampler = check_choice(owner, "sampler", sampler, ("mim", "official"))
+        self.min_keep = check_int(owner, "min_keep", min_keep, minimum=0)
 
     # ------------------------------------------------------------------ per-batch sizes
     def _max_target_tokens(self, grid: TokenGrid) -> int:
@@ -143,6 +245,8 @@ class MultiBlockMasking(MaskingStrategy):
         Python generator seeded from the mask generator (:func:`~mim.masking.base.host_random`), as the official sampler
         draws them from its per-iteration seed: no host sync.
         """
+        if self.sampler == "official":
+            return self._official_sizes(grid, generator)
         n_tok = grid.num_tokens
         if n_tok - self.num_targets * self._max_target_tokens(grid) < 1:
             raise ValueError(
@@ -165,6 +269,42 @@ class MultiBlockMasking(MaskingStrategy):
         k = min(round(context * (1 - area / n_tok) ** self.num_targets), n_tok - self.num_targets * area)
         return {"t": t, "h": h, "w": w, "ch": ch, "cw": cw, "k": max(k, 1)}
 
+    def _official_sizes(self, grid: TokenGrid, generator: torch.Generator) -> dict[str, int]:
+        """The official per-batch shapes: one uniform draw for the target scale *and* aspect, one for the context.
+
+        ``k`` is absent: the official K is the batch minimum of the per-sample context counts.
+        """
+        if grid.t != 1 or grid.h < 2 or grid.w < 2:
+            raise ValueError(
+                f"MultiBlockMasking.sampler='official' reproduces the 2-D I-JEPA sampler and needs a grid (1, H, W) "
+                f"with H, W >= 2, got {grid.shape}; use sampler='mim' for video or thin grids"
+            )
+        host = host_random(generator, "multiblock-sizes")
+        u_target, u_context = host.random(), host.random()
+
+        def lerp(r: tuple[float, float], x: float) -> float:
+            return r[0] + x * (r[1] - r[0])
+
+        hw = (grid.h, grid.w)
+        n_cells = int(grid.h * grid.w * lerp(self.target_scale, u_target))
+        h, w = official_block_shape(hw, n_cells, lerp(self.target_aspect, u_target))
+        ch, cw = official_block_shape(hw, int(grid.h * grid.w * lerp(self.context_scale, u_context)), 1.0)
+        return {"t": 1, "h": h, "w": w, "ch": ch, "cw": cw}
+
+    def _official_call(self, batch_size: int, grid: TokenGrid, generator: torch.Generator, device) -> Masks:
+        """The official sampler's masks; one host sync (the batch minimum of the context counts)."""
+        s = self.sizes(grid, generator)
+        b, m, n = batch_size, self.num_targets, grid.num_tokens
+        top = torch.randint(0, grid.h - s["h"], (b, m), generator=generator, device=device)  # (B, M) exclusive bound
+        left = torch.randint(0, grid.w - s["w"], (b, m), generator=generator, device=device)  # (B, M)
+        targets = block_indices(torch.zeros_like(top), top, left, (1, s["h"], s["w"]), grid)  # (B, M, h*w)
+        member = official_context(targets, (s["ch"], s["cw"]), grid, min_keep=self.min_keep, generator=generator)
+        k = int(member.sum(dim=1).min())  # the one host sync: the batch minimum (the official collation cut)
+        position = torch.arange(n, device=device).expand(b, -1)  # (B, N)
+        key = torch.where(member, position, position + n)  # (B, N) context tokens first, in raster order
+        visible = key.topk(k, dim=1, largest=False, sorted=True).values  # (B, K) the K lowest context indices
+        return Masks(visible=visible, targets=targets, num_tokens=n)
+
     def __call__(
         self,
         batch_size: int,
@@ -175,6 +315,8 @@ class MultiBlockMasking(MaskingStrategy):
         scores: Tensor | None = None,
         progress: float = 0.0,
     ) -> Masks:
+        if self.sampler == "official":
+            return self._official_call(batch_size, grid, generator, device)
         s = self.sizes(grid, generator)
         b, m, n = batch_size, self.num_targets, grid.num_tokens
 

@@ -7,14 +7,18 @@ hidden position stays hidden for the whole clip and the model cannot copy it fro
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from mim.checks import check_range
+from mim.checks import check_choice, check_range
 from mim.masking.base import MaskingStrategy
 from mim.types import Masks, TokenGrid, num_visible
 
 __all__ = ["TubeMasking", "tube_masks"]
+
+COUNTS = ("videomae", "mae")  # which count is truncated: the hidden one (VideoMAE) or the visible one (MAE)
 
 
 def tube_masks(spatial_scores: Tensor, num_frames: int, num_visible_spatial: int) -> Masks:
@@ -43,31 +47,42 @@ def tube_masks(spatial_scores: Tensor, num_frames: int, num_visible_spatial: int
 class TubeMasking(MaskingStrategy):
     """VideoMAE's tube masking: a uniform random spatial mask, the same in every time slot.
 
-    Each sample keeps exactly ``K_s = int(H * W * (1 - mask_ratio))`` spatial positions visible, chosen
-    uniformly without replacement, so ``K = T * K_s``. The hidden tokens form one target group (M = 1),
-    sorted ascending. On a T = 1 grid this is :class:`~mim.masking.random.RandomMasking` in distribution.
+    Each sample keeps exactly ``K_s`` of the ``H * W`` spatial positions visible, chosen uniformly without
+    replacement, and ``K = T * K_s``. The hidden tokens form one target group (M = 1), sorted ascending. On a
+    T = 1 grid this is :class:`~mim.masking.random.RandomMasking` in distribution when the two counts agree.
 
-    Counts follow mim's visible-count form (mim/types.py) per time slot: ``K_s = int(H*W*(1 - r))``, and
-    ``K = T * K_s`` (not ``int(N*(1 - r))``; the two agree when T = 1). VideoMAE instead truncates the
-    *hidden* count, ``int(r * H*W)``: for the 8x14x14 grid at r = 0.9 that gives 176 hidden, 20 visible per
-    slot, 160 of 1568 visible, while ``int(196 * (1 - 0.9)) = 19`` (float rounding of 19.6) gives 152.
+    ``count`` chooses which count is truncated to an integer:
+
+    * ``"videomae"`` (default, as Tong et al., "VideoMAE", NeurIPS 2022, MCG-NJU/VideoMAE masking_generator.py
+      ``TubeMaskingGenerator``, and Wang et al., "VideoMAE V2", CVPR 2023, OpenGVLab/VideoMAEv2
+      dataset/masking_generator.py): the *hidden* count, ``int(mask_ratio * H*W)`` per slot, so
+      ``K_s = H*W - int(mask_ratio * H*W)``. On VideoMAE's ViT-B grid 8x14x14 at 0.9: 176 hidden and 20 visible
+      per slot, K = 160 of 1568; on VideoMAE V2's ViT-g grid 8x16x16: 230 hidden, 26 visible, K = 208 of 2048.
+    * ``"mae"``: mim's visible-count form (mim/types.py ``num_visible``, MAE's ``int(L * (1 - mask_ratio))``)
+      per slot, ``K_s = int(H*W * (1 - mask_ratio))``: 19 per slot (196 * 0.1 is 19.6 in float), K = 152 on
+      8x14x14, and 25 per slot, K = 200 on 8x16x16. mim's default before issue 15.
+
+    Either way ``K = T * K_s``, not a count over the whole grid (the two agree when T = 1).
 
     Args:
         mask_ratio: fraction of spatial positions hidden, in (0, 1). VideoMAE uses 0.9.
+        count: ``"videomae"`` (truncate the hidden count, the official code's) or ``"mae"`` (truncate the visible
+            count).
     """
 
-    def __init__(self, *, mask_ratio: float = 0.9) -> None:
+    def __init__(self, *, mask_ratio: float = 0.9, count: Literal["videomae", "mae"] = "videomae") -> None:
         self.mask_ratio = check_range(self, "mask_ratio", mask_ratio, 0, 1, low_open=True, high_open=True)
+        self.count = check_choice(self, "count", count, COUNTS)
 
     def num_visible_spatial(self, grid: TokenGrid) -> int:
-        """K_s = int(H * W * (1 - mask_ratio)), at least 1 and at most H*W - 1."""
+        """K_s visible positions per time slot (see ``count``), at least 1 and at most H*W - 1."""
         hw = grid.h * grid.w
-        k = num_visible(hw, self.mask_ratio)
+        k = hw - int(self.mask_ratio * hw) if self.count == "videomae" else num_visible(hw, self.mask_ratio)
         if not 0 < k < hw:
             raise ValueError(
-                f"{type(self).__name__}.mask_ratio must keep at least one of the {hw} spatial positions visible and "
-                f"one hidden (at most 1 - 1/{hw} = {1 - 1 / hw:.4g}), got {self.mask_ratio} ({k} visible); "
-                "lower mask_ratio or use more tokens (a larger image or a smaller patch)"
+                f"{type(self).__name__}.mask_ratio must leave at least one of the {hw} spatial positions visible and "
+                f"hide at least one (count={self.count!r}), got {self.mask_ratio} ({k} visible); "
+                "change mask_ratio or use more tokens (a larger image or a smaller patch)"
             )
         return k
 
