@@ -18,14 +18,14 @@ import inspect
 import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from mim.checks import check_encoder_data, check_int, check_range, invalid
+from mim.checks import check_choice, check_encoder_data, check_int, check_range, invalid
 from mim.masking.base import MaskingStrategy
 from mim.models.base import Encoder
 from mim.models.decoder import set_activation_checkpointing
@@ -185,14 +185,22 @@ class PretrainModule(L.LightningModule):
         targets: one or more targets; the loss is ``sum(target.weight * target_loss)``.
         blr: base learning rate; the lr is ``blr * effective_batch / 256`` (MAE: 1.5e-4).
         lr: absolute learning rate; overrides ``blr`` scaling when set.
-        weight_decay: AdamW weight decay (MAE: 0.05); with ``weight_decay_end`` the value at the first step.
+        weight_decay: AdamW weight decay (MAE: 0.05); with ``weight_decay_end`` the schedule's start value.
         weight_decay_end: when set, the weight decay follows a half-cosine from ``weight_decay`` to this value over
             training, updated every optimizer step (I-JEPA: 0.04 -> 0.4).
         betas: AdamW betas (MAE pretraining: (0.9, 0.95)).
         warmup_epochs: linear warmup length in epochs (MAE: 40); may be fractional.
         warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when set.
-        warmup_start_lr: learning rate at the first warmup step (MAE: 0; I-JEPA: 2e-4, rising to ``lr`` 1e-3).
+        warmup_start_lr: learning rate at the start of the warmup (MAE: 0; I-JEPA: 2e-4, rising to ``lr`` 1e-3).
         min_lr: final learning rate of the cosine schedule.
+        schedule_convention: which point of the lr and weight-decay schedules optimizer step ``k`` (0-based: ``k``
+            steps done before it) applies. ``"mae"``: the value at ``k`` (MAE's ``adjust_learning_rate``, called
+            before the forward pass at the iteration's fractional epoch; the first step has the warmup's start
+            value). ``"ijepa"``: the value at ``k + 1`` (I-JEPA / V-JEPA step their ``WarmupCosineSchedule`` and
+            ``CosineWDSchedule`` at the start of every iteration, so the first iteration uses warm-up step 1 and the
+            last one the schedule's end value). The EMA momentum of a target is the same in both: ``m(k)``, from
+            ``progress = k / total`` (I-JEPA's ``next(momentum_scheduler)`` after the optimizer step, from index 0).
+            docs/design.md, "Schedule alignment".
         decay_special_tokens: apply weight decay to cls / mask tokens (official MAE: True).
         batch_size: per-device batch size for lr scaling; default: the datamodule's ``batch_size``.
         seed: seed of the mask generator; masks depend only on (seed, step, rank, micro-batch). Also reseeds torch's
@@ -234,6 +242,7 @@ class PretrainModule(L.LightningModule):
         warmup_steps: int | None = None,
         warmup_start_lr: float = 0.0,
         min_lr: float = 0.0,
+        schedule_convention: Literal["mae", "ijepa"] = "mae",
         decay_special_tokens: bool = True,
         batch_size: int | None = None,
         seed: int = 0,
@@ -266,6 +275,7 @@ class PretrainModule(L.LightningModule):
             check_int(owner, "warmup_steps", warmup_steps, minimum=0)
         if batch_size is not None:
             check_int(owner, "batch_size", batch_size)
+        check_choice(owner, "schedule_convention", schedule_convention, ("mae", "ijepa"))
         self.guard = NonFiniteGuard(owner, mode=nonfinite, max_consecutive=max_nonfinite_steps)
         # Under LightningCLI the hyperparameters are the recipe's plain config (every class_path and init_args), which
         # mim.load and load_from_checkpoint rebuild the module from; built in Python, the parts are objects: not saved.
@@ -439,12 +449,21 @@ class PretrainModule(L.LightningModule):
         if isinstance(skipped, int):
             self.log("data/skipped_samples", float(skipped), rank_zero_only=True)
 
+    @property
+    def schedule_offset(self) -> int:
+        """Optimizer step ``k`` applies the lr and weight-decay schedules at ``k + schedule_offset`` (``mae``: 0,
+        ``ijepa``: 1; see ``schedule_convention``)."""
+        return 1 if getattr(self.hparams, "schedule_convention", "mae") == "ijepa" else 0
+
     def weight_decay_at(self, step: int) -> float:
-        """The weight decay of the decayed parameter group at optimizer step ``step`` (constant without a schedule)."""
+        """The weight decay that optimizer step ``step`` (0-based) applies to the decayed parameter group: the
+        half-cosine at ``step + schedule_offset`` (constant without a schedule)."""
         hp: Any = self.hparams
         if hp.weight_decay_end is None:
             return hp.weight_decay
-        return cosine_anneal(step, total_steps=self._total_steps, start=hp.weight_decay, end=hp.weight_decay_end)
+        return cosine_anneal(
+            step + self.schedule_offset, total_steps=self._total_steps, start=hp.weight_decay, end=hp.weight_decay_end
+        )
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
@@ -531,10 +550,13 @@ class PretrainModule(L.LightningModule):
             never_decay={f"targets.{i}.{n}" for i, t in enumerate(self.target_list) for n in t.never_decay()},
         )
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas), fused=fused_adamw(self, hp.fused_optimizer))
+        offset = self.schedule_offset
 
+        # LambdaLR calls factor(k) at construction (k = 0) and after every optimizer step (Lightning steps it with
+        # interval "step"), so optimizer step k runs at factor(k): the schedule at k + offset.
         def factor(step: int) -> float:
             return warmup_cosine(
-                step,
+                step + offset,
                 warmup_steps=warmup,
                 total_steps=total,
                 base_lr=1.0,
@@ -562,5 +584,5 @@ class PretrainModule(L.LightningModule):
 
 _OPTIMIZER_ARGUMENTS = (
     "model.init_args.lr or blr (lr = blr x effective batch / 256), betas, weight_decay, weight_decay_end, "
-    "warmup_epochs or warmup_steps, warmup_start_lr, min_lr, decay_special_tokens"
+    "warmup_epochs or warmup_steps, warmup_start_lr, min_lr, schedule_convention, decay_special_tokens"
 )

@@ -48,7 +48,10 @@ def scaled_lr(blr: float, effective_batch: int) -> float:
 def warmup_cosine(
     step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0, start_lr: float = 0.0
 ) -> float:
-    """The learning rate at optimizer step ``step`` (0-based).
+    """The learning rate at point ``step`` of the schedule.
+
+    ``PretrainModule`` evaluates it at ``k`` for its 0-based optimizer step ``k`` (MAE) or at ``k + 1`` (I-JEPA's
+    schedulers, stepped before each iteration: ``schedule_convention="ijepa"``).
 
     ``lr = start + (base - start) * step / warmup`` during warmup (MAE: start 0; I-JEPA: start 2e-4, base 1e-3), then
     ``min + (base - min) * (1 + cos(pi * (step - warmup) / (total - warmup))) / 2``.
@@ -180,7 +183,8 @@ def cosine_anneal(step: int, *, total_steps: int, start: float, end: float) -> f
     """Half-cosine from ``start`` (step 0) to ``end`` (step ``total_steps`` and later).
 
     ``end + (start - end) * (1 + cos(pi * min(1, step / total))) / 2``. I-JEPA's weight decay *increases* this way
-    from 0.04 to 0.4 over training (facebookresearch/ijepa configs/in1k_vith14_ep300.yaml).
+    from 0.04 to 0.4 over training (facebookresearch/ijepa configs/in1k_vith14_ep300.yaml); its ``CosineWDSchedule``
+    applies point ``k + 1`` at iteration ``k`` (``PretrainModule(schedule_convention="ijepa")``).
     """
     progress = min(1.0, max(step, 0) / max(total_steps, 1))
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -521,4 +521,5 @@ def test_ijepa_recipe_states_the_paper_settings():
     assert (model["lr"], model["warmup_start_lr"], model["min_lr"]) == (1.0e-3, 2.0e-4, 1.0e-6)
     assert (model["weight_decay"], model["weight_decay_end"], tuple(model["betas"])) == (0.04, 0.4, (0.9, 0.999))
     assert model["warmup_epochs"] == 40 and cfg["trainer"]["max_epochs"] == 300
+    assert model["schedule_convention"] == "ijepa"  # step k uses the lr / wd at k + 1, as the official schedulers
     assert cfg["data"]["init_args"]["batch_size"] == 128

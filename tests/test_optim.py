@@ -159,7 +159,9 @@ def test_ijepa_schedule_check_values() -> None:
     """The official I-JEPA schedulers' values (facebookresearch/ijepa src/utils/schedulers.py with
     configs/in1k_vith14_ep300.yaml: ipe 625, 300 epochs, warm-up 40 epochs).
 
-    The official scheduler is stepped at the start of each iteration, so its step s is our 0-based step s.
+    The official schedulers are stepped at the start of each iteration, so the spec's "step s" (the s-th iteration)
+    runs at the schedule's point s: ``warmup_cosine(s)``, which ``PretrainModule(schedule_convention="ijepa")``
+    applies at its 0-based optimizer step s - 1 (tests/test_schedules_official.py checks the whole loop).
     """
     from mim.optim import cosine_anneal
 
