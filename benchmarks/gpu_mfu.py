@@ -1024,6 +1024,9 @@ def section_fit(run: Run) -> None:
         rows.append((key, strategy, None, []))
         if (key, strategy) == ("mae_vit_b16", "ddp"):  # the switch rows right after their baseline
             for s in switches.values():
+                if s.name == "compile" and run.cpu and not run.args.compile_on_cpu:  # minutes of inductor on 2 cores
+                    print("  note: the compile=true fit row is skipped on the CPU (--compile-on-cpu runs it)")
+                    continue
                 rows += [(key, strategy, f"{s.name}={str(v).lower()}", [s.flag(v, run.cpu)]) for v in s.values()]
     for key, strategy, switch, extra in rows:
         model, fields = FIT_MODELS[key], {"model": key, "strategy": strategy, "switch": switch}
