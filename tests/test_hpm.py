@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mim.masking import HardPatchMasking
-from mim.masking.hard_patch import num_hard
+from mim.masking.hard_patch import epoch_index, num_hard
 from mim.module import PretrainModule
 from mim.targets import HardPatchTarget
 from mim.targets.loss_prediction import relative_loss, standardized_mse_loss
@@ -37,6 +37,13 @@ class TestHardPatchTargetMSEContract(TargetContract):
 
     def make_target(self, **overrides) -> HardPatchTarget:
         return _target(loss_predictor_loss="mse", **overrides)
+
+
+class TestHardPatchTargetEpochRampContract(TargetContract):
+    target_cls = HardPatchTarget
+
+    def make_target(self, **overrides) -> HardPatchTarget:
+        return _target(ramp_every="epoch", epochs=4, **overrides)
 
 
 def _parts(**overrides):
@@ -138,6 +145,59 @@ def test_after_step_is_the_ema_formula_with_the_momentum_schedule():
         torch.testing.assert_close(t, m * t0 + (1 - m) * s, rtol=1e-6, atol=1e-6)
 
 
+def _official_decay(epoch: int) -> float:
+    """HPM's EMA decay for an epoch (Haochen-Wang409/HPM engine_pretrain.py, verbatim)."""
+    if epoch < 100:
+        return 0.999 + epoch / 100 * (0.9999 - 0.999)
+    return 0.9999
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 5004])  # 5004: ImageNet-1k at batch 256
+def test_epoch_momentum_is_the_official_step_function(steps_per_epoch: int):
+    """ramp_every='epoch': at the first and last optimizer step of every epoch of 800 the momentum equals the
+    official per-epoch decay exactly (0.999, 0.99945, 0.9999 at e = 0, 50, >= 100)."""
+    target = HardPatchTarget(ema_momentum=(0.999, 0.9999), ema_ramp=0.125, ramp_every="epoch", epochs=800)
+    total = 800 * steps_per_epoch
+    for e in range(800):
+        for k in (e * steps_per_epoch, (e + 1) * steps_per_epoch - 1):
+            assert target.momentum(min(1.0, k / total)) == _official_decay(e)
+    assert [_official_decay(e) for e in (0, 50, 100, 799)] == pytest.approx([0.999, 0.99945, 0.9999, 0.9999])
+    per_step = HardPatchTarget(ema_momentum=(0.999, 0.9999), ema_ramp=0.125)  # the default: moves every step
+    assert per_step.momentum(50.5 / 800) == pytest.approx(0.999 + 50.5 / 100 * (0.9999 - 0.999))
+
+
+def test_epoch_ramps_follow_the_trainers_epochs_in_a_fit(tmp_path: Path):
+    """In a real fit (3 epochs of 4 optimizer steps), the epoch the masking and the EMA read from ``progress`` is
+    the trainer's current epoch at every step: the ramps step exactly at epoch boundaries."""
+    from torch.utils.data import DataLoader
+
+    from tests.factories import cpu_trainer
+
+    masking = HardPatchMasking(ramp_every="epoch", epochs=3)
+    target = _target(ramp_every="epoch", epochs=3)
+    module = PretrainModule(encoder=tiny_encoder(), masking=masking, targets=[target], warmup_epochs=0, batch_size=2)
+    seen: list[tuple[int, int, int]] = []  # (trainer epoch, masking epoch, EMA epoch)
+    draw, after = module.draw_masks, target.after_step
+
+    def draw_masks(batch, generator, inputs=None):
+        seen.append((module.trainer.current_epoch, epoch_index(module.progress, 3), -1))
+        return draw(batch, generator, inputs)
+
+    def after_step(encoder, progress, **kw):
+        epoch, mask_epoch, _ = seen[-1]
+        seen[-1] = (epoch, mask_epoch, epoch_index(progress, 3))
+        return after(encoder, progress, **kw)
+
+    module.draw_masks = draw_masks  # type: ignore[method-assign]
+    target.after_step = after_step  # type: ignore[method-assign]
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    data = DataLoader([{"image": x} for x in images], batch_size=2)  # 4 steps per epoch
+    trainer = cpu_trainer(max_epochs=3, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=data)
+    assert [s[0] for s in seen] == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(s[0] == s[1] == s[2] for s in seen), seen
+
+
 def test_teacher_is_saved_and_not_optimised(tmp_path: Path):
     encoder = tiny_encoder()
     module = PretrainModule(encoder=encoder, masking=HardPatchMasking(), targets=[_target()])
@@ -191,6 +251,28 @@ def test_validation_errors():
         HardPatchTarget(ema_ramp=2.0)
     with pytest.raises(ValueError, match="loss_predictor_weight"):
         HardPatchTarget(loss_predictor_weight=-1.0)
+    with pytest.raises(ValueError, match="ramp_every"):
+        HardPatchTarget(ramp_every="iteration")
+    with pytest.raises(ValueError, match="epochs"):
+        HardPatchTarget(ramp_every="epoch")
+    with pytest.raises(ValueError, match="epochs"):
+        HardPatchTarget(ramp_every="epoch", epochs=-1)
+
+
+def test_production_recipe_ramps_per_epoch_as_the_official_code():
+    """recipes/hpm: ramp_every=epoch in the masking and the target, with ``epochs`` = trainer.max_epochs (800)."""
+    import yaml
+
+    cfg = yaml.safe_load((RECIPES / "hpm" / "vit_b16_in1k.yaml").read_text())
+    model = cfg["model"]["init_args"]
+    masking, target = model["masking"]["init_args"], model["targets"][0]["init_args"]
+    epochs = cfg["trainer"]["max_epochs"]
+    assert epochs == 800
+    assert (masking["ramp_every"], masking["epochs"]) == ("epoch", epochs)
+    assert (target["ramp_every"], target["epochs"], target["ema_ramp"]) == ("epoch", epochs, 100 / 800)
+    built = HardPatchTarget(**target)
+    assert built.momentum(0.0) == 0.999 and built.momentum(50 / 800) == _official_decay(50)
+    assert HardPatchMasking(**masking).alpha(799 / 800) == 0.5
 
 
 @pytest.mark.usefixtures("fashion_mnist")

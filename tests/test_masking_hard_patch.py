@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mim.masking import HardPatchMasking
-from mim.masking.hard_patch import hard_patch_scores, num_hard
+from mim.masking.hard_patch import epoch_index, hard_patch_scores, num_hard
 from mim.types import TokenGrid
 from tests.contracts import MaskingStrategyContract
 
@@ -38,6 +38,45 @@ def test_schedule_matches_hpm():
     # HPM's per-epoch value 0.5 * (e + 1) / T at the last epoch is our progress 1
     t = 800
     assert num_hard(196, k, 0.5 * t / t) == 73
+
+
+class TestHardPatchMaskingEpochContract(MaskingStrategyContract):
+    strategy_cls = HardPatchMasking
+
+    def make_strategy(self) -> HardPatchMasking:
+        return HardPatchMasking(mask_ratio=0.75, ramp_every="epoch", epochs=4)
+
+
+def _official_num_hard(epoch: int, total_epoch: int, num_tokens: int = 196, mask_ratio: float = 0.75) -> int:
+    """``len_loss`` of HPM's ``generate_mask`` (Haochen-Wang409/HPM models_mae_learn_loss.py), verbatim maths:
+    keep_ratio = float((epoch + 1) / total_epoch) * 0.5; int((L - len_keep) * keep_ratio)."""
+    len_keep = int(num_tokens * (1 - mask_ratio))
+    keep_ratio = float((epoch + 1) / total_epoch) * 0.5
+    return int((num_tokens - len_keep) * keep_ratio)
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 3, 5004])  # 5004: ImageNet-1k at batch 256
+def test_epoch_ramp_is_the_official_step_function(steps_per_epoch: int):
+    """ramp_every='epoch': at every optimizer step k of epoch e (progress = k / (T * S), as PretrainModule.progress),
+    k_hard equals the official int(147 * 0.5 * (e + 1) / T); T = 800: 0 up to e = 9, 1 from e = 10, 73 at the end.
+    The first and last step of every epoch are checked (where floor(progress * T) could round to a neighbour)."""
+    t = 800
+    s = HardPatchMasking(mask_ratio=0.75, max_hard_fraction=0.5, ramp_every="epoch", epochs=t)
+    total = t * steps_per_epoch
+    for e in range(t):
+        for k in (e * steps_per_epoch, (e + 1) * steps_per_epoch - 1):
+            progress = min(1.0, k / max(1, total))
+            assert epoch_index(progress, t) == e
+            assert s.alpha(progress) == float((e + 1) / t) * 0.5
+            assert num_hard(196, s.num_visible(196), s.alpha(progress)) == _official_num_hard(e, t)
+    assert [_official_num_hard(e, t) for e in (0, 9, 10, 399, 799)] == [0, 0, 1, 36, 73]
+    assert s.alpha(1.0) == 0.5  # after the last step: clamped to the last epoch
+
+
+def test_step_ramp_is_unchanged_by_epochs():
+    """ramp_every='step' (the default) ignores ``epochs``: alpha = 0.5 * progress."""
+    s = HardPatchMasking(epochs=800)
+    assert s.ramp_every == "step" and s.alpha(0.3) == 0.5 * 0.3
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
@@ -116,6 +155,12 @@ def test_validation():
         HardPatchMasking(max_hard_fraction=1.5)
     with pytest.raises(ValueError, match="mask_ratio"):
         HardPatchMasking(mask_ratio=1.0)
+    with pytest.raises(ValueError, match="ramp_every"):
+        HardPatchMasking(ramp_every="iteration")
+    with pytest.raises(ValueError, match="epochs"):
+        HardPatchMasking(ramp_every="epoch")
+    with pytest.raises(ValueError, match="epochs"):
+        HardPatchMasking(ramp_every="epoch", epochs=0)
     s = HardPatchMasking()
     with pytest.raises(ValueError, match=r"scores of shape \(B, N\) = \(2, 196\)"):
         s(2, GRID, generator=_gen(0), device=CPU, scores=torch.rand(2, 10))

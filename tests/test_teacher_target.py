@@ -19,7 +19,7 @@ from mim.models.align import DynamicAlignment
 from mim.models.teacher import FrozenTeacher, read_weights, weights_sha256
 from mim.module import PretrainModule
 from mim.targets import PixelTarget
-from mim.targets.teacher import TeacherTarget, feature_distance, normalize_features
+from mim.targets.teacher import TeacherTarget, feature_distance, layer_loss_weights, normalize_features
 from tests.contracts import TargetContract
 from tests.syncs import count_host_syncs
 
@@ -120,6 +120,20 @@ class TestTeacherTargetSimpleFusionContract(TestTeacherTargetMaskAlignContract):
         return teacher_target(fusion="simple", target_norm="l2", loss="l1", **overrides)
 
 
+class TestTeacherTargetLinearDecayMLPContract(TestTeacherTargetMaskAlignContract):
+    """MaskAlign's ``linear_decay`` layer weighting with ``mlp`` adapters."""
+
+    def make_target(self, **overrides) -> TeacherTarget:
+        return teacher_target(loss_weights="linear_decay", layers=None, head="mlp", **overrides)
+
+
+class TestTeacherTargetNormLinearContract(TestTeacherTargetMaskAlignContract):
+    """``norm_linear`` adapters with sum fusion."""
+
+    def make_target(self, **overrides) -> TeacherTarget:
+        return teacher_target(head="norm_linear", fusion="sum", **overrides)
+
+
 class TestTeacherTargetMimicContract(TargetContract):
     """MR-MAE mimicking: the final latent at visible patch tokens, MSE, a torch (.pt) teacher file."""
 
@@ -127,6 +141,15 @@ class TestTeacherTargetMimicContract(TargetContract):
 
     def make_target(self, **overrides) -> TeacherTarget:
         return teacher_target("pt", student_layers="output", layers=None, loss="l2", **overrides)
+
+
+class TestTeacherTargetMimicMLP2Contract(TestTeacherTargetMimicContract):
+    """``mlp2`` adapters on the final latent, ``linear_decay`` over both teacher blocks (block 0 weighs 0)."""
+
+    def make_target(self, **overrides) -> TeacherTarget:
+        return teacher_target(
+            "pt", student_layers="output", layers=2, loss="l2", head="mlp2", loss_weights="linear_decay", **overrides
+        )
 
 
 # ---------------------------------------------------------------------- the maths
@@ -229,6 +252,135 @@ def test_maskalign_unit_pieces():
     torch.testing.assert_close(feature_distance(p, t, "l1"), (p - t).abs().mean())
     assert target.never_decay() == {"alignment.layer_weights"} and target.no_weight_decay() == set()
     assert not enc.vit.norm.weight.requires_grad  # the final norm MaskAlign never reaches is frozen
+
+
+# MaskAlign's adapter heads and linear_decay, written out from OpenDriveLab/maskalign models_pretrain.py
+# (``distill_heads`` for each ``head_type``; ``forward_loss``'s weight_list) independently of mim/models/align.py.
+def _layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)  # biased, as LayerNorm
+    return (x - mu) / torch.sqrt(var + eps) * g + b
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.erf(x / 2**0.5))  # nn.GELU() default: the exact erf form
+
+
+def _reference_adapter(kind: str, head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The official adapter of ``kind`` applied with ``head``'s parameters (in their Sequential order)."""
+    p = [t for _, t in head.named_parameters()]
+    if kind == "linear":
+        return x @ p[0].T + p[1]
+    if kind == "norm_linear":  # norm_layer(D) -> Linear(D, D_t)
+        return _layer_norm(x, p[0], p[1], 1e-6) @ p[2].T + p[3]
+    if kind == "mlp":  # Linear(D, D) -> GELU -> Linear(D, D_t)
+        return _gelu(x @ p[0].T + p[1]) @ p[2].T + p[3]
+    # mlp2: Linear(D, D) -> norm_layer(D) -> Linear(D, D_t)
+    return _layer_norm(x @ p[0].T + p[1], p[2], p[3], 1e-6) @ p[4].T + p[5]
+
+
+def _official_weight_list(mode: str, n: int) -> list[float]:
+    """``forward_loss``'s weight_list for ``n`` aligned student features (official code, verbatim maths)."""
+    if mode == "mean":
+        return [1 / n] * n
+    weight_list_ = list(range(n))
+    return [i / sum(weight_list_) for i in weight_list_]
+
+
+def test_official_layer_weights():
+    """linear_decay over 12 blocks: [0, 1, ..., 11] / 66 (block 1 weighs 0, block 12 11/66); mean: 1/12."""
+    torch.testing.assert_close(
+        torch.tensor(layer_loss_weights(list(range(12)), "linear_decay")), torch.arange(12.0) / 66
+    )
+    assert layer_loss_weights(list(range(12)), "linear_decay") == _official_weight_list("linear_decay", 12)
+    assert layer_loss_weights(list(range(12)), "mean") == _official_weight_list("mean", 12)
+    assert layer_loss_weights([7, 8, 9, 10, 11], "mean") == [0.2] * 5  # top5
+    assert layer_loss_weights([3, 9], "linear_decay") == [0.25, 0.75]  # a subset: i / (3 + 9)
+    with pytest.raises(ValueError, match="loss_weights='linear_decay'"):
+        layer_loss_weights([0], "linear_decay")
+
+
+@pytest.mark.parametrize("head", ["linear", "norm_linear", "mlp", "mlp2"])
+def test_adapter_structure_and_init(head):
+    """Hidden width D, the student's LayerNorm eps (1e-6), Xavier-uniform Linear weights with zero bias, LN 1 / 0."""
+    enc = encoder(depth=2)
+    target = teacher_target(head=head)
+    target.bind(enc)
+    adapter = target.alignment.heads[0]
+    shapes = [tuple(p.shape) for p in adapter.parameters()]
+    expected = {
+        "linear": [(32, 64), (32,)],
+        "norm_linear": [(64,), (64,), (32, 64), (32,)],
+        "mlp": [(64, 64), (64,), (32, 64), (32,)],
+        "mlp2": [(64, 64), (64,), (64,), (64,), (32, 64), (32,)],
+    }[head]
+    assert shapes == expected
+    for m in adapter.modules():
+        if isinstance(m, torch.nn.Linear):
+            bound = (6 / (m.in_features + m.out_features)) ** 0.5  # Xavier-uniform
+            assert m.weight.abs().max() <= bound and m.weight.std() > bound / 3 and not m.bias.any()
+        if isinstance(m, torch.nn.LayerNorm):
+            assert m.eps == 1e-6 and bool((m.weight == 1).all()) and not m.bias.any()
+    assert enc.vit.norm.eps == 1e-6
+
+
+@pytest.mark.parametrize("head", ["linear", "norm_linear", "mlp", "mlp2"])
+@pytest.mark.parametrize("loss_weights", ["mean", "linear_decay"])
+def test_heads_and_layer_weights_equal_the_official_loss(head, loss_weights, tmp_path: Path):
+    """The official forward_loss with every teacher block aligned (MaskAlign's ``mean`` / ``linear_decay``) and each
+    ``head_type``, written out: sum_i w_i * 2 * SmoothL1(head_i(sum_j W_ij h_j), LN(teacher block i)), w_i > 0 only,
+    on a 4-block student and teacher."""
+    depth = 4
+    path = write_teacher(tmp_path / "teacher4.safetensors", depth=depth)
+    enc = encoder(depth=depth)
+    target = teacher_target(
+        teacher_checkpoint=str(path),
+        teacher_kwargs={**TEACHER_KW, "depth": depth},
+        layers=depth,
+        loss_weights=loss_weights,
+        head=head,
+    )
+    target.bind(enc)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # move every parameter off its init (LayerNorm gains and biases included)
+        target.alignment.layer_weights.copy_(torch.randn(depth, depth, generator=gen))
+        for p in target.alignment.heads.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    x, masks = images(), random_masks(enc)
+    out = target({"image": x}, masks, enc(x, masks.visible), enc)
+
+    teacher = timm.create_model(ARCH, pretrained=False, num_classes=0, **{**TEACHER_KW, "depth": depth}).eval()
+    teacher.load_state_dict(read_weights(path)[0])
+    with torch.no_grad():
+        hs_t = _teacher_hidden_states(teacher, x)
+    hs_s = _student_hidden_states(enc, x, masks.visible)
+    weight_list = _official_weight_list(loss_weights, depth)
+    aligned = [i for i in range(depth) if weight_list[i] > 0]
+    assert target.layers == aligned  # linear_decay: block 0 (weight 0) gets no adapter
+    w = target.alignment.layer_weights
+    expected = torch.tensor(0.0)
+    for i in range(depth):
+        if weight_list[i] <= 0:
+            continue
+        fused = sum(w[i, j] * hs_s[j] for j in range(depth))
+        s = _reference_adapter(head, target.alignment.heads[aligned.index(i)], fused)
+        y = F.layer_norm(hs_t[i], (32,), eps=1e-5)
+        y = torch.cat([y[:, :1], torch.stack([y[b, 1:][masks.visible[b]] for b in range(4)])], dim=1)
+        expected = expected + weight_list[i] * _smooth_l1_x2(s, y)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_decay_defaults_to_every_block_and_keeps_explicit_layers():
+    enc = encoder(depth=12)
+    target = teacher_target(teacher_kwargs={**TEACHER_KW, "depth": 12}, layers=None, loss_weights="linear_decay")
+    target.bind(enc)
+    assert target.layers == list(range(1, 12)) and len(target.alignment.heads) == 11
+    assert target.block_weights == [i / 66 for i in range(1, 12)]
+    subset = teacher_target(teacher_kwargs={**TEACHER_KW, "depth": 12}, layers=5, loss_weights="linear_decay")
+    subset.bind(encoder(depth=12))
+    assert subset.layers == [7, 8, 9, 10, 11] and subset.block_weights == [i / 45 for i in range(7, 12)]
+    with pytest.raises(ValueError, match="linear_decay"):
+        teacher_target(layers=[0], loss_weights="linear_decay").bind(encoder(depth=2))
 
 
 def test_sum_fusion_aligns_deeper_teacher():
@@ -437,7 +589,8 @@ def test_teacher_input_remap_resize_and_grey_to_rgb(tmp_path: Path):
         ({"teacher_arch": "no_such_vit"}, "teacher_arch"),
         ({"student_layers": "all"}, "student_layers"),
         ({"fusion": "mlp"}, "fusion"),
-        ({"head": "mlp"}, "head"),
+        ({"head": "mlp3"}, "head"),
+        ({"loss_weights": "top5"}, "loss_weights"),
         ({"target_norm": "bn"}, "target_norm"),
         ({"loss": "cosine"}, "loss"),
         ({"layers": 0}, "layers"),
@@ -634,6 +787,7 @@ def test_production_recipes_state_the_papers_settings():
         "smooth_l1",
     )
     assert teacher["attention_scores"] and teacher["student_layers"] == "blocks"
+    assert (teacher["loss_weights"], teacher["head"]) == ("mean", "linear")  # top5 with the official linear heads
     assert model["encoder"]["init_args"]["drop_path_rate"] == 0.1
     assert (model["blr"], model["min_lr"], model["warmup_epochs"], cfg["trainer"]["max_epochs"]) == (
         1.5e-4,

@@ -7,6 +7,13 @@ stack on the same decoder input) learns to rank the hidden tokens by their detac
 scores every token of the full input through :meth:`HardPatchTarget.token_scores`, which drives
 :class:`~mim.masking.hard_patch.HardPatchMasking`. The EMA pass runs the encoder on all N tokens and only the
 loss-predictor stack (the official code also runs the reconstructor there and discards its output).
+
+The EMA momentum ramps from 0.999 to 0.9999 over the first 100 epochs, then stays (official engine_pretrain.py:
+``0.999 + epoch / 100 * (0.9999 - 0.999)`` for ``epoch < 100``, set once per epoch). ``ramp_every="epoch"``
+reproduces that step function, with the epoch recovered from ``progress`` as ``floor(progress * epochs)``
+(:func:`~mim.masking.hard_patch.epoch_index`; ``epochs`` must be the run's ``trainer.max_epochs``) and the ramp
+length ``ema_ramp * epochs`` epochs; ``ramp_every="step"`` moves it linearly with ``progress`` (:func:`mim.ema.
+ema_momentum`).
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-from mim.checks import check_choice, check_range, invalid
+from mim.checks import check_choice, check_int, check_range, invalid
 from mim.ema import EMA, ema_momentum
+from mim.masking.hard_patch import epoch_index
 from mim.models.base import Encoder
 from mim.models.encoder import MaskedEncoder
 from mim.targets.loss_prediction import LossPredictor, relative_loss, standardized_mse_loss
@@ -45,6 +53,10 @@ class HardPatchTarget(PixelTarget):
         ema_momentum: (start, end) momentum of the EMA teacher (HPM: 0.999 -> 0.9999).
         ema_ramp: fraction of training over which the momentum moves from start to end (HPM: 100 of 800
             epochs = 0.125), constant afterwards.
+        ramp_every: ``step`` (the momentum moves with ``progress``) or ``epoch`` (HPM's official step function:
+            ``start + e / (ema_ramp * epochs) * (end - start)`` in epoch ``e`` before the end of the ramp, ``end``
+            after; needs ``epochs``).
+        epochs: the run's number of epochs (``trainer.max_epochs``); required by ``ramp_every="epoch"``.
         weight: factor of this loss in the total.
     """
 
@@ -62,6 +74,8 @@ class HardPatchTarget(PixelTarget):
         loss_predictor_weight: float = 1.0,
         ema_momentum: tuple[float, float] = (0.999, 0.9999),
         ema_ramp: float = 0.125,
+        ramp_every: Literal["step", "epoch"] = "step",
+        epochs: int | None = None,
         weight: float = 1.0,
     ) -> None:
         super().__init__(
@@ -81,6 +95,13 @@ class HardPatchTarget(PixelTarget):
         if len(momentum) != 2 or not all(0.0 <= m <= 1.0 for m in momentum):
             raise invalid(owner, "ema_momentum", "two numbers in [0, 1]", ema_momentum, hint="start, end")
         check_range(owner, "ema_ramp", ema_ramp, 0, 1, hint="a fraction of training")
+        check_choice(owner, "ramp_every", ramp_every, ("step", "epoch"))
+        if ramp_every == "epoch" and epochs is None:
+            raise ValueError(
+                "HardPatchTarget.epochs must be set (the run's trainer.max_epochs) with ramp_every='epoch', got None"
+            )
+        self.ramp_every = ramp_every
+        self.epochs = None if epochs is None else check_int(owner, "epochs", epochs, minimum=1)
         self.loss_predictor_loss, self.loss_predictor_weight = loss_predictor_loss, loss_predictor_weight
         self.ema_momentum, self.ema_ramp = momentum, ema_ramp
         self.loss_predictor: LossPredictor | None = None
@@ -141,10 +162,17 @@ class HardPatchTarget(PixelTarget):
         x = parts["decoder_embed"](latent) + self._decoder().decoder_pos_embed.to(latent.dtype)  # (B, prefix+N, Dd)
         return parts["loss_predictor"](x).float()  # (B, N)
 
-    def after_step(self, encoder: Encoder, progress: float, *, applied: Tensor | None = None) -> None:
-        """EMA update of the teacher, ``m`` moving from ``ema_momentum[0]`` to ``[1]`` over ``ema_ramp`` (none where
-        ``applied`` is 0)."""
+    def momentum(self, progress: float) -> float:
+        """The EMA momentum at ``progress``: per epoch (official HPM) or per step, see ``ramp_every``."""
         start, end = self.ema_momentum
-        self._parts()[1].update(
-            self._student(encoder), ema_momentum(progress, start=start, end=end, ramp=self.ema_ramp), applied=applied
-        )
+        if self.ramp_every == "step":
+            return ema_momentum(progress, start=start, end=end, ramp=self.ema_ramp)
+        assert self.epochs is not None  # checked in __init__
+        epoch, ramp_epochs = epoch_index(progress, self.epochs), self.ema_ramp * self.epochs
+        if epoch >= ramp_epochs:
+            return end
+        return start + epoch / ramp_epochs * (end - start)  # official: 0.999 + epoch / 100 * (0.9999 - 0.999)
+
+    def after_step(self, encoder: Encoder, progress: float, *, applied: Tensor | None = None) -> None:
+        """EMA update of the teacher with :meth:`momentum` at ``progress`` (none where ``applied`` is 0)."""
+        self._parts()[1].update(self._student(encoder), self.momentum(progress), applied=applied)

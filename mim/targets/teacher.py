@@ -7,7 +7,10 @@ tokens (gathered with ``Masks.visible``, the order the encoder used).
 * MaskAlign (Xue et al., "Stare at What You See: Masked Image Modeling without Reconstruction", CVPR 2023; official
   OpenDriveLab/maskalign models_pretrain.py): ``student_layers="blocks"``. Every student block output goes through
   the dynamic alignment (mim/models/align.py) and regresses the whitened outputs of the last teacher blocks with
-  ``2 * SmoothL1``; no decoder, no mask tokens. ``attention_scores=True`` also feeds AttentionMasking.
+  ``2 * SmoothL1``; no decoder, no mask tokens. ``attention_scores=True`` also feeds AttentionMasking. The
+  official ``loss_weights`` map to ``layers`` and ``loss_weights`` here: ``top5`` = ``layers=5`` (mean),
+  ``mean`` = all blocks (mean), ``out`` = ``layers=[-1]``, ``linear_decay`` = ``loss_weights="linear_decay"``
+  (:func:`layer_loss_weights`); the official ``head_type`` is ``head``.
 * MR-MAE (Gao et al., "Mimic before Reconstruct: Enhancing Masked Autoencoders with Feature Mimicking", IJCV 2023,
   arXiv 2303.05475; no code released): ``student_layers="output"``. The encoder's final latent, through a linear
   head, regresses the teacher's whitened features with MSE, next to a PixelTarget in the same recipe.
@@ -28,14 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mim.checks import check_choice, invalid
-from mim.models.align import DynamicAlignment, linear_adapters
+from mim.models.align import HEAD_TYPES, DynamicAlignment, HeadType, adapters
 from mim.models.encoder import MaskedEncoder, check_timm_name
 from mim.models.teacher import FrozenTeacher, TeacherOutput
 from mim.targets.base import Target
 from mim.tokens import gather_tokens
 from mim.types import Batch, Masks
 
-__all__ = ["TeacherTarget", "feature_distance", "normalize_features"]
+__all__ = ["TeacherTarget", "feature_distance", "layer_loss_weights", "normalize_features"]
 
 
 def normalize_features(y: Tensor, mode: Literal["whiten", "l2", "none"], eps: float = 1e-5) -> Tensor:
@@ -65,6 +68,33 @@ def feature_distance(pred: Tensor, target: Tensor, loss: Literal["smooth_l1", "l
     return F.l1_loss(pred, target)
 
 
+def layer_loss_weights(layers: Sequence[int], mode: Literal["mean", "linear_decay"]) -> list[float]:
+    """The weight of each aligned teacher block's distance in the loss.
+
+    ``mean``: ``1 / len(layers)`` each (MaskAlign's ``top5`` with the last 5 blocks, ``mean`` with all).
+    ``linear_decay``: ``w_i = i / sum_j j`` over the aligned blocks, ``i`` the **0-based** block index, so the
+    deepest block weighs most and block 0 weighs 0. With every block aligned this is MaskAlign's official
+    ``weight_list = [i / sum(range(T)) for i in range(T)]`` (OpenDriveLab/maskalign models_pretrain.py
+    ``forward_loss``; 12 blocks: 0, 1/66, ..., 11/66).
+
+    Args:
+        layers: the aligned 0-based teacher block indices, ascending.
+        mode: ``mean`` or ``linear_decay``.
+
+    Returns:
+        One Python float per entry of ``layers``, summing to 1.
+    """
+    if mode == "mean":
+        return [1 / len(layers)] * len(layers)
+    total = sum(layers)
+    if total <= 0:
+        raise ValueError(
+            f"TeacherTarget.loss_weights='linear_decay' gives block 0 the weight 0; the aligned blocks {list(layers)} "
+            "would all weigh 0: align deeper blocks"
+        )
+    return [i / total for i in layers]
+
+
 def _channels(name: str, value: Sequence[float] | None) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -89,13 +119,21 @@ class TeacherTarget(Target):
             ``depth`` ...). The teacher's patch grid must equal the student's (its input is resized bicubically to
             the teacher's ``img_size``, MaskAlign's CLIP-L/14 at 196 px).
         student_layers: ``blocks`` (MaskAlign: all student block outputs through the dynamic alignment) or
-            ``output`` (MR-MAE mimicking: the encoder's final latent through one linear head per teacher layer).
+            ``output`` (MR-MAE mimicking: the encoder's final latent through one ``head`` adapter per teacher layer).
         layers: aligned teacher blocks: an int n = the last n blocks, or a list of 0-based indices (negative from
-            the end). Default: 5 (MaskAlign's ``top5``) for ``blocks``, 1 (the last block) for ``output``. The loss
-            is the mean over them.
+            the end). Default: 5 (MaskAlign's ``top5``) for ``blocks`` with ``loss_weights="mean"``, every block
+            for ``linear_decay``, 1 (the last block) for ``output``.
+        loss_weights: how the aligned blocks' distances are combined: ``mean`` (``1/len(layers)`` each; with the
+            default layers MaskAlign's recommended ``top5``) or ``linear_decay`` (``i / sum_j j`` for 0-based
+            block ``i`` among the aligned ones; the official ``linear_decay`` with every block aligned). Block 0
+            weighs 0 under ``linear_decay`` and is then dropped from the aligned blocks (no adapter; the official
+            code builds one that never receives a gradient). See :func:`layer_loss_weights`.
         fusion: ``linear`` (W = I + 0.01; needs equal depths), ``sum`` (W = 1/S) or ``simple`` (no fusion);
             ``blocks`` mode only.
-        head: adapter type; ``linear`` (MaskAlign's recommended and only implemented one).
+        head: adapter type (official ``head_type``, mim/models/align.py): ``linear`` (``Linear(D -> D_t)``, the
+            official default and recommended), ``norm_linear`` (``LayerNorm(D) -> Linear(D -> D_t)``), ``mlp``
+            (``Linear(D -> D) -> GELU -> Linear(D -> D_t)``) or ``mlp2`` (``Linear(D -> D) -> LayerNorm(D) ->
+            Linear(D -> D_t)``); the LayerNorms use the student's final-norm epsilon. Both modes.
         target_norm: ``whiten`` (LayerNorm without affine, eps 1e-5), ``l2`` or ``none``.
         loss: ``smooth_l1`` (x2, MaskAlign), ``l2`` (MSE) or ``l1``.
         align_cls: include the CLS token in the loss (needs a class token in both models). Default: True for
@@ -129,8 +167,9 @@ class TeacherTarget(Target):
         teacher_kwargs: dict[str, Any] | None = None,
         student_layers: Literal["blocks", "output"] = "blocks",
         layers: int | list[int] | None = None,
+        loss_weights: Literal["mean", "linear_decay"] = "mean",
         fusion: Literal["linear", "sum", "simple"] = "linear",
-        head: Literal["linear"] = "linear",
+        head: HeadType = "linear",
         target_norm: Literal["whiten", "l2", "none"] = "whiten",
         loss: Literal["smooth_l1", "l2", "l1"] = "smooth_l1",
         align_cls: bool | None = None,
@@ -150,8 +189,9 @@ class TeacherTarget(Target):
             raise invalid(owner, "teacher_checkpoint", "the path of a local weights file", teacher_checkpoint)
         choices = {
             "student_layers": (student_layers, ("blocks", "output")),
+            "loss_weights": (loss_weights, ("mean", "linear_decay")),
             "fusion": (fusion, ("linear", "sum", "simple")),
-            "head": (head, ("linear",)),
+            "head": (head, HEAD_TYPES),
             "target_norm": (target_norm, ("whiten", "l2", "none")),
             "loss": (loss, ("smooth_l1", "l2", "l1")),
         }
@@ -177,6 +217,7 @@ class TeacherTarget(Target):
         self.teacher_arch, self.teacher_checkpoint = teacher_arch, str(teacher_checkpoint)
         self.teacher_kwargs = dict(teacher_kwargs or {})
         self.student_layers, self.layers_spec, self.fusion, self.head = student_layers, layers, fusion, head
+        self.loss_weights = loss_weights
         self.target_norm, self.loss, self.align_cls_spec = target_norm, loss, align_cls
         self.attention_scores, self.freeze_final_norm = attention_scores, freeze_final_norm
         if given:
@@ -188,6 +229,7 @@ class TeacherTarget(Target):
         self.register_buffer("input_scale", scale.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
         self.register_buffer("input_shift", shift.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
         self.layers: list[int] = []
+        self.block_weights: list[float] = []
         self.align_cls = False
         self.alignment: DynamicAlignment | None = None
         self.heads: nn.ModuleList | None = None
@@ -210,13 +252,18 @@ class TeacherTarget(Target):
                 "set teacher_kwargs (img_size / patch_size) so that both have the same tokens"
             )
         depth = teacher.depth
-        spec = self.layers_spec if self.layers_spec is not None else (5 if self.student_layers == "blocks" else 1)
+        spec = self.layers_spec
+        if spec is None:  # top5 / all blocks for linear_decay (MaskAlign), the last block (MR-MAE)
+            spec = 1 if self.student_layers == "output" else (depth if self.loss_weights == "linear_decay" else 5)
         if isinstance(spec, int):
             layers = list(range(depth - min(spec, depth), depth))
         else:
             if not all(-depth <= i < depth for i in spec):
                 raise ValueError(f"TeacherTarget.layers: indices {spec} out of range for a {depth}-block teacher")
             layers = sorted({i % depth for i in spec})
+        weights = layer_loss_weights(layers, self.loss_weights)
+        layers = [i for i, w in zip(layers, weights) if w > 0]  # linear_decay's block 0 weighs 0: not aligned
+        weights = [w for w in weights if w > 0]
         align_cls = self.align_cls_spec if self.align_cls_spec is not None else self.student_layers == "blocks"
         if align_cls and (encoder.vit.cls_token is None or not teacher.has_class_token):
             raise ValueError("TeacherTarget.align_cls needs a class token in both the student and the teacher")
@@ -227,7 +274,8 @@ class TeacherTarget(Target):
                 f"TeacherTarget: the mean/std lists have {self.input_scale.numel()} channels; the student reads "
                 f"{encoder.in_chans}, the teacher {teacher.in_chans}"
             )
-        self.layers, self.align_cls = layers, bool(align_cls)
+        self.layers, self.block_weights, self.align_cls = layers, weights, bool(align_cls)
+        norm_eps = float(getattr(encoder.vit.norm, "eps", 1e-6))  # the adapters' LayerNorms (norm_linear, mlp2)
         self._num_student_prefix = encoder.num_prefix_tokens
         if self.student_layers == "blocks":
             self.alignment = DynamicAlignment(
@@ -237,12 +285,14 @@ class TeacherTarget(Target):
                 in_dim=encoder.embed_dim,
                 out_dim=teacher.embed_dim,
                 fusion=self.fusion,
+                head=self.head,
+                norm_eps=norm_eps,
             )
             encoder.capture_blocks(self.alignment.student_blocks)
             if self.freeze_final_norm:
                 encoder.vit.norm.requires_grad_(False)
         else:
-            self.heads = linear_adapters(len(layers), encoder.embed_dim, teacher.embed_dim)
+            self.heads = adapters(self.head, len(layers), encoder.embed_dim, teacher.embed_dim, norm_eps=norm_eps)
         object.__setattr__(self, "_teacher", teacher)
         if self._expected is not None:
             self._verify(self._expected)
@@ -316,7 +366,12 @@ class TeacherTarget(Target):
             z = self._tokens(latent, self._num_student_prefix)  # (B, [1+]K, D)
             preds = [head(z) for head in self.heads]  # A x (B, [1+]K, D_t)
         per_layer = [feature_distance(p.float(), t, self.loss) for p, t in zip(preds, targets)]
-        loss = torch.stack(per_layer).mean()
+        if self.loss_weights == "mean":
+            loss = torch.stack(per_layer).mean()
+        else:  # linear_decay: sum_i w_i * l_i, in the official order, with host-side weights (no sync)
+            loss = self.block_weights[0] * per_layer[0]
+            for w, v in zip(self.block_weights[1:], per_layer[1:]):
+                loss = loss + w * v
         result = {"loss": loss}
         if len(per_layer) > 1:
             result |= {f"block{i}": v.detach() for i, v in zip(self.layers, per_layer)}
