@@ -189,6 +189,10 @@ class MaskedEncoder(Encoder):
         num_frames: frames per clip; > 1 makes this a video encoder (input ``batch["video"]`` (B, C, T, H, W),
             3-D tubelet embedding, fixed 3-D sin-cos position embedding, grid (T/tubelet, H/p, W/p)).
         tubelet_size: frames per tubelet (VideoMAE: 2); ``num_frames`` must be a multiple.
+        positions: ``sincos`` adds the fixed sin-cos table to every patch token (MAE); ``none`` adds nothing, so the
+            patch tokens carry no position at all (MP3's position prediction, :class:`~mim.targets.PositionTarget`).
+            The frozen table stays in the state dict either way, so exports and fine-tuning load as before (a
+            fine-tuning recipe that wants positions back gives its own ``encoder`` with ``positions: sincos``).
     """
 
     embedding_prefixes = ("vit.cls_token", "vit.reg_token", "vit.pos_embed", "vit.patch_embed", "vit.norm_pre")
@@ -205,9 +209,11 @@ class MaskedEncoder(Encoder):
         model_kwargs: dict[str, Any] | None = None,
         num_frames: int = 1,
         tubelet_size: int = 1,
+        positions: Literal["sincos", "none"] = "sincos",
     ) -> None:
         super().__init__()
         owner = "MaskedEncoder"
+        check_choice(owner, "positions", positions, ("sincos", "none"))
         check_int(owner, "num_frames", num_frames)
         check_int(owner, "tubelet_size", tubelet_size)
         if num_frames % tubelet_size:
@@ -278,6 +284,9 @@ class MaskedEncoder(Encoder):
             "num_frames": num_frames,
             "tubelet_size": tubelet_size,
         }
+        self.positions: Literal["sincos", "none"] = positions
+        if positions != "sincos":  # recorded only when set, so every existing config stays as it was
+            self._config["positions"] = positions
         # Rows of pos_embed for prefix tokens (timm's default ViT has one for cls; "no_embed_class" has none).
         self._pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
         if self.is_video:
@@ -344,7 +353,7 @@ class MaskedEncoder(Encoder):
         return unpatchify(patches, self.patch_size, (self.grid.h, self.grid.w), self.in_chans)
 
     def tokenize(self, images: Tensor) -> Tensor:
-        """Patch-embed every patch and add its position embedding.
+        """Patch-embed every patch and add its position embedding (none with ``positions="none"``).
 
         Args:
             images: (B, C, H, W) normalised, or (B, C, T, H, W) clips for a video encoder.
@@ -362,6 +371,8 @@ class MaskedEncoder(Encoder):
             # on the device: cast them like the weights. Under autocast the weights stay fp32 and nothing changes.
             images = images.to(weight.dtype)
         x = self.vit.patch_embed(images)  # (B, N, D)
+        if self.positions == "none":
+            return x  # (B, N, D): content only
         return x + self.pos_embed[:, self._pos_prefix :]  # (B, N, D)
 
     def prefix_tokens(self, batch_size: int) -> Tensor:

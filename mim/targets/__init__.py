@@ -1,10 +1,22 @@
 """Targets: what to predict."""
 
 from mim.targets.base import Target
+from mim.targets.cae import ContextRegressionTarget
 from mim.targets.features import FeatureTarget
 from mim.targets.hard_patch import HardPatchTarget
 from mim.targets.latent import LatentTarget
 from mim.targets.pixels import PixelTarget, norm_pix
+from mim.targets.position import PositionTarget
 from mim.targets.teacher import TeacherTarget
 
-__all__ = ["FeatureTarget", "HardPatchTarget", "LatentTarget", "PixelTarget", "Target", "TeacherTarget", "norm_pix"]
+__all__ = [
+    "ContextRegressionTarget",
+    "FeatureTarget",
+    "HardPatchTarget",
+    "LatentTarget",
+    "PixelTarget",
+    "PositionTarget",
+    "Target",
+    "TeacherTarget",
+    "norm_pix",
+]
