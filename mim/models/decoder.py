@@ -13,12 +13,15 @@ plus one mask token at each decoder-kept position only (K + Kd tokens instead of
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.utils.checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from mim.checks import check_choice
+from mim.models.crate import CrateDecoderBlock
 from mim.models.embed import sincos_for_grid
 from mim.tokens import gather_tokens, scatter_tokens
 from mim.types import TokenGrid
@@ -40,9 +43,14 @@ class BlockStack(nn.ModuleList):
         return x
 
 
-def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> BlockStack:
+def transformer_blocks(
+    dim: int, depth: int, num_heads: int, mlp_ratio: float, *, block: Literal["vit", "crate"] = "vit"
+) -> BlockStack:
     """``depth`` timm ViT blocks of width ``dim`` (qkv bias, LayerNorm eps 1e-6): the stack of MAE's decoder,
-    HPM's loss predictor and the JEPA predictor."""
+    HPM's loss predictor and the JEPA predictor. ``block="crate"``: CRATE-MAE's decoder layers instead
+    (:class:`~mim.models.crate.CrateDecoderBlock`; ``mlp_ratio`` unused)."""
+    if block == "crate":
+        return BlockStack(CrateDecoderBlock(dim, num_heads) for _ in range(depth))
     norm = partial(nn.LayerNorm, eps=1e-6)
     return BlockStack(
         Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
@@ -83,6 +91,8 @@ class MAEDecoder(nn.Module):
         depth: decoder blocks (MAE: 8).
         num_heads: attention heads (MAE: 16).
         mlp_ratio: MLP expansion.
+        block: ``vit`` (timm blocks, MAE) or ``crate`` (CRATE-MAE's decoder layers ``v = A LN(x)``,
+            ``x - MSSA(LN(v))``: Pai et al., ICLR 2024; :class:`~mim.models.crate.CrateDecoderBlock`).
     """
 
     def __init__(
@@ -96,15 +106,17 @@ class MAEDecoder(nn.Module):
         depth: int = 8,
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
+        block: Literal["vit", "crate"] = "vit",
     ) -> None:
         super().__init__()
+        check_choice("MAEDecoder", "block", block, ("vit", "crate"))
         self.grid = grid
         self.num_prefix_tokens = num_prefix_tokens
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         table = sincos_for_grid(dim, grid, num_prefix_tokens)  # (prefix+N, Dd): 2-D for images, 3-D for video
         self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # fixed
-        self.decoder_blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio)
+        self.decoder_blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio, block=block)
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, out_dim)
         self._init_weights()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mim.checks import check_choice, check_int, check_range, invalid
 from mim.models.base import Encoder
+from mim.models.crate import CrateBlock
 from mim.models.embed import (
     TubeletEmbed,
     patchify,
@@ -193,6 +194,10 @@ class MaskedEncoder(Encoder):
             patch tokens carry no position at all (MP3's position prediction, :class:`~mim.targets.PositionTarget`).
             The frozen table stays in the state dict either way, so exports and fine-tuning load as before (a
             fine-tuning recipe that wants positions back gives its own ``encoder`` with ``positions: sincos``).
+        block: ``vit`` (timm's blocks) or ``crate``: white-box CRATE layers (MSSA + one ISTA step,
+            :class:`~mim.models.crate.CrateBlock`, released step size 0.1 and lambda 0.5) of the same width and heads,
+            built by timm through ``block_fn`` (CRATE-MAE, Pai et al., ICLR 2024). Such an encoder has no plain timm
+            equivalent (``timm_state_dict`` refuses it).
     """
 
     embedding_prefixes = ("vit.cls_token", "vit.reg_token", "vit.pos_embed", "vit.patch_embed", "vit.norm_pre")
@@ -210,10 +215,12 @@ class MaskedEncoder(Encoder):
         num_frames: int = 1,
         tubelet_size: int = 1,
         positions: Literal["sincos", "none"] = "sincos",
+        block: Literal["vit", "crate"] = "vit",
     ) -> None:
         super().__init__()
         owner = "MaskedEncoder"
         check_choice(owner, "positions", positions, ("sincos", "none"))
+        check_choice(owner, "block", block, ("vit", "crate"))
         check_int(owner, "num_frames", num_frames)
         check_int(owner, "tubelet_size", tubelet_size)
         if num_frames % tubelet_size:
@@ -240,7 +247,10 @@ class MaskedEncoder(Encoder):
                     "choose an image size that is a multiple of the patch size"
                 )
         try:
-            vit = create_token_vit("MaskedEncoder", arch, kwargs, in_chans=in_chans, drop_path_rate=drop_path_rate)
+            block_fn = {"block_fn": CrateBlock} if block == "crate" else {}
+            vit = create_token_vit(
+                "MaskedEncoder", arch, kwargs, in_chans=in_chans, drop_path_rate=drop_path_rate, **block_fn
+            )
         except (TypeError, AssertionError) as e:
             raise ValueError(f"MaskedEncoder: timm could not build {arch!r} with {kwargs}: {e}") from e
         if not isinstance(vit, VisionTransformer):
@@ -287,6 +297,9 @@ class MaskedEncoder(Encoder):
         self.positions: Literal["sincos", "none"] = positions
         if positions != "sincos":  # recorded only when set, so every existing config stays as it was
             self._config["positions"] = positions
+        self.block: Literal["vit", "crate"] = block
+        if block != "vit":  # likewise
+            self._config["block"] = block
         # Rows of pos_embed for prefix tokens (timm's default ViT has one for cls; "no_embed_class" has none).
         self._pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
         if self.is_video:
@@ -490,4 +503,6 @@ class MaskedEncoder(Encoder):
         """The encoder's weights under timm's names (loads strictly into ``num_classes=0``; images only)."""
         if self.is_video:
             raise ValueError("a video encoder (3-D tubelet embedding) has no timm image-model equivalent")
+        if self.block != "vit":
+            raise ValueError(f"an encoder of {self.block!r} blocks has no plain timm equivalent")
         return {k.removeprefix("vit."): v for k, v in self.state_dict().items()}

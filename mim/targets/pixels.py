@@ -80,6 +80,8 @@ class PixelTarget(Target):
         norm_pix_eps: epsilon added to the variance (``patch``) or to the std (``channel``).
         norm_pix_mode: ``patch`` (MAE: one mean / variance over all P values of a patch, eps inside the square
             root) or ``channel`` (VideoMAE: per channel over the patch's or tubelet's pixels, eps after it).
+        decoder_block: ``vit`` (timm blocks, MAE) or ``crate`` (CRATE-MAE's decoder layers: Pai et al., "Masked
+            Completion via Structured Diffusion with White-Box Transformers", ICLR 2024; :class:`mim.models.MAEDecoder`).
         weight: factor of this loss in the total.
     """
 
@@ -93,10 +95,14 @@ class PixelTarget(Target):
         norm_pix: bool = True,
         norm_pix_eps: float = 1e-6,
         norm_pix_mode: Literal["patch", "channel"] = "patch",
+        decoder_block: Literal["vit", "crate"] = "vit",
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
         owner = "PixelTarget"
+        self.decoder_block: Literal["vit", "crate"] = check_choice(
+            owner, "decoder_block", decoder_block, ("vit", "crate")
+        )
         check_int(owner, "decoder_depth", decoder_depth)
         check_int(owner, "decoder_num_heads", decoder_num_heads)
         if check_int(owner, "decoder_dim", decoder_dim) % decoder_num_heads:
@@ -125,6 +131,7 @@ class PixelTarget(Target):
             depth=self.decoder_depth,
             num_heads=self.decoder_num_heads,
             mlp_ratio=self.decoder_mlp_ratio,
+            block=self.decoder_block,
         )
 
     def _decoder(self) -> MAEDecoder:
