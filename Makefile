@@ -4,7 +4,8 @@
 #   make quickstart  MAE on Fashion-MNIST on CPU, then a linear-probe table
 #   make test        the test suite:  .venv/bin/python -m pytest
 #   make test-faults the fault tests (tests/faults/: killed, preempted, full-disk runs):  pytest -m faults
-#   make test-e2e    the minutes-long learning checks (I-JEPA, MaskAlign beat random init):  pytest -m e2e
+#   make test-e2e    the minutes-long learning checks (I-JEPA, MaskAlign, CAE, MP3, CRATE-MAE, MixedAE beat random init):  pytest -m e2e
+#   make test-scale  multi-process sharded observability runs and the GPU benchmark's CPU dry run:  pytest -m scale
 #   make lint        ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.mim-installed
 # torch and torchvision must stay this exact pair (a mismatched torchvision lacks its C++ operators).
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv install data quickstart test test-faults test-e2e lint
+.PHONY: venv install data quickstart test test-faults test-e2e test-scale lint
 
 venv: $(BIN)/python
 
@@ -45,6 +46,9 @@ test-faults: install data
 
 test-e2e: install data
 	MIM_REQUIRE_DATA=1 $(BIN)/python -m pytest -m e2e
+
+test-scale: install data
+	MIM_REQUIRE_DATA=1 $(BIN)/python -m pytest -m scale
 
 lint: install
 	$(BIN)/ruff check .

@@ -62,6 +62,7 @@ def test_load_mim_weights_refuses_a_mismatch(mfu: ModuleType):
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # `make test-scale`: three `mim fit` subprocesses
 @pytest.mark.timeout(240)
 def test_cpu_dry_run_records(mfu: ModuleType, tmp_path: Path, capsys):
     flops = _load("flops")

@@ -21,7 +21,7 @@ from mim.checkpoint import consolidate_checkpoint
 from mim.distributed import INFO_NAME, read_checkpoint_info
 from mim.run_logging import RUN_ID_KEY, checkpoint_run_id, read_offline_run
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.scale]  # `make test-scale` (about a minute)
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = {
