@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,27 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def fashion_mnist_probe(data: Any, images: int, *, seed: int = 1234) -> Callable[[torch.nn.Module], float]:
+    """The e2e learning checks' measure: a function giving an encoder's linear-probe test accuracy on its
+    average-pooled features of ``images`` Fashion-MNIST train and ``images`` test images (the same random subsets,
+    drawn from ``seed``, for every encoder), normalised with ``data``'s mean and std."""
+    from mim.data import load_fashion_mnist, normalize_image
+    from mim.probe import encoder_features, linear_probe
+
+    x_train, y_train = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    g = torch.Generator().manual_seed(seed)
+    tr = torch.randperm(x_train.shape[0], generator=g)[:images]
+    te = torch.randperm(x_test.shape[0], generator=g)[:images]
+
+    def normalize(u: torch.Tensor) -> torch.Tensor:
+        return normalize_image(u, data.mean, data.std)
+
+    def probe(encoder: torch.nn.Module) -> float:
+        f_train = encoder_features(encoder, x_train[tr], normalize=normalize, pool="avg")
+        f_test = encoder_features(encoder, x_test[te], normalize=normalize, pool="avg")
+        return linear_probe(f_train, y_train[tr], f_test, y_test[te], num_classes=10).test_accuracy
+
+    return probe

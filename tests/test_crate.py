@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mim.models import MAEDecoder, MaskedEncoder
 from mim.models.crate import MSSA, CrateBlock, CrateDecoderBlock, ista_step
-from tests.factories import TINY_VIT, TrainMetricsRecorder, tiny_encoder
+from tests.factories import TINY_VIT, TrainMetricsRecorder, fashion_mnist_probe, tiny_encoder
 from tests.test_encoder_contract import _PixelEncoderContract
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -319,10 +319,9 @@ def test_crate_mae_beats_random_init_on_the_linear_probe() -> None:
 
     import lightning as L
 
-    from mim.data import FashionMNISTDataModule, load_fashion_mnist, normalize_image
+    from mim.data import FashionMNISTDataModule
     from mim.masking import RandomMasking
     from mim.module import PretrainModule
-    from mim.probe import encoder_features, linear_probe
     from mim.targets import PixelTarget
     from tests.factories import cpu_trainer
 
@@ -355,19 +354,7 @@ def test_crate_mae_beats_random_init_on_the_linear_probe() -> None:
     assert trainer.global_step == 1024
     train_s = time.time() - start
 
-    x_train, y_train = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    g = torch.Generator().manual_seed(1234)
-    tr = torch.randperm(x_train.shape[0], generator=g)[:PROBE_IMAGES]
-    te = torch.randperm(x_test.shape[0], generator=g)[:PROBE_IMAGES]
-
-    def normalize(u):
-        return normalize_image(u, data.mean, data.std)
-
-    def probe(enc: MaskedEncoder) -> float:
-        f_train = encoder_features(enc, x_train[tr], normalize=normalize, pool="avg")
-        f_test = encoder_features(enc, x_test[te], normalize=normalize, pool="avg")
-        return linear_probe(f_train, y_train[tr], f_test, y_test[te], num_classes=10).test_accuracy
+    probe = fashion_mnist_probe(data, PROBE_IMAGES)
 
     pretrained, random = probe(module.encoder), probe(random_init)
     print(

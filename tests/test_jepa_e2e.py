@@ -24,13 +24,12 @@ import time
 
 import lightning as L
 import pytest
-import torch
 
 from mim.masking import MultiBlockMasking
 from mim.models import MaskedEncoder
 from mim.module import PretrainModule
 from mim.targets.latent import LatentTarget
-from tests.factories import binomial_se, cpu_trainer, finetune_top1
+from tests.factories import binomial_se, cpu_trainer, fashion_mnist_probe, finetune_top1
 
 PROBE_IMAGES = 4000
 MARGIN = 0.015
@@ -41,8 +40,7 @@ MARGIN = 0.015
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("fashion_mnist")
 def test_ijepa_beats_random_init_on_the_linear_probe():
-    from mim.data import FashionMNISTDataModule, load_fashion_mnist, normalize_image
-    from mim.probe import encoder_features, linear_probe
+    from mim.data import FashionMNISTDataModule
 
     start = time.time()
     L.seed_everything(0, verbose=False)
@@ -91,19 +89,7 @@ def test_ijepa_beats_random_init_on_the_linear_probe():
     assert ranks and min(ranks) > 4.0, f"the target features collapsed (RankMe {ranks})"
     train_s = time.time() - start
 
-    x_train, y_train = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    g = torch.Generator().manual_seed(1234)
-    tr = torch.randperm(x_train.shape[0], generator=g)[:PROBE_IMAGES]
-    te = torch.randperm(x_test.shape[0], generator=g)[:PROBE_IMAGES]
-
-    def normalize(u):
-        return normalize_image(u, data.mean, data.std)
-
-    def probe(enc: MaskedEncoder) -> float:
-        f_train = encoder_features(enc, x_train[tr], normalize=normalize, pool="avg")
-        f_test = encoder_features(enc, x_test[te], normalize=normalize, pool="avg")
-        return linear_probe(f_train, y_train[tr], f_test, y_test[te], num_classes=10).test_accuracy
+    probe = fashion_mnist_probe(data, PROBE_IMAGES)
 
     pretrained, random = probe(module.encoder), probe(random_init)
     target_acc = probe(target.target_encoder.module)

@@ -32,7 +32,7 @@ from mim.targets.mixed import (
 )
 from mim.types import Masks, TokenGrid
 from tests.contracts import MaskingStrategyContract, TargetContract
-from tests.factories import TrainMetricsRecorder, tiny_encoder
+from tests.factories import TrainMetricsRecorder, fashion_mnist_probe, tiny_encoder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CPU = torch.device("cpu")
@@ -361,9 +361,8 @@ def test_mixedae_beats_random_init_on_the_linear_probe():
 
     import lightning as L
 
-    from mim.data import FashionMNISTDataModule, load_fashion_mnist, normalize_image
+    from mim.data import FashionMNISTDataModule
     from mim.module import PretrainModule
-    from mim.probe import encoder_features, linear_probe
     from tests.factories import TINY_ARCH, cpu_trainer
 
     start = time.time()
@@ -393,19 +392,7 @@ def test_mixedae_beats_random_init_on_the_linear_probe():
     train_s = time.time() - start
     first, last = record.seen[0], record.seen[-1]
 
-    x_train, y_train = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    g = torch.Generator().manual_seed(1234)
-    tr = torch.randperm(x_train.shape[0], generator=g)[:PROBE_IMAGES]
-    te = torch.randperm(x_test.shape[0], generator=g)[:PROBE_IMAGES]
-
-    def normalize(u):
-        return normalize_image(u, data.mean, data.std)
-
-    def probe(enc: MaskedEncoder) -> float:
-        f_train = encoder_features(enc, x_train[tr], normalize=normalize, pool="avg")
-        f_test = encoder_features(enc, x_test[te], normalize=normalize, pool="avg")
-        return linear_probe(f_train, y_train[tr], f_test, y_test[te], num_classes=10).test_accuracy
+    probe = fashion_mnist_probe(data, PROBE_IMAGES)
 
     pretrained, random = probe(module.encoder), probe(random_init)
     key = "train/mixed_pixel/"

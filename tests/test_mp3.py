@@ -24,7 +24,7 @@ from mim.models import MaskedEncoder
 from mim.targets import PositionTarget
 from mim.types import Masks
 from tests.contracts import TargetContract
-from tests.factories import TINY_ARCH, TrainMetricsRecorder, tiny_encoder
+from tests.factories import TINY_ARCH, TrainMetricsRecorder, fashion_mnist_probe, tiny_encoder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -303,9 +303,8 @@ def test_mp3_beats_random_init_on_the_linear_probe():
     images), position accuracy at the last step 0.29 (0.40 on non-blank patches, chance 0.02); train 177 s, total
     186 s (another job shared the CPU). Seed 1: 0.761 against 0.631, the same position accuracy; 70 s in all.
     """
-    from mim.data import FashionMNISTDataModule, load_fashion_mnist, normalize_image
+    from mim.data import FashionMNISTDataModule
     from mim.module import PretrainModule
-    from mim.probe import encoder_features, linear_probe
     from tests.factories import cpu_trainer
 
     start = time.time()
@@ -336,19 +335,7 @@ def test_mp3_beats_random_init_on_the_linear_probe():
     train_s = time.time() - start
     last = record.seen[-1]
 
-    x_train, y_train = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    g = torch.Generator().manual_seed(1234)
-    tr = torch.randperm(x_train.shape[0], generator=g)[:PROBE_IMAGES]
-    te = torch.randperm(x_test.shape[0], generator=g)[:PROBE_IMAGES]
-
-    def normalize(u):
-        return normalize_image(u, data.mean, data.std)
-
-    def probe(enc: MaskedEncoder) -> float:
-        f_train = encoder_features(enc, x_train[tr], normalize=normalize, pool="avg")
-        f_test = encoder_features(enc, x_test[te], normalize=normalize, pool="avg")
-        return linear_probe(f_train, y_train[tr], f_test, y_test[te], num_classes=10).test_accuracy
+    probe = fashion_mnist_probe(data, PROBE_IMAGES)
 
     pretrained, random = probe(module.encoder), probe(random_init)
     print(
