@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "MANIFEST_NAME",
@@ -46,9 +46,11 @@ __all__ = [
     "checkpoint_kind",
     "checkpoint_world_size",
     "consolidate_checkpoint",
+    "encoder_state",
     "finalize_checkpoint_folder",
     "is_complete",
     "is_temporary",
+    "load_encoder_weights",
     "newest_checkpoint",
     "read_checkpoint",
     "remove_checkpoint",
@@ -392,6 +394,70 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{p}: not a mim checkpoint (no 'mim' block: it was not written by `mim fit` / `mim finetune`)"
         )
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- encoder weights
+_TARGET_ENCODER = re.compile(r"^(targets\.\d+\.target_encoder\.module\.)")
+
+
+def encoder_state(checkpoint: dict[str, Any], which: str = "student") -> tuple[str, dict[str, Tensor]]:
+    """The weights of one encoder of a checkpoint, keys relative to the encoder.
+
+    Args:
+        checkpoint: what :func:`~mim.checkpoint.read_checkpoint` returned.
+        which: ``student`` (the trained encoder, ``encoder.*``), ``target`` (a JEPA target encoder,
+            ``targets.<i>.target_encoder.module.*``, what I-JEPA evaluates) or an explicit state-dict prefix.
+
+    Returns:
+        (the prefix used, state dict).
+    """
+    state = checkpoint["state_dict"]
+    if which == "student":
+        prefix = "encoder."
+    elif which == "target":
+        found = sorted({m.group(1) for k in state if (m := _TARGET_ENCODER.match(k))})
+        if not found:
+            raise CheckpointError(
+                "the checkpoint has no JEPA target encoder (targets.<i>.target_encoder); use 'student'"
+            )
+        prefix = found[0]
+    else:
+        prefix = which.rstrip(".") + "."
+    picked = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        roots = sorted({k.split(".vit.")[0] for k in state if ".vit." in k})
+        raise CheckpointError(f"no weights under {prefix!r} in the checkpoint; encoders found: {roots}")
+    return prefix, picked
+
+
+def load_encoder_weights(encoder: nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint") -> None:
+    """Load ``state`` into ``encoder`` strictly; a fixed sin-cos ``pos_embed`` of another grid is left as built."""
+    own = encoder.state_dict()
+    state = dict(state)
+    for key in [k for k in state if k.endswith("pos_embed")]:
+        if key in own and own[key].shape != state[key].shape:
+            pos = dict(encoder.named_parameters()).get(key)
+            if pos is not None and pos.requires_grad:
+                raise CheckpointError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)} but the encoder's is {tuple(own[key].shape)}, "
+                    "and it is a trained table (not the fixed sin-cos one): build the encoder at the checkpoint's size"
+                )
+            del state[key]  # the fixed sin-cos table of the new grid, built by the constructor
+            state[key] = own[key]
+    missing, unexpected = (sorted(set(own) - set(state)), sorted(set(state) - set(own)))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: the encoder's weights do not fit the rebuilt {type(encoder).__name__} "
+            f"(missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''})"
+        )
+    shapes = [k for k in own if own[k].shape != state[k].shape]
+    if shapes:
+        k = shapes[0]
+        raise CheckpointError(
+            f"{source}: {k} has shape {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} in the encoder"
+        )
+    encoder.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------- integrity

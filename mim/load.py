@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from torch import Tensor
-
-from mim.checkpoint import CheckpointError, read_checkpoint
+from mim.checkpoint import CheckpointError, encoder_state, load_encoder_weights, read_checkpoint
 from mim.models.base import Encoder
 from mim.models.encoder import MaskedEncoder
 from mim.models.table_encoder import MaskedTableEncoder
 
-__all__ = ["build_encoder", "encoder_state", "load", "load_encoder"]
+__all__ = ["build_encoder", "encoder_state", "load", "load_encoder", "load_encoder_weights"]
 
 _ENCODERS: dict[str, type[Encoder]] = {"MaskedEncoder": MaskedEncoder, "MaskedTableEncoder": MaskedTableEncoder}
-_TARGET_ENCODER = re.compile(r"^(targets\.\d+\.target_encoder\.module\.)")
 
 
 def build_encoder(config: dict[str, Any], **overrides: Any) -> Encoder:
@@ -41,36 +37,6 @@ def build_encoder(config: dict[str, Any], **overrides: Any) -> Encoder:
         raise CheckpointError(f"the checkpoint's encoder class {name!r} is not one of {sorted(_ENCODERS)}")
     kwargs.update(overrides)
     return _ENCODERS[name](**kwargs)
-
-
-def encoder_state(checkpoint: dict[str, Any], which: str = "student") -> tuple[str, dict[str, Tensor]]:
-    """The weights of one encoder of a checkpoint, keys relative to the encoder.
-
-    Args:
-        checkpoint: what :func:`~mim.checkpoint.read_checkpoint` returned.
-        which: ``student`` (the trained encoder, ``encoder.*``), ``target`` (a JEPA target encoder,
-            ``targets.<i>.target_encoder.module.*``, what I-JEPA evaluates) or an explicit state-dict prefix.
-
-    Returns:
-        (the prefix used, state dict).
-    """
-    state = checkpoint["state_dict"]
-    if which == "student":
-        prefix = "encoder."
-    elif which == "target":
-        found = sorted({m.group(1) for k in state if (m := _TARGET_ENCODER.match(k))})
-        if not found:
-            raise CheckpointError(
-                "the checkpoint has no JEPA target encoder (targets.<i>.target_encoder); use 'student'"
-            )
-        prefix = found[0]
-    else:
-        prefix = which.rstrip(".") + "."
-    picked = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    if not picked:
-        roots = sorted({k.split(".vit.")[0] for k in state if ".vit." in k})
-        raise CheckpointError(f"no weights under {prefix!r} in the checkpoint; encoders found: {roots}")
-    return prefix, picked
 
 
 def load_encoder(path: str | os.PathLike, *, which: str = "student", **overrides: Any) -> Encoder:
@@ -106,36 +72,6 @@ def load_encoder(path: str | os.PathLike, *, which: str = "student", **overrides
 
 def _same(value: Any) -> Any:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def load_encoder_weights(encoder: Encoder, state: dict[str, Tensor], *, source: str = "checkpoint") -> None:
-    """Load ``state`` into ``encoder`` strictly; a fixed sin-cos ``pos_embed`` of another grid is left as built."""
-    own = encoder.state_dict()
-    state = dict(state)
-    for key in [k for k in state if k.endswith("pos_embed")]:
-        if key in own and own[key].shape != state[key].shape:
-            pos = dict(encoder.named_parameters()).get(key)
-            if pos is not None and pos.requires_grad:
-                raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(state[key].shape)} but the encoder's is {tuple(own[key].shape)}, "
-                    "and it is a trained table (not the fixed sin-cos one): build the encoder at the checkpoint's size"
-                )
-            del state[key]  # the fixed sin-cos table of the new grid, built by the constructor
-            state[key] = own[key]
-    missing, unexpected = (sorted(set(own) - set(state)), sorted(set(state) - set(own)))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: the encoder's weights do not fit the rebuilt {type(encoder).__name__} "
-            f"(missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''})"
-        )
-    shapes = [k for k in own if own[k].shape != state[k].shape]
-    if shapes:
-        k = shapes[0]
-        raise CheckpointError(
-            f"{source}: {k} has shape {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} in the encoder"
-        )
-    encoder.load_state_dict(state, strict=True)
 
 
 def load(path: str | os.PathLike, *, what: Literal["module", "encoder"] = "module", which: str = "student") -> Any:

@@ -279,19 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         "columns": args.columns,
         "title": _title(strategy, grid, args.samples, gif) if args.caption else None,
     }
-    if gif:
-        images = [render_masks(masks, grid, frame=t, **draw) for t in range(grid.t)]
-    else:
-        images = [render_masks(masks, grid, **draw)]
-    out = save_images(images, args.out)
-    m, groups = masks.targets.shape[1], token_states(masks)[2]
-    decoder = "" if masks.decoder is None else f", decoder keeps {masks.decoder.shape[1]} (yellow squares)"
-    colours = f"{m} target group(s) in colour" if groups else "targets = hidden"
-    print(
-        f"wrote {out} ({images[0].width}x{images[0].height} px, {len(images)} frame(s)): {strategy!r} on grid "
-        f"{'x'.join(map(str, grid.shape))}, {args.samples} samples; {masks.visible.shape[1]} of {grid.num_tokens} "
-        f"visible (light), hidden dark, {colours}{decoder}"
-    )
+    for one in masks.sets:  # one picture per mask set (MultiMasking: out, then <stem>_set1<suffix>, ...)
+        path = Path(args.out)
+        if one.set_index:
+            path = path.with_name(f"{path.stem}_set{one.set_index}{path.suffix}")
+        if gif:
+            images = [render_masks(one, grid, frame=t, **draw) for t in range(grid.t)]
+        else:
+            images = [render_masks(one, grid, **draw)]
+        out = save_images(images, path)
+        m, groups = one.targets.shape[1], token_states(one)[2]
+        decoder = "" if one.decoder is None else f", decoder keeps {one.decoder.shape[1]} (yellow squares)"
+        colours = f"{m} target group(s) in colour" if groups else "targets = hidden"
+        which = f" mask set {one.set_index + 1} of {one.num_sets}:" if one.num_sets > 1 else ""
+        print(
+            f"wrote {out} ({images[0].width}x{images[0].height} px, {len(images)} frame(s)):{which} {strategy!r} on "
+            f"grid {'x'.join(map(str, grid.shape))}, {args.samples} samples; {one.visible.shape[1]} of "
+            f"{grid.num_tokens} visible (light), hidden dark, {colours}{decoder}"
+        )
     return 0
 
 

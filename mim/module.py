@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any, Literal
@@ -192,7 +193,9 @@ class PretrainModule(L.LightningModule):
         warmup_epochs: linear warmup length in epochs (MAE: 40); may be fractional.
         warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs`` when set.
         warmup_start_lr: learning rate at the start of the warmup (MAE: 0; I-JEPA: 2e-4, rising to ``lr`` 1e-3).
-        min_lr: final learning rate of the cosine schedule.
+        min_lr: final learning rate of the decay.
+        lr_decay: the decay after the warmup: ``cosine`` (MAE, I-JEPA) or ``linear`` to ``min_lr`` at the end of the run
+            (Hugging Face's ``get_linear_schedule_with_warmup``: the self-distillation recipes).
         schedule_convention: which point of the lr and weight-decay schedules optimizer step ``k`` (0-based: ``k``
             steps done before it) applies. ``"mae"``: the value at ``k`` (MAE's ``adjust_learning_rate``, called
             before the forward pass at the iteration's fractional epoch; the first step has the warmup's start
@@ -219,6 +222,12 @@ class PretrainModule(L.LightningModule):
         activation_checkpointing: recompute each transformer block's activations in the backward pass instead of
             keeping them (encoder, decoder, predictor: :func:`mim.models.decoder.set_activation_checkpointing`): less
             memory for about one more forward pass of compute.
+        init_checkpoint: weights to start from (a fresh start; a resumed run loads its own checkpoint over them):
+            a ``mim fit`` checkpoint (``.ckpt``, DeepSpeed or FSDP2 folder) gives the encoder and every target
+            parameter whose name and shape match (an MAE's decoder: further pretraining, self-distillation), or a
+            ``mim export`` file the encoder only. The encoder loads strictly; EMA copies the file does not hold start
+            from the loaded encoder. The optimizer, step and schedules start fresh.
+            (:meth:`load_init_checkpoint`).
         compile: run the training step's model work (:meth:`compute_losses`: encoder, targets, losses) through
             ``torch.compile``; the masks are drawn outside the compiled graph. The first steps pay the compilation
             (minutes for large models); validation stays eager.
@@ -242,6 +251,7 @@ class PretrainModule(L.LightningModule):
         warmup_steps: int | None = None,
         warmup_start_lr: float = 0.0,
         min_lr: float = 0.0,
+        lr_decay: Literal["cosine", "linear"] = "cosine",
         schedule_convention: Literal["mae", "ijepa"] = "mae",
         decay_special_tokens: bool = True,
         batch_size: int | None = None,
@@ -250,6 +260,7 @@ class PretrainModule(L.LightningModule):
         max_nonfinite_steps: int = 5,
         fused_optimizer: bool = True,
         activation_checkpointing: bool = False,
+        init_checkpoint: str | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -276,6 +287,9 @@ class PretrainModule(L.LightningModule):
         if batch_size is not None:
             check_int(owner, "batch_size", batch_size)
         check_choice(owner, "schedule_convention", schedule_convention, ("mae", "ijepa"))
+        check_choice(owner, "lr_decay", lr_decay, ("cosine", "linear"))
+        if init_checkpoint is not None and not isinstance(init_checkpoint, str | os.PathLike):
+            raise invalid(owner, "init_checkpoint", "a path to a mim checkpoint or export file", init_checkpoint)
         self.guard = NonFiniteGuard(owner, mode=nonfinite, max_consecutive=max_nonfinite_steps)
         # Under LightningCLI the hyperparameters are the recipe's plain config (every class_path and init_args), which
         # mim.load and load_from_checkpoint rebuild the module from; built in Python, the parts are objects: not saved.
@@ -291,6 +305,7 @@ class PretrainModule(L.LightningModule):
         self._generator: torch.Generator | None = None
         self._total_steps = 1
         self._compiled_losses: Callable[..., dict[str, Tensor]] | None = None
+        self._initialised = False  # init_checkpoint loaded (configure_model runs again in some trainer calls)
 
     def _bind_targets(self) -> None:
         for target in self.target_list:
@@ -304,6 +319,9 @@ class PretrainModule(L.LightningModule):
         EMA copies included (:func:`mim.distributed.apply_fsdp2`).
         """
         self.configure_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        path = self.hparams.get("init_checkpoint")
+        if path is not None and not self._initialised:
+            self.load_init_checkpoint(path)
         if self.hparams.activation_checkpointing:  # type: ignore[attr-defined]
             set_activation_checkpointing(self, True)
         from mim.distributed import shard_if_fsdp2
@@ -323,6 +341,36 @@ class PretrainModule(L.LightningModule):
             return
         self.encoder.configure_data(datamodule)
         self._bind_targets()
+
+    def load_init_checkpoint(self, path: str | os.PathLike) -> None:
+        """Start from the weights of ``path``: the encoder (strictly) and every target parameter or buffer whose name
+        and shape match; EMA copies the file does not hold are reset to the loaded encoder.
+
+        Raises:
+            CheckpointError: ``path`` is no mim checkpoint or export, or its encoder does not fit this one.
+        """
+        from mim.checkpoint import encoder_state, load_encoder_weights, read_checkpoint
+        from mim.ema import EMA
+
+        ckpt = read_checkpoint(path)
+        load_encoder_weights(self.encoder, encoder_state(ckpt, "student")[1], source=str(path))
+        own = self.state_dict()
+        heads = {
+            k: v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("targets.") and k in own and own[k].shape == v.shape
+        }
+        self.load_state_dict(heads, strict=False)
+        for i, target in enumerate(self.target_list):
+            for name, sub in target.named_modules():
+                if isinstance(sub, EMA) and not any(k.startswith(f"targets.{i}.{name}.module.") for k in heads):
+                    sub.module.load_state_dict(self.encoder.state_dict())
+        self._initialised = True
+        parts = sorted({".".join(k.split(".")[:3]) for k in heads})
+        rank_zero_info(
+            f"mim: initialised from {path}: the encoder{', ' + ', '.join(parts) if parts else ''} "
+            f"({len(heads)} target tensors)"
+        )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -365,20 +413,32 @@ class PretrainModule(L.LightningModule):
         )
 
     def compute_losses(self, batch: Batch, masks: Masks, inputs: Tensor | None = None) -> dict[str, Tensor]:
-        """One encoder pass shared by all targets; returns ``loss`` and ``<target>/<key>`` entries."""
+        """One encoder pass shared by all targets; returns ``loss`` and ``<target>/<key>`` entries.
+
+        With several mask sets (``masks.sets``, V-JEPA): one encoder pass per set, every target once per set, and the
+        loss and every entry averaged over the sets (an entry over the sets that returned it).
+        """
         inputs = self.inputs(batch) if inputs is None else inputs
-        latent = self.encoder(inputs, masks.visible)  # (B, prefix+K, D)
-        out: dict[str, Tensor] = {}
+        sets = masks.sets
+        entries: dict[str, list[Tensor]] = {}
         total: Tensor | None = None
-        for name, target in zip(self.target_names, self.target_list):
-            result = target(batch, masks, latent, self.encoder)
-            # No identity arithmetic (0 + 1.0 x loss) on a loss also returned detached: under torch.compile (torch
-            # 2.14) such an output loses its autograd graph (tests/test_compile.py).
-            term = result["loss"].float() if target.weight == 1.0 else target.weight * result["loss"].float()
-            total = term if total is None else total + term
-            out.update({f"{name}/{k}": v.detach() for k, v in result.items()})
+        for m in sets:
+            latent = self.encoder(inputs, m.visible)  # (B, prefix+K, D)
+            for name, target in zip(self.target_names, self.target_list):
+                result = target(batch, m, latent, self.encoder)
+                # No identity arithmetic (0 + 1.0 x loss) on a loss also returned detached: under torch.compile (torch
+                # 2.14) such an output loses its autograd graph (tests/test_compile.py).
+                term = result["loss"].float() if target.weight == 1.0 else target.weight * result["loss"].float()
+                total = term if total is None else total + term
+                for k, v in result.items():
+                    entries.setdefault(f"{name}/{k}", []).append(v.detach())
         assert total is not None  # at least one target (checked at construction)
-        out["loss"] = total
+        if len(sets) == 1:
+            out = {k: v[0] for k, v in entries.items()}
+            out["loss"] = total
+            return out
+        out = {k: torch.stack([x.float() for x in v]).mean() if len(v) > 1 else v[0] for k, v in entries.items()}
+        out["loss"] = total / len(sets)
         return out
 
     def training_losses(self, batch: Batch, masks: Masks, inputs: Tensor) -> dict[str, Tensor]:
@@ -562,6 +622,7 @@ class PretrainModule(L.LightningModule):
                 base_lr=1.0,
                 min_lr=hp.min_lr / lr,
                 start_lr=hp.warmup_start_lr / lr,
+                decay=getattr(hp, "lr_decay", "cosine"),
             )
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -584,5 +645,5 @@ class PretrainModule(L.LightningModule):
 
 _OPTIMIZER_ARGUMENTS = (
     "model.init_args.lr or blr (lr = blr x effective batch / 256), betas, weight_decay, weight_decay_end, "
-    "warmup_epochs or warmup_steps, warmup_start_lr, min_lr, schedule_convention, decay_special_tokens"
+    "warmup_epochs or warmup_steps, warmup_start_lr, min_lr, lr_decay, schedule_convention, decay_special_tokens"
 )

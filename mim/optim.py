@@ -46,7 +46,14 @@ def scaled_lr(blr: float, effective_batch: int) -> float:
 
 
 def warmup_cosine(
-    step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0, start_lr: float = 0.0
+    step: int,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    base_lr: float,
+    min_lr: float = 0.0,
+    start_lr: float = 0.0,
+    decay: Literal["cosine", "linear"] = "cosine",
 ) -> float:
     """The learning rate at point ``step`` of the schedule.
 
@@ -54,13 +61,17 @@ def warmup_cosine(
     schedulers, stepped before each iteration: ``schedule_convention="ijepa"``).
 
     ``lr = start + (base - start) * step / warmup`` during warmup (MAE: start 0; I-JEPA: start 2e-4, base 1e-3), then
-    ``min + (base - min) * (1 + cos(pi * (step - warmup) / (total - warmup))) / 2``.
+    ``min + (base - min) * (1 + cos(pi * (step - warmup) / (total - warmup))) / 2``; with ``decay="linear"``
+    ``min + (base - min) * (1 - (step - warmup) / (total - warmup))`` instead (Hugging Face's
+    ``get_linear_schedule_with_warmup``, which the self-distillation recipes use, with min 0).
     """
     if step < warmup_steps:
         return start_lr + (base_lr - start_lr) * step / warmup_steps
     if total_steps <= warmup_steps:
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    if decay == "linear":
+        return min_lr + (base_lr - min_lr) * (1.0 - progress)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -18,6 +18,11 @@ Mask convention: a mask is **index tensors with a fixed count per batch**:
   group holds the N - K hidden tokens, sorted ascending);
 * ``decoder`` (B, Kd) int64 or None: the tokens a decoder reconstructs (dual masking).
 
+A step may draw several mask sets (V-JEPA's short- and long-range masks, :class:`~mim.masking.MultiMasking`): the
+first set's ``Masks`` holds the others in ``more``, and :attr:`Masks.sets` lists them all; the module runs the encoder
+and every target once per set and averages the losses. ``set_index`` tells a target which set it sees (V-JEPA gives
+each set its own mask token).
+
 Indices address patch tokens only; prefix tokens (cls, registers) are the encoder's business.
 The boolean view :attr:`Masks.hidden` (B, N) has **True = hidden** (not seen by the encoder).
 The visible count is ``K = int(N * (1 - mask_ratio))``, the form of MAE and the image references
@@ -31,7 +36,7 @@ float images normalised with the dataset's mean and std.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypedDict
 
 import torch
@@ -101,12 +106,25 @@ class Masks:
         targets: (B, M, T) int64.
         num_tokens: N, the size of the full token grid.
         decoder: (B, Kd) int64 or None.
+        set_index: which of the step's mask sets this is (0 for a single mask).
+        num_sets: how many mask sets the step has.
+        more: the step's further mask sets (only on set 0; each with its own counts).
     """
 
     visible: Tensor
     targets: Tensor
     num_tokens: int
     decoder: Tensor | None = None
+    set_index: int = 0
+    num_sets: int = 1
+    more: tuple[Masks, ...] = ()
+
+    @property
+    def sets(self) -> list[Masks]:
+        """Every mask set of the step, in order: this one (without ``more``) and ``more``."""
+        if not self.more:
+            return [self]
+        return [replace(self, more=()), *self.more]
 
     @property
     def batch_size(self) -> int:
@@ -125,6 +143,9 @@ class Masks:
             self.targets.to(device, non_blocking=non_blocking),
             self.num_tokens,
             decoder,
+            self.set_index,
+            self.num_sets,
+            tuple(m.to(device, non_blocking=non_blocking) for m in self.more),
         )
 
 

@@ -26,6 +26,7 @@ from mim.masking import (
     FeatureSubsetMasking,
     HardPatchMasking,
     MultiBlockMasking,
+    MultiMasking,
     RandomMasking,
     TubeMasking,
 )
@@ -120,6 +121,16 @@ def _videomae_v2() -> tuple[PretrainModule, int]:
     return PretrainModule(encoder=tiny_video_encoder(), masking=masking, targets=[target], batch_size=BATCH), 16
 
 
+def _vjepa() -> tuple[PretrainModule, int]:
+    """V-JEPA: two complement masks per step (MultiMasking), a mask token per set, one target pass."""
+    blocks = [(8, (0.15, 0.15)), (2, (0.7, 0.7))]
+    masking = MultiMasking(
+        strategies=[MultiBlockMasking(num_targets=m, target_scale=s, context="complement") for m, s in blocks]
+    )
+    target = LatentTarget(predictor_dim=16, predictor_depth=1, num_mask_tokens=2, monitor_every=1000)
+    return PretrainModule(encoder=tiny_video_encoder(), masking=masking, targets=[target], batch_size=BATCH), 16
+
+
 def _tjepa() -> tuple[PretrainModule, int]:
     encoder = tiny_table_encoder(num_numeric=3, category_cardinalities=[4, 3])
     target = LatentTarget(predictor_dim=16, predictor_depth=1, monitor_every=1000)
@@ -127,11 +138,13 @@ def _tjepa() -> tuple[PretrainModule, int]:
     return module, 0
 
 
-DATA = {"videomae_v2": Clips, "tjepa": Rows}
+DATA = {"videomae_v2": Clips, "vjepa": Clips, "tjepa": Rows}
 
 
 @pytest.mark.parametrize(
-    "build", [_mae, _ijepa, _hpm, _videomae_v2, _tjepa], ids=["mae", "ijepa", "hpm", "videomae_v2", "tjepa"]
+    "build",
+    [_mae, _ijepa, _hpm, _videomae_v2, _vjepa, _tjepa],
+    ids=["mae", "ijepa", "hpm", "videomae_v2", "vjepa", "tjepa"],
 )
 def test_training_steps_make_no_host_syncs(build) -> None:
     module, size = build()

@@ -490,6 +490,7 @@ def test_ijepa_debug_recipe_trains(tmp_path: Path):
 def test_vjepa_debug_recipe_trains(tmp_path: Path, real_clips: Path):
     seen, target = _run_recipe("vjepa_video.yaml", tmp_path, 3, f"--data.init_args.root={real_clips}")
     assert target.target_encoder.module.grid.t == 2 and target.predictor.groups == "joint"
+    assert target.predictor.mask_token.shape[0] == 2  # V-JEPA: a mask token per mask set (MultiMasking)
 
 
 def test_tjepa_debug_recipe_trains(tmp_path: Path):

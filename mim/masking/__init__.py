@@ -7,6 +7,7 @@ from mim.masking.dual import DualMasking, RunningCellMasking
 from mim.masking.feature_subset import FeatureSubsetMasking
 from mim.masking.functional import scores_to_masks
 from mim.masking.hard_patch import HardPatchMasking
+from mim.masking.multi import MultiMasking
 from mim.masking.multiblock import MultiBlockMasking
 from mim.masking.random import RandomMasking
 from mim.masking.tube import TubeMasking
@@ -19,6 +20,7 @@ __all__ = [
     "HardPatchMasking",
     "MaskingStrategy",
     "MultiBlockMasking",
+    "MultiMasking",
     "RandomMasking",
     "RunningCellMasking",
     "ScoreMasking",

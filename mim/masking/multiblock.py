@@ -18,6 +18,17 @@ upper bound (the last row and column are never covered), the context square resa
 ``min_keep`` tokens outside the targets (20 tries, then the last target constraint is dropped, then the next one),
 and every context cut to the batch minimum, keeping its lowest raster indices (so K depends on the batch size). It
 costs one host sync per batch (K is the minimum of per-sample counts drawn on the device) and needs T = 1.
+
+``context="complement"`` gives V-JEPA's masks (``src/masks/multiblock3d.py``): the target is the **union** of the M
+blocks, as one group, and the context is every token outside it (no context block). The union's size varies per
+sample; the official sampler cuts every sample's target and context lists to the batch minimum, keeping the lowest
+raster indices (t-major: early frames keep their context, late frames lose their targets). Here the two counts are
+fixed per batch from the block shape alone, without a host sync or a dependence on B: T and K are the
+:data:`UNION_QUANTILE` quantiles of the union and complement sizes over random placements of that shape (computed
+once per shape on the host with a fixed seed, :func:`union_counts`); each sample draws :data:`UNION_TRIES` candidate
+placements and keeps the first whose union has at least T tokens and whose complement has at least K, then keeps a
+random T of its union as targets and a random K of its complement as context. Targets and context never share a
+token. Docs: docs/design.md, "Multi-block masking".
 """
 
 from __future__ import annotations
@@ -25,12 +36,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mim.checks import check_choice, check_int, check_pair_range
+from mim.checks import check_choice, check_int, check_pair_range, invalid
 from mim.masking.base import MaskingStrategy, host_random
-from mim.types import Masks, TokenGrid
+from mim.types import Masks, TokenGrid, step_seed
 
 __all__ = [
     "MultiBlockMasking",
@@ -39,10 +51,24 @@ __all__ = [
     "official_block_shape",
     "official_context",
     "place_blocks",
+    "union_counts",
 ]
 
 Placement = Literal["overlap", "inside"]
 Sampler = Literal["mim", "official"]
+Context = Literal["block", "complement"]
+
+UNION_QUANTILE = 0.05
+"""``context="complement"``: T and K are this quantile of the union and complement sizes (V-JEPA's batch-minimum cut
+at its 24 clips per GPU keeps about the 1/25 quantile)."""
+
+UNION_TRIES = 8
+"""``context="complement"``: candidate placements per sample; the first that reaches both counts is kept."""
+
+UNION_SAMPLES = 1024
+"""``context="complement"``: random placements behind the count quantiles of one block shape."""
+
+_UNION_COUNTS: dict[tuple, tuple[int, int]] = {}
 
 OFFICIAL_TRIES = 20
 """Failed context draws after which the official sampler drops one more target constraint (its ``timeout``)."""
@@ -153,6 +179,39 @@ def place_blocks(
     return torch.randint(0, extent - size + 1, shape, generator=generator, device=device)
 
 
+def union_counts(
+    grid: TokenGrid, block: tuple[int, int, int], num_blocks: int, placement: Placement
+) -> tuple[int, int]:
+    """(T, K) for ``context="complement"``: the :data:`UNION_QUANTILE` quantiles of the size of the union of
+    ``num_blocks`` blocks of shape ``block`` and of its complement, over :data:`UNION_SAMPLES` random placements.
+
+    Host-side (numpy) and deterministic (a fixed seed per shape), cached per shape: every rank and a resumed run get
+    the same counts, and no device is involved. Each is at least 1.
+    """
+    key = (grid.shape, block, num_blocks, placement)
+    if key not in _UNION_COUNTS:
+        rng = np.random.default_rng(step_seed("union-counts", *grid.shape, *block, num_blocks, placement))
+        shape = (UNION_SAMPLES, num_blocks)
+        origin = []
+        for size, extent in zip(block, grid.shape):
+            if placement == "overlap":  # as place_blocks: uniform over the overlapping offsets, shifted inside
+                origin.append(np.clip(rng.integers(1 - size, extent, shape), 0, extent - size))
+            else:
+                origin.append(rng.integers(0, extent - size + 1, shape))
+        t0, top, left = origin  # (S, M) each
+        bt, bh, bw = block
+        offsets = (np.arange(bt)[:, None, None] * grid.h + np.arange(bh)[None, :, None]) * grid.w
+        offsets = (offsets + np.arange(bw)[None, None, :]).ravel()  # (t*h*w,)
+        cells = (((t0 * grid.h + top) * grid.w + left)[..., None] + offsets).reshape(UNION_SAMPLES, -1)  # (S, M*thw)
+        member = np.zeros((UNION_SAMPLES, grid.num_tokens), dtype=bool)
+        np.put_along_axis(member, cells, True, axis=1)
+        sizes = member.sum(axis=1)  # (S,) union sizes
+        t = int(np.quantile(sizes, UNION_QUANTILE, method="lower"))
+        k = int(np.quantile(grid.num_tokens - sizes, UNION_QUANTILE, method="lower"))
+        _UNION_COUNTS[key] = (max(t, 1), max(k, 1))
+    return _UNION_COUNTS[key]
+
+
 def block_indices(t0: Tensor, top: Tensor, left: Tensor, block: tuple[int, int, int], grid: TokenGrid) -> Tensor:
     """Raster indices of t x h x w blocks whose first cell is (t0, top, left).
 
@@ -197,6 +256,10 @@ class MultiBlockMasking(MaskingStrategy):
             mode needs T = 1 and H, W >= 2, ignores ``temporal_scale`` and costs one host sync per batch.
         min_keep: official sampler only: a context block keeps more than ``min_keep`` tokens outside the targets or
             is redrawn (I-JEPA configs: 10).
+        context: ``block`` (I-JEPA: a context block minus the targets, M target groups) or ``complement`` (V-JEPA: the
+            target is the union of the M blocks as one group, (B, 1, T), and the context is drawn from every token
+            outside it; ``context_scale`` is unused; counts fixed per batch as the module docstring says). The
+            complement needs ``sampler="mim"``.
     """
 
     def __init__(
@@ -210,6 +273,7 @@ class MultiBlockMasking(MaskingStrategy):
         placement: Placement = "overlap",
         sampler: Sampler = "mim",
         min_keep: int = 10,
+        context: Context = "block",
     ) -> None:
         owner = "MultiBlockMasking"
         self.num_targets = check_int(owner, "num_targets", num_targets)
@@ -220,6 +284,10 @@ class MultiBlockMasking(MaskingStrategy):
         self.placement: Placement = check_choice(owner, "placement", placement, ("overlap", "inside"))
         self.sampler: Sampler = check_choice(owner, "sampler", sampler, ("mim", "official"))
         self.min_keep = check_int(owner, "min_keep", min_keep, minimum=0)
+        self.context: Context = check_choice(owner, "context", context, ("block", "complement"))
+        if context == "complement" and sampler == "official":
+            hint = "the official mode reproduces the 2-D I-JEPA sampler; V-JEPA's union masks have no official mode"
+            raise invalid(owner, "sampler", "'mim' with context='complement'", sampler, hint=hint)
 
     # ------------------------------------------------------------------ per-batch sizes
     def _max_target_tokens(self, grid: TokenGrid) -> int:
@@ -248,7 +316,7 @@ class MultiBlockMasking(MaskingStrategy):
         if self.sampler == "official":
             return self._official_sizes(grid, generator)
         n_tok = grid.num_tokens
-        if n_tok - self.num_targets * self._max_target_tokens(grid) < 1:
+        if self.context == "block" and n_tok - self.num_targets * self._max_target_tokens(grid) < 1:
             raise ValueError(
                 f"grid {grid.shape} is too small for num_targets={self.num_targets} blocks of target_scale "
                 f"{self.target_scale}: no context token would be guaranteed; use a larger grid or fewer targets"
@@ -265,6 +333,9 @@ class MultiBlockMasking(MaskingStrategy):
         side = max(round(math.sqrt(math.floor(grid.h * grid.w * lerp(self.context_scale, u[3])))), 1)
         ch, cw = min(side, grid.h), min(side, grid.w)
         area = t * h * w
+        if self.context == "complement":
+            n_targets, k = union_counts(grid, (t, h, w), self.num_targets, self.placement)
+            return {"t": t, "h": h, "w": w, "ch": ch, "cw": cw, "k": k, "targets": n_targets}
         context = grid.t * ch * cw
         k = min(round(context * (1 - area / n_tok) ** self.num_targets), n_tok - self.num_targets * area)
         return {"t": t, "h": h, "w": w, "ch": ch, "cw": cw, "k": max(k, 1)}
@@ -305,6 +376,26 @@ class MultiBlockMasking(MaskingStrategy):
         visible = key.topk(k, dim=1, largest=False, sorted=True).values  # (B, K) the K lowest context indices
         return Masks(visible=visible, targets=targets, num_tokens=n)
 
+    def _complement_call(self, s: dict[str, int], b: int, grid: TokenGrid, place, generator: torch.Generator) -> Masks:
+        """V-JEPA's masks: the union of the blocks as one target group, the context from its complement."""
+        m, n, a = self.num_targets, grid.num_tokens, UNION_TRIES
+        n_targets, k = s["targets"], s["k"]
+        t0, top, left = place(s["t"], grid.t, a * m), place(s["h"], grid.h, a * m), place(s["w"], grid.w, a * m)
+        cells = block_indices(t0, top, left, (s["t"], s["h"], s["w"]), grid).view(b, a, -1)  # (B, A, M*t*h*w)
+        member = torch.zeros(b, a, n, dtype=torch.bool, device=cells.device).scatter_(2, cells, True)  # (B, A, N)
+        size = member.sum(dim=2)  # (B, A) union sizes of the candidates
+        ok = (size >= n_targets) & (n - size >= k)  # (B, A)
+        ok[:, -1] = True  # the last candidate is kept when none reached both counts
+        first = ok.int().argmax(dim=1)  # (B,) the first candidate that did
+        union = member[torch.arange(b, device=cells.device), first]  # (B, N)
+        r = torch.rand(b, n, generator=generator, device=cells.device)  # (B, N)
+        targets = (r + (~union).float()).topk(n_targets, dim=1, largest=False).indices.sort(dim=1).values  # (B, T)
+        chosen = torch.zeros_like(union).scatter_(1, targets, True)  # (B, N)
+        # complement first, then union tokens that are not targets; never a target (T + K <= N)
+        key = r + union.float() + 2.0 * chosen.float()  # (B, N)
+        visible = key.topk(k, dim=1, largest=False).indices.sort(dim=1).values  # (B, K)
+        return Masks(visible=visible, targets=targets.unsqueeze(1), num_tokens=n)
+
     def __call__(
         self,
         batch_size: int,
@@ -322,6 +413,9 @@ class MultiBlockMasking(MaskingStrategy):
 
         def place(size: int, extent: int, count: int) -> Tensor:
             return place_blocks(size, extent, (b, count), placement=self.placement, generator=generator, device=device)
+
+        if self.context == "complement":
+            return self._complement_call(s, b, grid, place, generator)
 
         # targets: M blocks per sample
         t0, top, left = place(s["t"], grid.t, m), place(s["h"], grid.h, m), place(s["w"], grid.w, m)  # (B, M) each

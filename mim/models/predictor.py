@@ -5,8 +5,8 @@ I-JEPA (Assran et al., CVPR 2023; official facebookresearch/ijepa src/models/vis
 src/models/predictor.py) and T-JEPA (Thimonier et al., ICLR 2025; jose-melo/t-jepa src/predictors.py).
 
 The context latents are projected to the predictor width P and get the predictor's own fixed sin-cos position
-rows at their token indices; each target token becomes a query, one shared learnable mask token plus the position
-row at its index. The predictor runs transformer blocks over ``[prefix; context; queries]``, normalises and
+rows at their token indices; each target token becomes a query, a learnable mask token plus the position
+row at its index (one shared token; V-JEPA: one per mask set). The predictor runs transformer blocks over ``[prefix; context; queries]``, normalises and
 projects the query outputs back to the encoder width D. ``groups="separate"`` (I-JEPA, T-JEPA) gives each target
 group of a sample its own sequence, so groups never attend to each other; ``"joint"`` (V-JEPA) puts the queries of
 all groups of a sample in one sequence. Outputs are (B, M, T, D), the layout of the targets. Sequence layout,
@@ -58,6 +58,9 @@ class JEPAPredictor(nn.Module):
         num_heads: attention heads (I-JEPA: the encoder's, 16 for ViT-H: head width 24).
         mlp_ratio: MLP expansion (4).
         groups: ``separate`` (one sequence per target group, I-JEPA) or ``joint`` (one per sample, V-JEPA).
+        num_mask_tokens: learnable mask tokens; ``forward(mask_index=i)`` uses token ``i`` (V-JEPA: one per mask
+            generator, 2). Stored as ``mask_token`` (S, 1, P).
+        mask_token_init: ``trunc_normal`` (std 0.02: I-JEPA) or ``zeros`` (V-JEPA's ``zero_init_mask_tokens``).
     """
 
     def __init__(
@@ -71,6 +74,8 @@ class JEPAPredictor(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         groups: Groups = "separate",
+        num_mask_tokens: int = 1,
+        mask_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal",
     ) -> None:
         super().__init__()
         owner = "JEPAPredictor"
@@ -80,9 +85,11 @@ class JEPAPredictor(nn.Module):
             raise invalid(owner, "dim", f"divisible by 4 and by num_heads={num_heads}", dim)
         check_choice(owner, "groups", groups, ("separate", "joint"))
         check_int(owner, "num_prefix_tokens", num_prefix_tokens, minimum=0)
+        check_int(owner, "num_mask_tokens", num_mask_tokens)
+        self.mask_token_init = check_choice(owner, "mask_token_init", mask_token_init, ("trunc_normal", "zeros"))
         self.grid, self.num_prefix_tokens, self.groups = grid, num_prefix_tokens, groups
         self.predictor_embed = nn.Linear(in_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(num_mask_tokens, 1, dim))  # (S, 1, P)
         table = predictor_pos_table(dim, grid)  # (N, P)
         self.predictor_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # (1, N, P), fixed
         self.predictor_blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio)
@@ -100,15 +107,18 @@ class JEPAPredictor(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if self.mask_token_init == "trunc_normal":
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: Tensor, visible: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, latent: Tensor, visible: Tensor, targets: Tensor, mask_index: int = 0) -> Tensor:
         """Predict the target features.
 
         Args:
             latent: (B, prefix + K, D) context-encoder output.
             visible: (B, K) int64 grid positions of the latent's patch tokens.
             targets: (B, M, T) int64 grid positions to predict, M groups of T tokens.
+            mask_index: which mask token the queries start from (the step's mask set, ``Masks.set_index``); with a
+                single mask token every set shares it.
 
         Returns:
             (B, M, T, D) predictions, in the order of ``targets``.
@@ -118,7 +128,11 @@ class JEPAPredictor(nn.Module):
         x = self.predictor_embed(latent)  # (B, prefix+K, P)
         pos = self.predictor_pos_embed.to(x.dtype).expand(b, -1, -1)  # (B, N, P)
         context = torch.cat([x[:, :c], x[:, c:] + gather_tokens(pos, visible)], dim=1)  # (B, prefix+K, P)
-        queries = self.mask_token.to(x.dtype) + gather_tokens(pos, targets.reshape(b, m * t))  # (B, M*T, P)
+        s = self.mask_token.shape[0]
+        if s > 1 and not 0 <= mask_index < s:
+            raise ValueError(f"JEPAPredictor has {s} mask tokens, got mask_index={mask_index}")
+        token = self.mask_token[mask_index if s > 1 else 0].unsqueeze(0)  # (1, 1, P)
+        queries = token.to(x.dtype) + gather_tokens(pos, targets.reshape(b, m * t))  # (B, M*T, P)
         if self.groups == "joint":
             seq = torch.cat([context, queries], dim=1)  # (B, prefix+K+M*T, P)
         else:

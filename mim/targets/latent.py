@@ -74,9 +74,16 @@ class LatentTarget(Target):
         momentum: (start, end) EMA momentum of the target encoder (I-JEPA: 0.996 -> 1.0; V-JEPA: 0.998 -> 1.0).
         momentum_ramp: fraction of training over which the momentum moves from start to end (1.0: all of it).
         target_norm: parameter-free layer norm of the target features (I-JEPA, V-JEPA: True; T-JEPA: False).
-        monitor_every: return the collapse statistics every this many training forward calls (micro-batches
-            under gradient accumulation), the first call included; 0 never.
+        monitor_every: return the collapse statistics every this many training steps' forward calls (micro-batches
+            under gradient accumulation), the first call included; 0 never. With several mask sets per step, from
+            the first set.
+        num_mask_tokens: the predictor's mask tokens, one per mask set of the step (V-JEPA: 2, with
+            :class:`~mim.masking.MultiMasking`); 1: every set shares one.
+        mask_token_init: ``trunc_normal`` (std 0.02: I-JEPA, T-JEPA) or ``zeros`` (V-JEPA).
         weight: factor of this loss in the total.
+
+    With several mask sets per step (``Masks.sets``) the target encoder runs once, on the first set's call, and its
+    features are reused by the others (V-JEPA's one target pass per clip).
     """
 
     def __init__(
@@ -92,6 +99,8 @@ class LatentTarget(Target):
         momentum_ramp: float = 1.0,
         target_norm: bool = True,
         monitor_every: int = 100,
+        num_mask_tokens: int = 1,
+        mask_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal",
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
@@ -110,6 +119,8 @@ class LatentTarget(Target):
             raise invalid(owner, "momentum", "two numbers in [0, 1]", momentum, hint="start, end")
         check_range(owner, "momentum_ramp", momentum_ramp, 0, 1, hint="a fraction of training")
         check_int(owner, "monitor_every", monitor_every, minimum=0, hint="0: never")
+        self.num_mask_tokens = check_int(owner, "num_mask_tokens", num_mask_tokens)
+        self.mask_token_init = check_choice(owner, "mask_token_init", mask_token_init, ("trunc_normal", "zeros"))
         self.predictor_dim, self.predictor_depth = predictor_dim, predictor_depth
         self.predictor_num_heads, self.predictor_mlp_ratio = predictor_num_heads, predictor_mlp_ratio
         self.predictor_groups: Literal["separate", "joint"] = predictor_groups
@@ -119,6 +130,7 @@ class LatentTarget(Target):
         self.predictor: JEPAPredictor | None = None
         self.target_encoder: EMA | None = None
         self._calls = 0  # training forward calls, for the collapse monitor (host side)
+        self._teacher: Tensor | None = None  # the target encoder's tokens, kept for the step's further mask sets
 
     def bind(self, encoder: Encoder) -> None:
         heads = self.predictor_num_heads or encoder.num_heads
@@ -136,6 +148,8 @@ class LatentTarget(Target):
             num_heads=heads,
             mlp_ratio=self.predictor_mlp_ratio,
             groups=self.predictor_groups,
+            num_mask_tokens=self.num_mask_tokens,
+            mask_token_init=self.mask_token_init,
         )
         self.target_encoder = EMA(encoder)
 
@@ -145,29 +159,50 @@ class LatentTarget(Target):
         return self.predictor, self.target_encoder
 
     @torch.no_grad()
-    def target_features(self, batch: Batch, targets: Tensor) -> Tensor:
+    def teacher_tokens(self, batch: Batch) -> Tensor:
+        """The target encoder's (layer-normed) features of every token: (B, N, D), without gradient."""
+        teacher = cast(Encoder, self._parts()[1].module)  # the EMA copy of the encoder
+        h = teacher(teacher.inputs(batch))[:, teacher.num_prefix_tokens :]  # (B, N, D) all tokens, prefix dropped
+        if self.target_norm:
+            h = F.layer_norm(h, h.shape[-1:])  # (B, N, D), parameter-free
+        return h
+
+    @torch.no_grad()
+    def target_features(self, batch: Batch, targets: Tensor, tokens: Tensor | None = None) -> Tensor:
         """The target encoder's (layer-normed) features at the target tokens.
 
         Args:
             batch: the normalised batch (the target encoder reads it with its own ``inputs``).
             targets: (B, M, T) int64 token indices.
+            tokens: (B, N, D) :meth:`teacher_tokens` of this batch, when already computed.
 
         Returns:
             (B, M, T, D), without gradient.
         """
-        teacher = cast(Encoder, self._parts()[1].module)  # the EMA copy of the encoder
-        h = teacher(teacher.inputs(batch))[:, teacher.num_prefix_tokens :]  # (B, N, D) all tokens, prefix dropped
-        if self.target_norm:
-            h = F.layer_norm(h, h.shape[-1:])  # (B, N, D), parameter-free
+        h = self.teacher_tokens(batch) if tokens is None else tokens  # (B, N, D)
         b, m, t = targets.shape
         return gather_tokens(h, targets.reshape(b, m * t)).reshape(b, m, t, -1)  # (B, M, T, D)
 
     def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: Encoder) -> dict[str, Tensor]:
         predictor = self._parts()[0]
-        target = self.target_features(batch, masks.targets)  # (B, M, T, D)
-        pred = predictor(latent, masks.visible, masks.targets)  # (B, M, T, D)
+        if self.num_mask_tokens > 1 and masks.set_index >= self.num_mask_tokens:
+            raise ValueError(
+                f"LatentTarget has num_mask_tokens={self.num_mask_tokens} but the step has {masks.num_sets} mask sets; "
+                f"set num_mask_tokens to {masks.num_sets} (one per set) or 1 (shared)"
+            )
+        if masks.set_index == 0:  # the target encoder runs once per step, on the first set's call
+            tokens = self.teacher_tokens(batch)  # (B, N, D)
+            self._teacher = tokens if masks.num_sets > 1 else None
+        elif self._teacher is None:
+            raise RuntimeError(f"LatentTarget: mask set {masks.set_index} came before set 0 of its step")
+        else:
+            tokens = self._teacher
+            if masks.set_index == masks.num_sets - 1:
+                self._teacher = None  # released after the step's last set
+        target = self.target_features(batch, masks.targets, tokens)  # (B, M, T, D)
+        pred = predictor(latent, masks.visible, masks.targets, mask_index=masks.set_index)  # (B, M, T, D)
         out = {"loss": latent_loss(pred, target, self.loss)}
-        if self.training:
+        if self.training and masks.set_index == 0:
             if self.monitor_every and self._calls % self.monitor_every == 0:
                 out.update(self.collapse_stats(pred, target))
             self._calls += 1
