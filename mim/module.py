@@ -423,7 +423,7 @@ class PretrainModule(L.LightningModule):
         entries: dict[str, list[Tensor]] = {}
         total: Tensor | None = None
         for m in sets:
-            latent = self.encoder(inputs, m.visible)  # (B, prefix+K, D)
+            latent = self.shared_latent(batch, m, inputs)  # (B, prefix+K, D)
             for name, target in zip(self.target_names, self.target_list):
                 result = target(batch, m, latent, self.encoder)
                 # No identity arithmetic (0 + 1.0 x loss) on a loss also returned detached: under torch.compile (torch
@@ -440,6 +440,21 @@ class PretrainModule(L.LightningModule):
         out = {k: torch.stack([x.float() for x in v]).mean() if len(v) > 1 else v[0] for k, v in entries.items()}
         out["loss"] = total / len(sets)
         return out
+
+    def shared_latent(self, batch: Batch, masks: Masks, inputs: Tensor) -> Tensor:
+        """The latent every target of the step receives: ``encoder(inputs, masks.visible)``, unless a target encodes
+        the visible tokens itself (:meth:`Target.encode`, MixedAE's mixed pass)."""
+        found = [
+            (n, z)
+            for n, t in zip(self.target_names, self.target_list)
+            if (z := t.encode(batch, masks, inputs, self.encoder)) is not None
+        ]
+        if len(found) > 1:
+            raise ValueError(
+                f"PretrainModule: targets {[n for n, _ in found]} each run their own encoder pass (Target.encode); "
+                "at most one target of a module may"
+            )
+        return found[0][1] if found else self.encoder(inputs, masks.visible)  # (B, prefix+K, D)
 
     def training_losses(self, batch: Batch, masks: Masks, inputs: Tensor) -> dict[str, Tensor]:
         """:meth:`compute_losses`, compiled with ``torch.compile`` when the module was built with ``compile=True``."""

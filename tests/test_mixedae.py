@@ -283,6 +283,28 @@ def test_module_composes_mixedae():
     assert not dead
 
 
+@pytest.mark.parametrize("batch_size", [8, 6, 3], ids=["full", "tail", "no-group"])
+def test_a_module_step_has_one_encoder_pass(batch_size: int):
+    """MixedPixelTarget.encode runs the step's encoder pass (the mixed one): the unmixed per-sample pass runs only for a
+    trailing incomplete group, and the losses equal the target's own computation."""
+    from mim.module import PretrainModule
+
+    encoder = tiny_encoder(model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 4})
+    target = MixedPixelTarget(decoder_dim=16, decoder_depth=1, decoder_num_heads=2)
+    module = PretrainModule(encoder=encoder, masking=GroupPartitionMasking(group_size=4), targets=[target])
+    batch = {"image": torch.randn(batch_size, 3, 16, 16, generator=_gen(0))}
+    masks = module.draw_masks(batch, _gen(1), batch["image"])
+    unmixed: list[int] = []
+    hook = encoder.register_forward_hook(lambda _m, args, _o: unmixed.append(args[0].shape[0]))
+    out = module.compute_losses(batch, masks)
+    hook.remove()
+    assert unmixed == ([] if batch_size % 4 == 0 else [batch_size % 4])  # only the tail, never the whole batch
+    assert target._pass is None  # released by forward
+    alone = target(batch, masks, encoder(batch["image"], masks.visible), encoder)  # its own mixed pass
+    for key in ("reconstruction", "homologous_contrastive", "homologous_precision"):
+        torch.testing.assert_close(out[f"mixed_pixel/{key}"], alone[key])
+
+
 @pytest.mark.usefixtures("fashion_mnist")
 def test_mixedae_debug_recipe_trains(tmp_path: Path):
     """recipes/debug/mixedae_fashion_mnist.yaml through the CLI's builder: the loss goes down over 30 steps."""

@@ -6,6 +6,7 @@ from mim.masking.colored_noise import ColoredNoiseMasking
 from mim.masking.dual import DualMasking, RunningCellMasking
 from mim.masking.feature_subset import FeatureSubsetMasking
 from mim.masking.functional import scores_to_masks
+from mim.masking.group_partition import GroupPartitionMasking
 from mim.masking.hard_patch import HardPatchMasking
 from mim.masking.multi import MultiMasking
 from mim.masking.multiblock import MultiBlockMasking
@@ -17,6 +18,7 @@ __all__ = [
     "ColoredNoiseMasking",
     "DualMasking",
     "FeatureSubsetMasking",
+    "GroupPartitionMasking",
     "HardPatchMasking",
     "MaskingStrategy",
     "MultiBlockMasking",

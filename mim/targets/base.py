@@ -19,7 +19,7 @@ class Target(nn.Module, ABC):
 
     Lifecycle: the module calls :meth:`bind` once with the encoder (heads that depend on the encoder's
     width or grid are built there, before any optimizer or distributed wrapper exists), then
-    :meth:`forward` every step and :meth:`after_step` after every optimizer step.
+    :meth:`encode` (optional) and :meth:`forward` every step and :meth:`after_step` after every optimizer step.
 
     Args:
         weight: factor of this target's loss in the total loss (>= 0).
@@ -46,6 +46,16 @@ class Target(nn.Module, ABC):
         Returns:
             A dict with ``loss`` (scalar) and any other scalars to log.
         """
+
+    def encode(self, batch: Batch, masks: Masks, inputs: Tensor, encoder: Encoder) -> Tensor | None:
+        """The step's shared latent, when this target runs the encoder itself; None (default): the module runs
+        ``encoder(inputs, masks.visible)``.
+
+        A target that must run the encoder differently (MixedAE's mixed sequences) returns the (B, prefix + K, D)
+        latent here; every target then receives it as ``latent`` and the step has one encoder pass. At most one target
+        of a module may return one.
+        """
+        return None
 
     def token_scores(self, batch: Batch, encoder: Encoder) -> Tensor | None:
         """(B, N) per-token scores for score-driven masking (hard-patch mining); None by default."""

@@ -15,10 +15,10 @@ g consecutive samples the visible sets partition the grid. One step of :class:`M
 4. **homologous contrastive**: SupCon over the encoder's output patch tokens of each mixed sequence, positives = same
    source (:func:`homologous_contrastive_loss`). Loss ``L_rec + contrastive_weight * L_HC``.
 
-The module's own encoder pass (``latent``, per-sample encoding of the visible tokens) is not used: this target runs the
-mixed pass itself (the encoder's blocks, weights and final norm), so a step costs one extra encoder pass over MAE until
-the encoder offers a mixed forward (see the report of issue 15). With ``attention="homologous"`` and no segment
-embedding the mixed pass equals that per-sample pass exactly (tests/test_mixedae.py).
+The target runs the step's encoder pass itself (:meth:`MixedPixelTarget.encode`, the encoder's blocks, weights and
+final norm over the mixed sequences) and hands each sample's part to the module as the shared latent, so a step has one
+encoder pass, as MAE's. With ``attention="homologous"`` and no segment embedding the mixed pass equals the per-sample
+pass exactly (tests/test_mixedae.py).
 
 Mixing, the functional core (pure tensor code): each run of ``g`` consecutive samples is a *group*; its samples get
 visible sets that partition the grid (:class:`GroupPartitionMasking`, ``N/g`` each); the mixed sequence of a group
@@ -26,13 +26,13 @@ holds at position ``n`` the token of the sample that owns ``n`` (its *source*, s
 position embedding. :func:`mix_tokens` / :func:`unmix_tokens` are a permutation (G = B / g sequences of N tokens
 <-> (B, N/g) tokens); :func:`mixing_sources` records each position's source; :func:`homologous_mask` restricts
 attention to one source; :func:`topk_mask` keeps each query's k largest logits; :func:`homologous_contrastive_loss`
-is SupCon with positives = same source. (The masking strategy belongs in ``mim/masking/``; it lives here
-with the mixing it serves until that package may be edited.)
+is SupCon with positives = same source. The masking strategy is
+:class:`mim.masking.GroupPartitionMasking`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,12 @@ from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
 from mim.checks import check_choice, check_int, check_range, invalid
-from mim.masking.base import MaskingStrategy
+from mim.masking.group_partition import GroupPartitionMasking, group_partition
 from mim.models.base import Encoder
 from mim.models.encoder import MaskedEncoder
 from mim.targets.pixels import PixelTarget
 from mim.tokens import gather_tokens
-from mim.types import Batch, Masks, TokenGrid
+from mim.types import Batch, Masks
 
 __all__ = [
     "GroupPartitionMasking",
@@ -61,74 +61,6 @@ __all__ = [
 ]
 
 Mixing = Literal["homologous", "topk", "full"]
-
-
-def group_partition(
-    batch_size: int, num_tokens: int, group_size: int, *, generator: torch.Generator, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Visible sets that partition the grid within each run of ``group_size`` consecutive samples.
-
-    One uniform random permutation of the N positions per group, cut into ``g`` runs of ``N/g``: slot ``s`` gets the
-    ``s``-th run. A trailing incomplete group (``B % g`` samples) gets the first slots of its permutation (disjoint,
-    not covering; a mixing target refuses such a batch).
-
-    Args:
-        batch_size: B.
-        num_tokens: N, a multiple of ``group_size``.
-        group_size: g.
-        generator: the only source of randomness.
-        device: where the indices live.
-
-    Returns:
-        ``visible`` (B, N/g) sorted ascending and ``hidden`` (B, N - N/g) sorted ascending.
-    """
-    k = num_tokens // group_size
-    groups = -(-batch_size // group_size)  # ceil
-    noise = torch.rand(groups, num_tokens, generator=generator, device=device)  # (G, N)
-    order = noise.argsort(dim=1)  # (G, N) a permutation per group
-    slots = order.view(groups, group_size, k).flatten(0, 1)[:batch_size]  # (B, K): sample b takes run b % g
-    visible = slots.sort(dim=1).values  # (B, K)
-    hidden = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)
-    hidden.scatter_(1, visible, False)  # (B, N) True = hidden
-    rest = hidden.float().argsort(dim=1, descending=True, stable=True)[:, : num_tokens - k]  # (B, N - K)
-    return visible, rest.sort(dim=1).values
-
-
-class GroupPartitionMasking(MaskingStrategy):
-    """MixedAE's masking: within each group of ``group_size`` consecutive samples the visible sets partition the
-    grid, so the group's visible tokens mix into one full sequence of N tokens.
-
-    ``visible`` (B, N/g), ``targets`` (B, 1, N - N/g) = the complement (the mask ratio is ``1 - 1/g``: 0.75 at the
-    paper's g = 4). The grid must have a multiple of ``g`` tokens.
-
-    Args:
-        group_size: g, images per mixed sequence (paper: 4, the inverse of MAE's 25 % visible ratio).
-    """
-
-    def __init__(self, *, group_size: int = 4) -> None:
-        check_int("GroupPartitionMasking", "group_size", group_size, minimum=2)
-        self.group_size = group_size
-
-    def __repr__(self) -> str:
-        return f"GroupPartitionMasking(group_size={self.group_size})"
-
-    def __call__(
-        self,
-        batch_size: int,
-        grid: TokenGrid,
-        *,
-        generator: torch.Generator,
-        device: torch.device,
-        scores: Tensor | None = None,
-        progress: float = 0.0,
-    ) -> Masks:
-        n = grid.num_tokens
-        if n % self.group_size:
-            raise invalid(
-                "GroupPartitionMasking", "group_size", f"a divisor of the grid's {n} tokens ({grid})", self.group_size
-            )
-        visible, hidden = group_partition(batch_size, n, self.group_size, generator=generator, device=device)
-        return Masks(visible=visible, targets=hidden.unsqueeze(1), num_tokens=n)
 
 
 def _check_groups(visible: Tensor, group_size: int) -> tuple[int, int]:
@@ -339,6 +271,7 @@ class MixedPixelTarget(PixelTarget):
         self.use_segment_embed = bool(segment_embed)
         self.temperature, self.contrastive_weight = float(temperature), float(contrastive_weight)
         self.segment_embed: nn.Embedding | None = None
+        self._pass: tuple[Tensor, Tensor, Tensor | None, Tensor] | None = None  # encode -> forward, within a step
 
     def bind(self, encoder: Encoder) -> None:
         super().bind(encoder)
@@ -408,30 +341,51 @@ class MixedPixelTarget(PixelTarget):
         return torch.cat([own_prefix, own_tokens], dim=1), x, precision.float()
 
     def mixed_latent(
-        self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder
+        self,
+        batch: Batch,
+        masks: Masks,
+        latent: Tensor | None,
+        encoder: MaskedEncoder,
+        inputs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Each sample's latent from the mixed pass; a trailing incomplete group (``B % g`` samples, e.g. the last
-        validation batch) keeps the module's unmixed ``latent``, so such a batch is scored instead of refused.
+        validation batch) is encoded unmixed (``latent``'s rows when given), so such a batch is scored instead of
+        refused.
 
         Returns:
             ``own`` (B, prefix + K, D), ``mixed`` (G, g * prefix + N, D) or None when B < g, ``precision`` ().
         """
         b, g = masks.visible.shape[0], self.group_size
         full = b - b % g
+        images = encoder.inputs(batch) if inputs is None else inputs
         if full == b:
-            return self.mixed_encode(encoder, encoder.inputs(batch), masks)
+            return self.mixed_encode(encoder, images, masks)
+        tail = latent[full:] if latent is not None else encoder(images[full:], masks.visible[full:])
         if full == 0:
-            return latent, None, latent.new_ones(())
+            return tail, None, tail.new_ones(())
         head = Masks(visible=masks.visible[:full], targets=masks.targets[:full], num_tokens=masks.num_tokens)
-        own, mixed, precision = self.mixed_encode(encoder, encoder.inputs(batch)[:full], head)
-        return torch.cat([own, latent[full:]], dim=0), mixed, precision
+        own, mixed, precision = self.mixed_encode(encoder, images[:full], head)
+        return torch.cat([own, tail], dim=0), mixed, precision
+
+    def encode(self, batch: Batch, masks: Masks, inputs: Tensor, encoder: Encoder) -> Tensor | None:
+        """The step's encoder pass: the mixed sequences, unmixed into each sample's (B, prefix + K, D) latent (a
+        trailing incomplete group encoded unmixed); kept for :meth:`forward`."""
+        if masks.visible.shape[0] < self.group_size:
+            return None  # no full group: the module's unmixed pass
+        own, mixed, precision = self.mixed_latent(batch, masks, None, cast(MaskedEncoder, encoder), inputs)
+        self._pass = (masks.visible, own, mixed, precision)
+        return own
 
     def forward(self, batch: Batch, masks: Masks, latent: Tensor, encoder: MaskedEncoder) -> dict[str, Tensor]:  # type: ignore[override]
-        """The reconstruction and homologous contrastive losses (``latent``, the module's unmixed pass, is used only
-        for a trailing incomplete group)."""
+        """The reconstruction and homologous contrastive losses, from the pass :meth:`encode` ran for this step (or,
+        called without it, a mixed pass of its own; ``latent`` then serves a trailing incomplete group)."""
         if masks.decoder is not None:
             raise ValueError("MixedPixelTarget does not support decoder masks (dual masking)")
-        own, mixed, precision = self.mixed_latent(batch, masks, latent, encoder)
+        step, self._pass = self._pass, None
+        if step is not None and step[0] is masks.visible and step[1] is latent:
+            own, mixed, precision = step[1:]
+        else:
+            own, mixed, precision = self.mixed_latent(batch, masks, latent, encoder)
         reconstruction = self.hidden_token_losses(batch, masks, own, encoder)[2].mean()
         if mixed is None:
             contrastive = reconstruction.new_zeros(())
