@@ -196,6 +196,10 @@ class PretrainModule(L.LightningModule):
         min_lr: final learning rate of the decay.
         lr_decay: the decay after the warmup: ``cosine`` (MAE, I-JEPA) or ``linear`` to ``min_lr`` at the end of the run
             (Hugging Face's ``get_linear_schedule_with_warmup``: the self-distillation recipes).
+        schedule_scale: the lr and weight-decay schedules are built for ``schedule_scale`` x the run's optimizer
+            steps, and the run stops at its own end (V-JEPA's ``ipe_scale`` 1.25: its lr ends at 7.5e-5, not at
+            ``min_lr``, and its weight decay at 0.366, not 0.4). The warmup and the EMA momentum follow the run (a
+            momentum schedule built for the scaled length ends at ``start + (end - start) / scale``: set that end).
         schedule_convention: which point of the lr and weight-decay schedules optimizer step ``k`` (0-based: ``k``
             steps done before it) applies. ``"mae"``: the value at ``k`` (MAE's ``adjust_learning_rate``, called
             before the forward pass at the iteration's fractional epoch; the first step has the warmup's start
@@ -252,6 +256,7 @@ class PretrainModule(L.LightningModule):
         warmup_start_lr: float = 0.0,
         min_lr: float = 0.0,
         lr_decay: Literal["cosine", "linear"] = "cosine",
+        schedule_scale: float = 1.0,
         schedule_convention: Literal["mae", "ijepa"] = "mae",
         decay_special_tokens: bool = True,
         batch_size: int | None = None,
@@ -288,6 +293,7 @@ class PretrainModule(L.LightningModule):
             check_int(owner, "batch_size", batch_size)
         check_choice(owner, "schedule_convention", schedule_convention, ("mae", "ijepa"))
         check_choice(owner, "lr_decay", lr_decay, ("cosine", "linear"))
+        check_range(owner, "schedule_scale", schedule_scale, 1, math.inf, high_open=True, hint="1: the run's length")
         if init_checkpoint is not None and not isinstance(init_checkpoint, str | os.PathLike):
             raise invalid(owner, "init_checkpoint", "a path to a mim checkpoint or export file", init_checkpoint)
         self.guard = NonFiniteGuard(owner, mode=nonfinite, max_consecutive=max_nonfinite_steps)
@@ -304,6 +310,7 @@ class PretrainModule(L.LightningModule):
             self._bind_targets()
         self._generator: torch.Generator | None = None
         self._total_steps = 1
+        self._schedule_steps = 1  # the lr and weight-decay schedules' length: schedule_scale x _total_steps
         self._compiled_losses: Callable[..., dict[str, Tensor]] | None = None
         self._initialised = False  # init_checkpoint loaded (configure_model runs again in some trainer calls)
 
@@ -537,7 +544,10 @@ class PretrainModule(L.LightningModule):
         if hp.weight_decay_end is None:
             return hp.weight_decay
         return cosine_anneal(
-            step + self.schedule_offset, total_steps=self._total_steps, start=hp.weight_decay, end=hp.weight_decay_end
+            step + self.schedule_offset,
+            total_steps=self._schedule_steps,
+            start=hp.weight_decay,
+            end=hp.weight_decay_end,
         )
 
     def optimizer_step(
@@ -586,6 +596,7 @@ class PretrainModule(L.LightningModule):
             )
         total = int(self.trainer.estimated_stepping_batches)
         self._total_steps = max(1, total)
+        self._schedule_steps = max(1, round(total * getattr(hp, "schedule_scale", 1.0)))
         if hp.warmup_steps is not None:
             warmup = hp.warmup_steps
         else:
@@ -614,6 +625,7 @@ class PretrainModule(L.LightningModule):
         rank_zero_info(
             f"mim: effective batch = {per_device} per device x {accum} accumulation x {world} devices = {eff}; "
             f"{lr_text}; {total} optimizer steps, {warmup} warmup"
+            + (f"; schedules built for {self._schedule_steps} steps" if self._schedule_steps != total else "")
         )
         named = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         named |= {f"targets.{i}.{n}" for i, t in enumerate(self.target_list) for n in t.no_weight_decay()}
@@ -625,7 +637,7 @@ class PretrainModule(L.LightningModule):
             never_decay={f"targets.{i}.{n}" for i, t in enumerate(self.target_list) for n in t.never_decay()},
         )
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas), fused=fused_adamw(self, hp.fused_optimizer))
-        offset = self.schedule_offset
+        offset, schedule = self.schedule_offset, self._schedule_steps
 
         # LambdaLR calls factor(k) at construction (k = 0) and after every optimizer step (Lightning steps it with
         # interval "step"), so optimizer step k runs at factor(k): the schedule at k + offset.
@@ -633,7 +645,7 @@ class PretrainModule(L.LightningModule):
             return warmup_cosine(
                 step + offset,
                 warmup_steps=warmup,
-                total_steps=total,
+                total_steps=schedule,
                 base_lr=1.0,
                 min_lr=hp.min_lr / lr,
                 start_lr=hp.warmup_start_lr / lr,
@@ -660,5 +672,6 @@ class PretrainModule(L.LightningModule):
 
 _OPTIMIZER_ARGUMENTS = (
     "model.init_args.lr or blr (lr = blr x effective batch / 256), betas, weight_decay, weight_decay_end, "
-    "warmup_epochs or warmup_steps, warmup_start_lr, min_lr, lr_decay, schedule_convention, decay_special_tokens"
+    "warmup_epochs or warmup_steps, warmup_start_lr, min_lr, lr_decay, schedule_scale, schedule_convention, "
+    "decay_special_tokens"
 )

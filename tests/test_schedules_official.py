@@ -253,6 +253,50 @@ def test_ijepa_convention_applies_the_official_values_at_every_step(max_steps: i
     assert momenta[0] == 0.9
 
 
+def test_schedule_scale_is_vjepas_ipe_scale() -> None:
+    """V-JEPA builds its schedules for ipe_scale = 1.25 x the run and stops at the run's end: 8 steps of a 10-step
+    schedule; the momentum over the run, with its end set to where the official 10-step ramp is after 8 steps."""
+    module, momenta = _jepa_module(schedule_convention="ijepa", warmup_steps=2, schedule_scale=1.25, **IJEPA_TINY)
+    module.target_list[0].momentum = (0.9, 0.9 + (0.99 - 0.9) * 8 / 10)  # type: ignore[attr-defined]
+    rec = Applied()
+    cpu_trainer(max_steps=8, callbacks=[rec]).fit(module, DataLoader(Images(16), batch_size=2))
+    official = ijepa_loop(
+        8, warmup=2, total=10, start_lr=2e-4, ref_lr=1e-3, final_lr=1e-6, ref_wd=0.04, final_wd=0.4, ema=(0.9, 0.99)
+    )
+    assert [s[0] for s in rec.seen] == list(range(8))
+    for (_, lrs, wd, _), m, (lr_off, wd_off, m_off) in zip(rec.seen, momenta, official):
+        assert lrs[0] == pytest.approx(lr_off, rel=1e-12) and wd == pytest.approx(wd_off, rel=1e-12)
+        assert m == pytest.approx(m_off, rel=1e-12)
+    assert rec.seen[-1][1][0] > 1e-4 and rec.seen[-1][2] < 0.4  # the run ends before its schedules do
+    with pytest.raises(ValueError, match="PretrainModule.schedule_scale must be a finite number >= 1"):
+        _jepa_module(schedule_scale=0.5)
+
+
+def test_vjepa_recipe_reaches_the_official_check_values() -> None:
+    """recipes/vjepa: the lr / weight decay that mim's formulas give at V-JEPA's check steps (JEPA_VIDEO.md §2(b)),
+    with the recipe's settings (warm-up, ipe scale, I-JEPA convention: iteration n applies the value at n)."""
+    import yaml
+
+    from mim.optim import cosine_anneal, warmup_cosine
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/vjepa/vit_l16_videomix2m.yaml").read_text())
+    hp, steps = cfg["model"]["init_args"], cfg["trainer"]["max_steps"]
+    schedule = round(steps * hp["schedule_scale"])
+    assert hp["schedule_convention"] == "ijepa" and schedule == VJEPA["total"]
+
+    def at(n: int) -> tuple[float, float]:  # the n-th iteration (1-based) = optimizer step n - 1, applying point n
+        lr = warmup_cosine(
+            n, warmup_steps=hp["warmup_steps"], total_steps=schedule, base_lr=hp["lr"], min_lr=hp["min_lr"],
+            start_lr=hp["warmup_start_lr"],
+        )  # fmt: skip
+        return lr, cosine_anneal(n, total_steps=schedule, start=hp["weight_decay"], end=hp["weight_decay_end"])
+
+    for n in (1, 12_000, 45_000, 90_000):
+        official = _at(VJEPA, n, (0.998, 1.0))
+        assert at(n) == (pytest.approx(official[0], rel=1e-9), pytest.approx(official[1], rel=1e-9))
+    assert at(90_000)[0] == pytest.approx(7.504e-5, abs=5e-9) and at(90_000)[1] == pytest.approx(0.36562, abs=5e-6)
+
+
 def test_mae_convention_is_one_scheduler_step_earlier() -> None:
     """The default ("mae") applies at step k what the I-JEPA loop applies at step k - 1: f(k), not f(k + 1)."""
     module, momenta = _jepa_module(warmup_steps=3, **IJEPA_TINY)
