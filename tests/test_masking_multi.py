@@ -296,3 +296,21 @@ def test_default_is_vjepa_and_mim_masks_draws_every_set(tmp_path, capsys) -> Non
     assert Image.open(out).tobytes() != Image.open(second).tobytes()
     printed = capsys.readouterr().out
     assert "mask set 1 of 2" in printed and "mask set 2 of 2" in printed
+
+
+def test_run_pictures_draws_every_mask_set(tmp_path) -> None:
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from mim.callbacks.run_pictures import RunPictures
+    from tests.factories import cpu_trainer
+
+    module = _vjepa_module()
+    clips = [{"video": v} for v in _clips(4)["video"]]
+    trainer = cpu_trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[RunPictures(every_n_steps=1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(clips, batch_size=4))
+    names = sorted(p.name for p in tmp_path.rglob("pictures/*.png"))
+    assert names == ["step_1_masks.png", "step_1_masks_set1.png"], names

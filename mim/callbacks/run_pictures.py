@@ -210,7 +210,8 @@ class RunPictures(L.Callback):
     * ``token_loss`` (pixel targets): a bar chart of the per-token squared error (mean over the P values of each
       patch, against the target patches, norm-pix applied as in training) of the hidden tokens of the batch; the
       values of the last picture are in :attr:`token_losses`.
-    * ``masks`` (no pixel target): :func:`mim.viz.render_masks` of the masks, titled with the step.
+    * ``masks`` (no pixel target): :func:`mim.viz.render_masks` of the masks, titled with the step; with several mask
+      sets per step (V-JEPA) also ``masks_set1``, ...
     * ``hardness`` (a target with token scores, such as HPM's teacher): rows ``input | hardness`` (``2 F`` panels
       of one frame), the predicted difficulty of each token min-max scaled per sample and coloured with
       :data:`HEAT_COLOURS` (dark: easy, bright: hard) over the token's pixels.
@@ -345,8 +346,11 @@ class RunPictures(L.Callback):
             per_token = (pred - target).pow(2).mean(dim=-1)  # (S, N)
             self.token_losses = per_token.gather(1, masks.targets.flatten(1)).cpu()  # (S, M*T) hidden tokens
             pictures["token_loss"] = _histogram_picture(self.token_losses, f"step {step}: per-token MSE")
-        else:
-            pictures["masks"] = render_masks(masks, encoder.grid, title=f"step {step}: masks")
+        else:  # every mask set of the step (V-JEPA: two): masks, masks_set1, ...
+            for one in masks.sets:
+                of = f" (set {one.set_index + 1} of {one.num_sets})" if one.num_sets > 1 else ""
+                key = f"masks_set{one.set_index}" if one.set_index else "masks"
+                pictures[key] = render_masks(one, encoder.grid, title=f"step {step}: masks{of}")
         scores = next((s for s in (t.token_scores(batch, encoder) for t in targets) if s is not None), None)
         if scores is not None and hasattr(encoder, "unpatchify"):
             pictures["hardness"] = self._hardness(trainer, encoder, inputs, scores)
