@@ -359,13 +359,22 @@ class PretrainModule(L.LightningModule):
         from mim.checkpoint import encoder_state, load_encoder_weights, read_checkpoint
         from mim.ema import EMA
 
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"PretrainModule.init_checkpoint: {path} does not exist. A resumed run reads it again before loading its "
+                "own checkpoint, which holds every weight: to resume without it, pass "
+                "--model.init_args.init_checkpoint null"
+            )
         ckpt = read_checkpoint(path)
         load_encoder_weights(self.encoder, encoder_state(ckpt, "student")[1], source=str(path))
         own = self.state_dict()
-        heads = {
+        heads = {  # tensors only: a target's _extra_state (a teacher's hash, EMA bookkeeping) is not a weight
             k: v
             for k, v in ckpt["state_dict"].items()
-            if k.startswith("targets.") and k in own and own[k].shape == v.shape
+            if k.startswith("targets.")
+            and isinstance(v, Tensor)
+            and isinstance(own.get(k), Tensor)
+            and own[k].shape == v.shape
         }
         self.load_state_dict(heads, strict=False)
         for i, target in enumerate(self.target_list):

@@ -76,6 +76,10 @@ def _instantiate(recipe: Path, tmp_path: Path, clips: Path | None = None) -> Mim
         from tests.test_teacher_target import teacher_overrides
 
         args += teacher_overrides(recipe, tmp_path)  # a random-init teacher file for the small debug teachers
+    if "SelfDistillTarget" in text and recipe.parent.name == "debug":
+        from tests.test_self_distill import sd_recipe_overrides
+
+        args += sd_recipe_overrides(recipe, tmp_path)  # theta_0 from a 1-step MAE fit, its export as the teacher
     return build(args, save_config_callback=None)
 
 

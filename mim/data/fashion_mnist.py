@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mim.checks import check_choice, check_int
+from mim.checks import check_choice, check_int, invalid
 from mim.data.base import ImageDataModule, TensorImageDataset, check_crops
 from mim.data.transforms import eval_transform, mae_train_transform
 
@@ -178,6 +178,50 @@ def _subset(n: int, k: int | None, seed: int) -> Tensor | None:
     return order[:k].sort().values  # (k,)
 
 
+def _class_subset(labels: Tensor, classes: tuple[int, ...], k: int | None, seed: int, field: str) -> Tensor:
+    """Indices of the samples whose label is in ``classes``, or a seeded random subset of ``k`` of them, sorted.
+
+    Args:
+        labels: (n,) int64 labels of the whole split.
+        classes: the kept labels.
+        k: the subset size; None: every sample of the kept classes.
+        seed: seeds the draw.
+        field: the datamodule argument ``k`` came from (for the error message).
+
+    Returns:
+        (k,) or (n_kept,) sorted int64 indices into the split.
+    """
+    pool = torch.isin(labels, torch.tensor(classes)).nonzero().flatten()  # (n_kept,) ascending
+    if k is None:
+        return pool
+    if k > len(pool):
+        raise ValueError(
+            f"FashionMNISTDataModule.{field} must be <= {len(pool)} (the images of classes {list(classes)} in the "
+            f"split), got {k}"
+        )
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))  # (n_kept,)
+    return pool[order[:k]].sort().values  # (k,)
+
+
+def _check_classes(classes: list[int] | None) -> tuple[int, ...] | None:
+    if classes is None:
+        return None
+    valid = (
+        isinstance(classes, list | tuple)
+        and len(classes) > 0
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(FASHION_MNIST_CLASSES) for c in classes)
+        and len(set(classes)) == len(classes)
+    )
+    if not valid:
+        raise invalid(
+            "FashionMNISTDataModule",
+            "classes",
+            f"a non-empty list of distinct labels in 0..{len(FASHION_MNIST_CLASSES) - 1}",
+            classes,
+        )
+    return tuple(classes)
+
+
 class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST from the Debian package, as uint8 batches normalised on the device.
 
@@ -195,6 +239,11 @@ class FashionMNISTDataModule(ImageDataModule):
             and horizontal flip); False resizes only.
         crop_scale: area range of the random resized crop (MAE: (0.2, 1.0)).
         rand_augment: RandAugment magnitude on the training split (fine-tuning: 9, as MAE); None: off.
+        classes: keep only the images of these classes (labels 0..9 of :data:`FASHION_MNIST_CLASSES`, distinct), in
+            both splits; ``num_train`` / ``num_val`` then draw their seeded subsets from those images. The labels are
+            renumbered ``0 .. len(classes) - 1`` in the order given and ``num_classes`` is ``len(classes)`` (a
+            k-way task: a domain-shift split, e.g. pretrain on ``[0, 1, 2, 3, 4]``, adapt to ``[5, 6, 7, 8, 9]``).
+            None: all ten classes, labels unchanged.
         num_workers: loader worker processes.
         seed: seeds the subsets, the training order and every training sample's augmentation.
     """
@@ -210,16 +259,18 @@ class FashionMNISTDataModule(ImageDataModule):
         augment: bool = True,
         crop_scale: tuple[float, float] = (0.2, 1.0),
         rand_augment: int | None = None,
+        classes: list[int] | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
+        kept = _check_classes(classes)
         super().__init__(
             batch_size=batch_size,
             image_size=image_size,
             in_chans=1,
             mean=FASHION_MNIST_MEAN,
             std=FASHION_MNIST_STD,
-            num_classes=len(FASHION_MNIST_CLASSES),
+            num_classes=len(kept) if kept is not None else len(FASHION_MNIST_CLASSES),
             num_workers=num_workers,
             seed=seed,
         )
@@ -235,14 +286,22 @@ class FashionMNISTDataModule(ImageDataModule):
         if rand_augment is not None:
             check_int("FashionMNISTDataModule", "rand_augment", rand_augment, minimum=0, maximum=30)
         self.rand_augment = rand_augment
+        self.classes = kept
+
+    def _indices(self, split: Literal["train", "test"], k: int | None, seed: int, field: str) -> Tensor | None:
+        if self.classes is None:
+            return _subset(_NUM[split], k, seed)
+        labels = torch.from_numpy(read_idx(_split_file(self.data_dir, _FILES[split][1])).astype(np.int64))  # (n,)
+        return _class_subset(labels, self.classes, k, seed, field)
 
     def train_indices(self) -> Tensor | None:
-        """(num_train,) sorted indices of the training subset, or None for all 60,000."""
-        return _subset(_NUM["train"], self.num_train, self.seed)
+        """(num_train,) sorted indices of the training subset (of the kept ``classes``), or None for all 60,000."""
+        return self._indices("train", self.num_train, self.seed, "num_train")
 
     def val_indices(self) -> Tensor | None:
-        """(num_val,) sorted indices of the validation subset of the test split, or None for all 10,000."""
-        return _subset(_NUM["test"], self.num_val, self.seed + 1)
+        """(num_val,) sorted indices of the validation subset of the test split (of the kept ``classes``), or None for
+        all 10,000."""
+        return self._indices("test", self.num_val, self.seed + 1, "num_val")
 
     def build_datasets(self) -> tuple[TensorImageDataset, TensorImageDataset]:
         evaluate = eval_transform(self.image_size)  # the identity at 28
@@ -260,5 +319,9 @@ class FashionMNISTDataModule(ImageDataModule):
             images, labels = load_fashion_mnist(split, self.data_dir)  # (N, 1, 28, 28), (N,)
             if indices is not None:
                 images, labels = images[indices].clone(), labels[indices].clone()  # (n, 1, 28, 28), (n,)
+            if self.classes is not None:  # renumber 0 .. k-1 in the order of ``classes``
+                lookup = torch.full((len(FASHION_MNIST_CLASSES),), -1, dtype=torch.int64)
+                lookup[list(self.classes)] = torch.arange(len(self.classes))
+                labels = lookup[labels]  # (n,)
             datasets.append(TensorImageDataset(images, labels, transform))
         return datasets[0], datasets[1]

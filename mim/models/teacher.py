@@ -276,6 +276,42 @@ class FrozenTeacher(nn.Module):
         weights = logits.softmax(dim=-1)[:, :, 0, self.num_prefix_tokens :]  # (B, Hd, N)
         return weights.mean(dim=1)  # (B, N)
 
+    def _prepare(self, images: Tensor) -> Tensor:
+        """Load the weights (once), follow the input's device and fit it to the teacher's channels and size.
+
+        Args:
+            images: (B, C, H, W) already in the teacher's normalisation.
+
+        Returns:
+            (B, C_t, H_t, W_t) in the teacher's dtype.
+        """
+        self.load()
+        param = next(self.model.parameters())
+        if param.device != images.device:  # a wrapper moved only registered modules (e.g. FSDP): follow the input
+            self.model.to(images.device)
+        x = images.to(dtype=param.dtype)
+        if x.shape[1] != self.in_chans:
+            if x.shape[1] != 1:
+                raise ValueError(f"the teacher expects {self.in_chans} input channels, got {x.shape[1]}")
+            x = x.expand(-1, self.in_chans, -1, -1)  # (B, C_t, H, W) grey -> C_t channels
+        if tuple(x.shape[-2:]) != self.img_size:
+            x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)  # (B, C_t, H_t, W_t)
+        return x
+
+    @torch.no_grad()
+    def final_features(self, images: Tensor) -> Tensor:
+        """The final-normed output of the full input (timm ``forward_features``: the last block's output after the
+        model's final norm, prefix tokens first; Hugging Face ViTMAE's ``last_hidden_state`` without masking), under
+        ``no_grad``. Self-distillation reads its CLS row (mim/targets/self_distill.py).
+
+        Args:
+            images: (B, C, H, W) as for :meth:`forward`.
+
+        Returns:
+            (B, prefix_t + N, D_t).
+        """
+        return self.model.forward_features(self._prepare(images))  # (B, prefix_t + N, D_t)
+
     @torch.no_grad()
     def forward(self, images: Tensor, layers: Sequence[int], *, attention: bool = False) -> TeacherOutput:
         """Block outputs of the full input (and the CLS attention), under ``no_grad``.
@@ -289,17 +325,7 @@ class FrozenTeacher(nn.Module):
         Returns:
             :class:`TeacherOutput` with ``features[i]`` (B, prefix_t + N, D_t) for each requested ``i``.
         """
-        self.load()
-        param = next(self.model.parameters())
-        if param.device != images.device:  # a wrapper moved only registered modules (e.g. FSDP): follow the input
-            self.model.to(images.device)
-        x = images.to(dtype=param.dtype)
-        if x.shape[1] != self.in_chans:
-            if x.shape[1] != 1:
-                raise ValueError(f"the teacher expects {self.in_chans} input channels, got {x.shape[1]}")
-            x = x.expand(-1, self.in_chans, -1, -1)  # (B, C_t, H, W) grey -> C_t channels
-        if tuple(x.shape[-2:]) != self.img_size:
-            x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)  # (B, C_t, H_t, W_t)
+        x = self._prepare(images)  # (B, C_t, H_t, W_t)
         take = sorted({i % self.depth for i in layers})
         captured: list[Tensor] = []
         hook = None

@@ -7,6 +7,7 @@ from mim.targets.hard_patch import HardPatchTarget
 from mim.targets.latent import LatentTarget
 from mim.targets.pixels import PixelTarget, norm_pix
 from mim.targets.position import PositionTarget
+from mim.targets.self_distill import SelfDistillTarget
 from mim.targets.teacher import TeacherTarget
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "LatentTarget",
     "PixelTarget",
     "PositionTarget",
+    "SelfDistillTarget",
     "Target",
     "TeacherTarget",
     "norm_pix",
