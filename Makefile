@@ -4,7 +4,7 @@
 #   make quickstart  MAE on Fashion-MNIST on CPU, then a linear-probe table
 #   make test        the test suite:  .venv/bin/python -m pytest
 #   make test-faults the fault tests (tests/faults/: killed, preempted, full-disk runs):  pytest -m faults
-#   make test-e2e    the minutes-long learning checks (I-JEPA, MaskAlign, CAE, MP3, CRATE-MAE, MixedAE beat random init):  pytest -m e2e
+#   make test-e2e    the minutes-long learning checks (I-JEPA, MaskAlign, CAE, MP3, CRATE-MAE, MixedAE, SD beat random init):  pytest -m e2e
 #   make test-scale  multi-process sharded observability runs and the GPU benchmark's CPU dry run:  pytest -m scale
 #   make lint        ruff check + ruff format --check
 

@@ -37,6 +37,7 @@ from mim.checks import check_choice, invalid
 from mim.models.encoder import MaskedEncoder, check_timm_name
 from mim.models.teacher import FrozenTeacher, encoder_timm_kwargs
 from mim.targets.base import Target
+from mim.targets.teacher import PinnedTeacher
 from mim.types import Batch, Masks
 
 __all__ = ["SelfDistillTarget", "distill_feature", "self_distill_loss"]
@@ -77,7 +78,7 @@ def self_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return diff.pow(2).sum(dim=-1).mean()
 
 
-class SelfDistillTarget(Target):
+class SelfDistillTarget(PinnedTeacher, Target):
     """SD's distillation term: the student's unmasked full-image feature regresses a frozen teacher's.
 
     Args:
@@ -93,8 +94,6 @@ class SelfDistillTarget(Target):
             class token) or ``avg`` (the mean of the final-normed patch tokens).
         weight: factor of this loss in the total (the paper: 1, the MAE loss weighing 1 too).
     """
-
-    _teacher: FrozenTeacher | None  # set with object.__setattr__: not a registered submodule
 
     def __init__(
         self,
@@ -138,24 +137,7 @@ class SelfDistillTarget(Target):
                 f"(student: {encoder.vit.cls_token is not None}, teacher: {teacher.has_class_token}); use 'avg'"
             )
         self._num_student_prefix = encoder.num_prefix_tokens
-        object.__setattr__(self, "_teacher", teacher)
-        if self._expected is not None:
-            self._verify(self._expected)
-
-    @property
-    def teacher(self) -> FrozenTeacher:
-        """The frozen teacher (weights loaded on first use)."""
-        teacher = self._teacher
-        if teacher is None:
-            raise RuntimeError("SelfDistillTarget is not bound to an encoder: call target.bind(encoder) first")
-        return teacher
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        """Move / cast the unregistered teacher with the target (``.to(device)``, ``.half()``, ...)."""
-        super()._apply(fn, recurse)
-        if self._teacher is not None:
-            self._teacher._apply(fn, recurse)
-        return self
+        self._set_teacher(teacher)
 
     # ------------------------------------------------------------------ loss
     def student_feature(self, images: Tensor, encoder: MaskedEncoder) -> Tensor:
@@ -189,33 +171,3 @@ class SelfDistillTarget(Target):
         t = self.teacher_feature(images)  # (B, D)
         s = self.student_feature(images, encoder)  # (B, D)
         return {"loss": self_distill_loss(s, t)}
-
-    # ------------------------------------------------------------------ provenance
-    def get_extra_state(self) -> dict[str, Any]:
-        """Where the teacher came from and the SHA-256 of its weights (loads the weights if not yet loaded)."""
-        sha = self._teacher.load() if self._teacher is not None else None
-        return {"teacher_arch": self.teacher_arch, "teacher_checkpoint": self.teacher_checkpoint, "sha256": sha}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Check that this run's teacher is the one the state dict was written with (arch and weights hash)."""
-        self._expected = dict(state)
-        if self._teacher is not None:
-            self._verify(self._expected)
-
-    def _verify(self, state: dict[str, Any]) -> None:
-        if state.get("teacher_arch") not in (None, self.teacher_arch):
-            raise ValueError(
-                f"SelfDistillTarget: this checkpoint was written with teacher_arch {state['teacher_arch']!r}, "
-                f"this run builds {self.teacher_arch!r}"
-            )
-        recorded = state.get("sha256")
-        if recorded is None:
-            return
-        current = self.teacher.load()
-        if current != recorded:
-            raise ValueError(
-                f"SelfDistillTarget: the teacher file changed since this checkpoint was written: "
-                f"{Path(self.teacher_checkpoint)} has weights sha256 {current[:16]}..., the checkpoint recorded "
-                f"{recorded[:16]}... (from {state.get('teacher_checkpoint')}). Restore the original teacher file "
-                "or start a new run"
-            )

@@ -38,7 +38,7 @@ from mim.targets.base import Target
 from mim.tokens import gather_tokens
 from mim.types import Batch, Masks
 
-__all__ = ["TeacherTarget", "feature_distance", "layer_loss_weights", "normalize_features"]
+__all__ = ["PinnedTeacher", "TeacherTarget", "feature_distance", "layer_loss_weights", "normalize_features"]
 
 
 def normalize_features(y: Tensor, mode: Literal["whiten", "l2", "none"], eps: float = 1e-5) -> Tensor:
@@ -106,7 +106,75 @@ def _channels(name: str, value: Sequence[float] | None) -> tuple[float, ...] | N
     return out
 
 
-class TeacherTarget(Target):
+class PinnedTeacher:
+    """What the targets that learn from a frozen teacher file share (:class:`TeacherTarget`,
+    :class:`~mim.targets.SelfDistillTarget`): the :class:`~mim.models.teacher.FrozenTeacher` is **not** a registered
+    submodule (never in ``parameters()``, ``state_dict()`` or an optimizer group) yet moves with the target
+    (``.to(device)``); the state dict records its architecture, file and weights' SHA-256, and loading a state dict
+    written with another teacher is refused.
+
+    A subclass (listed before ``Target``) sets ``teacher_arch``, ``teacher_checkpoint``, ``_expected = None`` and
+    ``object.__setattr__(self, "_teacher", None)`` in ``__init__``, and calls :meth:`_set_teacher` in ``bind``.
+    """
+
+    _teacher: FrozenTeacher | None  # set with object.__setattr__: not a registered submodule
+    _expected: dict[str, Any] | None
+    teacher_arch: str
+    teacher_checkpoint: str
+
+    def _set_teacher(self, teacher: FrozenTeacher) -> None:
+        """Keep ``teacher`` unregistered, then check it against a state dict loaded before ``bind``."""
+        object.__setattr__(self, "_teacher", teacher)
+        if self._expected is not None:
+            self._verify(self._expected)
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        """The frozen teacher (weights loaded on first use)."""
+        teacher = self._teacher
+        if teacher is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to an encoder: call target.bind(encoder) first")
+        return teacher
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Move / cast the unregistered teacher with the target (``.to(device)``, ``.half()``, ...)."""
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        if self._teacher is not None:
+            self._teacher._apply(fn, recurse)
+        return self
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Where the teacher came from and the SHA-256 of its weights (loads the weights if not yet loaded)."""
+        sha = self._teacher.load() if self._teacher is not None else None
+        return {"teacher_arch": self.teacher_arch, "teacher_checkpoint": self.teacher_checkpoint, "sha256": sha}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Check that this run's teacher is the one the state dict was written with (arch and weights hash)."""
+        self._expected = dict(state)
+        if self._teacher is not None:
+            self._verify(self._expected)
+
+    def _verify(self, state: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        if state.get("teacher_arch") not in (None, self.teacher_arch):
+            raise ValueError(
+                f"{owner}: this checkpoint was written with teacher_arch {state['teacher_arch']!r}, "
+                f"this run builds {self.teacher_arch!r}"
+            )
+        recorded = state.get("sha256")
+        if recorded is None:
+            return
+        current = self.teacher.load()
+        if current != recorded:
+            raise ValueError(
+                f"{owner}: the teacher file changed since this checkpoint was written: "
+                f"{Path(self.teacher_checkpoint)} has weights sha256 {current[:16]}..., the checkpoint recorded "
+                f"{recorded[:16]}... (from {state.get('teacher_checkpoint')}). Restore the original teacher file "
+                "or start a new run"
+            )
+
+
+class TeacherTarget(PinnedTeacher, Target):
     """Align the student's visible-token features with a frozen teacher's features (MaskAlign / MR-MAE).
 
     Args:
@@ -152,7 +220,6 @@ class TeacherTarget(Target):
         weight: factor of this loss in the total.
     """
 
-    _teacher: FrozenTeacher | None  # set with object.__setattr__: not a registered submodule
     _cache: tuple[Tensor, int, TeacherOutput] | None
     input_scale: Tensor
     input_shift: Tensor
@@ -293,24 +360,7 @@ class TeacherTarget(Target):
                 encoder.vit.norm.requires_grad_(False)
         else:
             self.heads = adapters(self.head, len(layers), encoder.embed_dim, teacher.embed_dim, norm_eps=norm_eps)
-        object.__setattr__(self, "_teacher", teacher)
-        if self._expected is not None:
-            self._verify(self._expected)
-
-    @property
-    def teacher(self) -> FrozenTeacher:
-        """The frozen teacher (weights loaded on first use)."""
-        teacher = self._teacher
-        if teacher is None:
-            raise RuntimeError("TeacherTarget is not bound to an encoder: call target.bind(encoder) first")
-        return teacher
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        """Move / cast the unregistered teacher with the target (``.to(device)``, ``.half()``, ...)."""
-        super()._apply(fn, recurse)
-        if self._teacher is not None:
-            self._teacher._apply(fn, recurse)
-        return self
+        self._set_teacher(teacher)
 
     # ------------------------------------------------------------------ teacher pass
     def teacher_output(self, batch: Batch, encoder: MaskedEncoder) -> TeacherOutput:
@@ -382,33 +432,3 @@ class TeacherTarget(Target):
         if self.alignment is not None and self.alignment.layer_weights is not None:
             return {"alignment.layer_weights"}
         return set()
-
-    # ------------------------------------------------------------------ provenance
-    def get_extra_state(self) -> dict[str, Any]:
-        """Where the teacher came from and the SHA-256 of its weights (loads the weights if not yet loaded)."""
-        sha = self._teacher.load() if self._teacher is not None else None
-        return {"teacher_arch": self.teacher_arch, "teacher_checkpoint": self.teacher_checkpoint, "sha256": sha}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Check that this run's teacher is the one the state dict was written with (arch and weights hash)."""
-        self._expected = dict(state)
-        if self._teacher is not None:
-            self._verify(self._expected)
-
-    def _verify(self, state: dict[str, Any]) -> None:
-        if state.get("teacher_arch") not in (None, self.teacher_arch):
-            raise ValueError(
-                f"TeacherTarget: this checkpoint was written with teacher_arch {state['teacher_arch']!r}, "
-                f"this run builds {self.teacher_arch!r}"
-            )
-        recorded = state.get("sha256")
-        if recorded is None:
-            return
-        current = self.teacher.load()
-        if current != recorded:
-            raise ValueError(
-                f"TeacherTarget: the teacher file changed since this checkpoint was written: "
-                f"{Path(self.teacher_checkpoint)} has weights sha256 {current[:16]}..., the checkpoint recorded "
-                f"{recorded[:16]}... (from {state.get('teacher_checkpoint')}). Restore the original teacher file "
-                "or start a new run"
-            )
