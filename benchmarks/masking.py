@@ -6,7 +6,7 @@ timed when they import, and listed as absent otherwise) the script times one cal
 on the token grid the strategy is meant for:
 
 * images, 14 x 14 (ViT-B/16 at 224 px): random, multi-block, colored noise, hard-patch (random scores);
-* video, 8 x 14 x 14 (16 frames, tubelet 2): tube, dual, running-cell;
+* video, 8 x 14 x 14 (16 frames, tubelet 2): tube, dual, running-cell, V-JEPA's two masks (K: the first mask's);
 * tables, 1 x 1 x 54 (54 features): feature subsets.
 
 In the same process and in the same interleaved rounds (the order shuffled every round), it times one MAE
@@ -93,6 +93,7 @@ def cases() -> list[Case]:
         Case("TubeMasking(mask_ratio=0.9)", VIDEO, lambda: TubeMasking(mask_ratio=0.9)),
         Case("DualMasking()", VIDEO, lambda: _lazy("DualMasking")()()),
         Case("RunningCellMasking()", VIDEO, lambda: _lazy("RunningCellMasking")()()),
+        Case("MultiMasking() (V-JEPA: two complement masks)", VIDEO, lambda: _lazy("MultiMasking")()()),
         Case("FeatureSubsetMasking()", TABLE, lambda: _lazy("FeatureSubsetMasking")()()),
     ]
     return out
