@@ -72,3 +72,26 @@ def test_the_compile_switch_trains_as_eager() -> None:
             a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.equal(runs[True].encoder.vit.cls_token, _mae().encoder.vit.cls_token)  # it did train
+
+
+def test_compiled_losses_over_several_mask_sets() -> None:
+    """V-JEPA's two masks per step (MultiMasking + LatentTarget's shared target pass) compile to the eager losses and
+    gradients, and the target pass kept between the sets is released."""
+    from tests.test_masking_multi import _clips, _vjepa_module, draw
+
+    module = _vjepa_module()
+    batch = _clips()
+    masks = draw(module.masking, 4, module.encoder.grid, 1)
+    eager = module.compute_losses(batch, masks)
+    eager["loss"].backward()
+    expected = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(module.compute_losses)(batch, masks)
+    torch.testing.assert_close(compiled["loss"], eager["loss"])
+    compiled["loss"].backward()
+    got = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and module.target_list[0]._teacher is None  # type: ignore[attr-defined]
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
