@@ -23,6 +23,41 @@ from mim.models import MaskedEncoder, MaskedTableEncoder
 TINY_ARCH = "vit_tiny_patch16_224"
 TINY_VIT: dict[str, Any] = {"depth": 1, "embed_dim": 64, "num_heads": 4}  # the contract tests' encoder
 TINY_TABLE_VIT: dict[str, Any] = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+E2E_VIT: dict[str, Any] = {"embed_dim": 64, "depth": 4, "num_heads": 4}  # the e2e learning checks' blocks
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def fashion_mnist_vit(**overrides: Any) -> MaskedEncoder:
+    """The e2e learning checks' encoder: E2E_VIT blocks on 28 x 28 grey Fashion-MNIST in patches of 7 (a 4 x 4 grid).
+
+    Draws its weights from torch's global generator (the tests seed it first). ``overrides`` replace any
+    MaskedEncoder argument (``model_kwargs`` whole, as for every builder here)."""
+    kwargs: dict[str, Any] = {
+        "arch": TINY_ARCH,
+        "img_size": 28,
+        "patch_size": 7,
+        "in_chans": 1,
+        "model_kwargs": dict(E2E_VIT),
+    }
+    return MaskedEncoder(**{**kwargs, **overrides})
+
+
+def fit_debug_recipe(name: str, tmp_path: Path, steps: int, *extra: str) -> tuple[Any, list[dict[str, float]]]:
+    """Build ``recipes/debug/<name>`` with the CLI's builder and fit it for ``steps`` optimizer steps, logging every
+    step (one validation batch, no progress bar; ``extra``: more command-line overrides).
+
+    Returns:
+        (the MimCLI, the ``train/...`` metrics after every step: :class:`TrainMetricsRecorder`).
+    """
+    from mim.lightning_cli import build
+
+    args = ["--config", str(RECIPES / "debug" / name), f"--trainer.default_root_dir={tmp_path}"]
+    args += [f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=1"]
+    cli = build([*args, "--trainer.enable_progress_bar=false", *extra], save_config_callback=None)
+    record = TrainMetricsRecorder()
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, record.seen
 
 
 def tiny_encoder(*, seed: int | None = 0, **overrides: Any) -> MaskedEncoder:

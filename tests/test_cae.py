@@ -21,7 +21,13 @@ from mim.targets import ContextRegressionTarget, norm_pix
 from mim.tokens import gather_tokens
 from tests import reference as ref
 from tests.contracts import TargetContract
-from tests.factories import TrainMetricsRecorder, fashion_mnist_probe, tiny_encoder
+from tests.factories import (
+    E2E_VIT,
+    fashion_mnist_probe,
+    fashion_mnist_vit,
+    fit_debug_recipe,
+    tiny_encoder,
+)
 
 CPU = torch.device("cpu")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -332,26 +338,8 @@ def test_bind_checks_the_heads() -> None:
 # ---------------------------------------------------------------------- the debug recipe
 @pytest.mark.usefixtures("fashion_mnist")
 def test_debug_recipe_trains_and_the_loss_goes_down(tmp_path: Path) -> None:
-    from mim.lightning_cli import build
-
-    cli = build(
-        [
-            "--config",
-            str(RECIPES / "debug" / "cae_fashion_mnist.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_epochs=5",
-            "--trainer.max_steps=40",
-            "--trainer.limit_val_batches=1",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false",
-        ],
-        save_config_callback=None,
-    )
+    cli, seen = fit_debug_recipe("cae_fashion_mnist.yaml", tmp_path, 40, "--trainer.max_epochs=5")
     assert isinstance(cli.model.target_list[0], ContextRegressionTarget)
-    record = TrainMetricsRecorder()
-    cli.trainer.callbacks.append(record)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    seen = record.seen
     assert len(seen) == 40
     losses = np.array([s["train/loss"] for s in seen])
     assert np.isfinite(losses).all()
@@ -389,21 +377,8 @@ def test_cae_beats_random_init_on_the_linear_probe() -> None:
 
     start = time.time()
     L.seed_everything(0, verbose=False)
-    encoder = MaskedEncoder(
-        arch="vit_tiny_patch16_224",
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        model_kwargs={
-            "embed_dim": 64,
-            "depth": 4,
-            "num_heads": 4,
-            "class_token": False,
-            "global_pool": "avg",
-            "fc_norm": False,
-            "init_values": 0.1,
-        },
-    )
+    no_cls = {"class_token": False, "global_pool": "avg", "fc_norm": False}
+    encoder = fashion_mnist_vit(model_kwargs={**E2E_VIT, **no_cls, "init_values": 0.1})
     random_init = copy.deepcopy(encoder)  # the baseline: exactly the weights pretraining starts from
     module = PretrainModule(
         encoder=encoder,

@@ -19,7 +19,15 @@ from torch import Tensor
 
 from mim.models import MAEDecoder, MaskedEncoder
 from mim.models.crate import MSSA, CrateBlock, CrateDecoderBlock, ista_step
-from tests.factories import TINY_VIT, TrainMetricsRecorder, fashion_mnist_probe, tiny_encoder
+from tests.factories import (
+    E2E_VIT,
+    TINY_VIT,
+    TrainMetricsRecorder,
+    fashion_mnist_probe,
+    fashion_mnist_vit,
+    fit_debug_recipe,
+    tiny_encoder,
+)
 from tests.test_encoder_contract import _PixelEncoderContract
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -246,26 +254,9 @@ def test_pixel_target_with_crate_decoder_layers_trains_a_step():
 
 def test_crate_debug_recipe_trains(tmp_path: Path):
     """recipes/debug/crate_mae_fashion_mnist.yaml through the CLI's builder: the loss goes down over 30 steps."""
-    from mim.lightning_cli import build
-
-    cli = build(
-        [
-            "--config",
-            str(RECIPES / "debug" / "crate_mae_fashion_mnist.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=30",
-            "--trainer.max_epochs=-1",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-        ],
-        save_config_callback=None,
-    )
+    cli, seen = fit_debug_recipe("crate_mae_fashion_mnist.yaml", tmp_path, 30, "--trainer.max_epochs=-1")
     assert all(isinstance(b, CrateBlock) for b in cli.model.encoder.vit.blocks)
-    record = TrainMetricsRecorder()
-    cli.trainer.callbacks.append(record)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    losses = [s["train/loss"] for s in record.seen]
+    losses = [s["train/loss"] for s in seen]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.1, (first, last)
@@ -327,14 +318,7 @@ def test_crate_mae_beats_random_init_on_the_linear_probe() -> None:
 
     start = time.time()
     L.seed_everything(0, verbose=False)
-    encoder = MaskedEncoder(
-        arch="vit_tiny_patch16_224",
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        block="crate",
-        model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4, "class_token": False, "global_pool": "avg"},
-    )
+    encoder = fashion_mnist_vit(block="crate", model_kwargs={**E2E_VIT, "class_token": False, "global_pool": "avg"})
     random_init = copy.deepcopy(encoder)  # the baseline: exactly the weights pretraining starts from
     module = PretrainModule(
         encoder=encoder,

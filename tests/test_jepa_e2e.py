@@ -26,10 +26,9 @@ import lightning as L
 import pytest
 
 from mim.masking import MultiBlockMasking
-from mim.models import MaskedEncoder
 from mim.module import PretrainModule
 from mim.targets.latent import LatentTarget
-from tests.factories import binomial_se, cpu_trainer, fashion_mnist_probe, finetune_top1
+from tests.factories import E2E_VIT, binomial_se, cpu_trainer, fashion_mnist_probe, fashion_mnist_vit, finetune_top1
 
 PROBE_IMAGES = 4000
 MARGIN = 0.015
@@ -44,20 +43,7 @@ def test_ijepa_beats_random_init_on_the_linear_probe():
 
     start = time.time()
     L.seed_everything(0, verbose=False)
-    encoder = MaskedEncoder(
-        arch="vit_tiny_patch16_224",
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        model_kwargs={
-            "embed_dim": 64,
-            "depth": 4,
-            "num_heads": 4,
-            "class_token": False,
-            "global_pool": "avg",
-            "fc_norm": False,
-        },
-    )
+    encoder = fashion_mnist_vit(model_kwargs={**E2E_VIT, "class_token": False, "global_pool": "avg", "fc_norm": False})
     random_init = copy.deepcopy(encoder)  # the baseline: exactly the weights pretraining starts from
     target = LatentTarget(
         predictor_dim=32, predictor_depth=2, loss="smooth_l1", momentum=(0.999, 1.0), monitor_every=128

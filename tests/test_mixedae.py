@@ -32,7 +32,7 @@ from mim.targets.mixed import (
 )
 from mim.types import Masks, TokenGrid
 from tests.contracts import MaskingStrategyContract, TargetContract
-from tests.factories import TrainMetricsRecorder, fashion_mnist_probe, tiny_encoder
+from tests.factories import TrainMetricsRecorder, fashion_mnist_probe, fashion_mnist_vit, fit_debug_recipe, tiny_encoder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CPU = torch.device("cpu")
@@ -308,25 +308,8 @@ def test_a_module_step_has_one_encoder_pass(batch_size: int):
 @pytest.mark.usefixtures("fashion_mnist")
 def test_mixedae_debug_recipe_trains(tmp_path: Path):
     """recipes/debug/mixedae_fashion_mnist.yaml through the CLI's builder: the loss goes down over 30 steps."""
-    from mim.lightning_cli import build
-
-    cli = build(
-        [
-            "--config",
-            str(RECIPES / "debug" / "mixedae_fashion_mnist.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=30",
-            "--trainer.max_epochs=-1",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-        ],
-        save_config_callback=None,
-    )
-    record = TrainMetricsRecorder()
-    cli.trainer.callbacks.append(record)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    losses = [s["train/loss"] for s in record.seen]
+    cli, seen = fit_debug_recipe("mixedae_fashion_mnist.yaml", tmp_path, 30, "--trainer.max_epochs=-1")
+    losses = [s["train/loss"] for s in seen]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.1, (first, last)
@@ -385,17 +368,11 @@ def test_mixedae_beats_random_init_on_the_linear_probe():
 
     from mim.data import FashionMNISTDataModule
     from mim.module import PretrainModule
-    from tests.factories import TINY_ARCH, cpu_trainer
+    from tests.factories import cpu_trainer
 
     start = time.time()
     L.seed_everything(0, verbose=False)
-    encoder = MaskedEncoder(
-        arch=TINY_ARCH,
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4},
-    )
+    encoder = fashion_mnist_vit()
     random_init = copy.deepcopy(encoder)
     target = MixedPixelTarget(attention="topk", decoder_dim=64, decoder_depth=2, decoder_num_heads=4)
     module = PretrainModule(

@@ -24,7 +24,13 @@ from mim.models import MaskedEncoder
 from mim.targets import PositionTarget
 from mim.types import Masks
 from tests.contracts import TargetContract
-from tests.factories import TINY_ARCH, TrainMetricsRecorder, fashion_mnist_probe, tiny_encoder
+from tests.factories import (
+    TrainMetricsRecorder,
+    fashion_mnist_probe,
+    fashion_mnist_vit,
+    fit_debug_recipe,
+    tiny_encoder,
+)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -233,29 +239,12 @@ def test_module_composes_mp3():
 @pytest.mark.usefixtures("fashion_mnist")
 def test_mp3_debug_recipe_trains(tmp_path: Path):
     """recipes/debug/mp3_fashion_mnist.yaml through the CLI's builder: the loss goes down over 40 steps."""
-    from mim.lightning_cli import build
-
-    cli = build(
-        [
-            "--config",
-            str(RECIPES / "debug" / "mp3_fashion_mnist.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=40",
-            "--trainer.max_epochs=-1",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-        ],
-        save_config_callback=None,
-    )
-    record = TrainMetricsRecorder()
-    cli.trainer.callbacks.append(record)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    losses = [s["train/loss"] for s in record.seen]
+    cli, seen = fit_debug_recipe("mp3_fashion_mnist.yaml", tmp_path, 40, "--trainer.max_epochs=-1")
+    losses = [s["train/loss"] for s in seen]
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, (first, last)  # ln 49 = 3.89 at chance
-    assert record.seen[-1]["train/position/accuracy_textured"] > 3 / 49
+    assert seen[-1]["train/position/accuracy_textured"] > 3 / 49
 
 
 def test_paper_recipe_states_result_and_cost(tmp_path: Path):
@@ -309,14 +298,7 @@ def test_mp3_beats_random_init_on_the_linear_probe():
 
     start = time.time()
     L.seed_everything(0, verbose=False)
-    encoder = MaskedEncoder(
-        arch=TINY_ARCH,
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        positions="none",
-        model_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4},
-    )
+    encoder = fashion_mnist_vit(patch_size=4, positions="none")
     random_init = copy.deepcopy(encoder)
     target = PositionTarget()
     module = PretrainModule(

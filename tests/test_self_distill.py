@@ -26,7 +26,15 @@ from mim.optim import param_groups
 from mim.targets import PixelTarget, SelfDistillTarget
 from mim.targets.self_distill import self_distill_loss
 from tests.contracts import TargetContract
-from tests.factories import TINY_ARCH, LossRecorder, TrainMetricsRecorder, cpu_trainer, tiny_encoder
+from tests.factories import (
+    TINY_ARCH,
+    LossRecorder,
+    TrainMetricsRecorder,
+    cpu_trainer,
+    fashion_mnist_vit,
+    fit_debug_recipe,
+    tiny_encoder,
+)
 
 CPU = torch.device("cpu")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -389,33 +397,22 @@ def sd_recipe_overrides(recipe: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.parametrize("name", ["sd_stage1_fashion_mnist.yaml", "sd_stage2_fashion_mnist.yaml"])
 def test_debug_recipes_train(name: str, tmp_path: Path) -> None:
-    from mim.lightning_cli import build
-
-    recipe = RECIPES / "debug" / name
-    args = ["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
-    args += ["--trainer.max_steps=6", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=1"]
-    cli = build([*args, *sd_recipe_overrides(recipe, tmp_path)], save_config_callback=None)
-    record = TrainMetricsRecorder()
-    cli.trainer.callbacks.append(record)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert len(record.seen) == 6 and all(np.isfinite(s["train/loss"]) for s in record.seen)
+    cli, seen = fit_debug_recipe(name, tmp_path, 6, *sd_recipe_overrides(RECIPES / "debug" / name, tmp_path))
+    assert len(seen) == 6 and all(np.isfinite(s["train/loss"]) for s in seen)
     assert cli.model.hparams.lr_decay == "linear" and cli.datamodule.num_classes == 5
     if "stage2" in name:
         assert isinstance(cli.model.target_list[1], SelfDistillTarget)
-        assert "train/self_distill/loss" in record.seen[-1]
+        assert "train/self_distill/loss" in seen[-1]
 
 
 # ---------------------------------------------------------------------- end to end (slow)
 SOURCE, SHIFTED = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]  # stage 0 pretrains on the first five classes, SD adapts to the rest
-E2E_VIT = {"embed_dim": 64, "depth": 4, "num_heads": 4}  # with a class token (feature="cls", the paper's)
 STAGE0_STEPS, ADAPT_STEPS, ADAPT_IMAGES, FINETUNE_STEPS, EVAL_IMAGES = 600, 600, 128, 150, 2000
 
 
 def _e2e_encoder(seed: int) -> MaskedEncoder:
     torch.manual_seed(seed)
-    return MaskedEncoder(
-        arch=TINY_ARCH, img_size=28, patch_size=7, in_chans=1, model_kwargs=dict(E2E_VIT)
-    )  # a 4 x 4 grid
+    return fashion_mnist_vit()  # E2E_VIT with a class token (feature="cls", the paper's), a 4 x 4 grid
 
 
 def _pretrain(seed: int, targets: list, data, steps: int, *, init: Path | None, lr: float, **kw: Any):
